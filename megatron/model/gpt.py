@@ -1,0 +1,159 @@
+"""GPT decoder assembled from tensor-parallel layers.
+
+Shapes: b batch, s sequence, h hidden, v padded vocabulary, p TP size.
+
+The model is a flat sequence of stages — embedding, ``num_layers`` transformer layers, final
+norm — so DeepSpeed's ``PipelineModule`` can partition it (see :meth:`GPTModel.stages`). It returns
+final hidden states; log-probabilities are computed from them through the vocab-parallel
+``lm_head`` in chunks (:mod:`megatron.objectives.logprobs`), never as full fp32 logits.
+
+Initialisation is deterministic per stage (seed + stage index), independent of the TP size and of
+which stages a pipeline rank builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron.model.attention import SequenceLayout
+from megatron.model.transformer import TransformerLayer, build_norm
+from megatron.objectives.logprobs import token_log_probs
+from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
+from megatron.parallel.mappings import gather_from_tensor_parallel_region
+from megatron.parallel.random import RNGStatesTracker
+from megatron.parallel.state import ParallelState
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class _TrackerReplay:
+    """``context_fn`` for non-reentrant checkpointing that replays the TP RNG stream.
+
+    torch's checkpoint restores the default generator for the recomputation; the model-parallel
+    stream lives in our tracker, so we snapshot it before the forward and swap the snapshot in
+    while recomputing (Megatron-LM does the same in its ``CheckpointFunction``).
+    """
+
+    def __init__(self, tracker: RNGStatesTracker) -> None:
+        self.tracker = tracker
+        self.snapshot = tracker.state_dict()
+
+    @contextlib.contextmanager
+    def recompute(self):
+        current = self.tracker.state_dict()
+        self.tracker.load_state_dict(self.snapshot)
+        try:
+            yield
+        finally:
+            self.tracker.load_state_dict(current)
+
+    def __call__(self):
+        return contextlib.nullcontext(), self.recompute()
+
+
+class GPTModel(nn.Module):
+    """Decoder-only transformer.
+
+    Args:
+        cfg: the ``model`` config section (derived fields resolved).
+        state: the parallel grid (only TP is used inside the model).
+        tracker: RNG streams for TP-sharded dropout.
+        seed: initialisation seed.
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        state: ParallelState,
+        tracker: RNGStatesTracker | None = None,
+        seed: int = 1234,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.state = cfg, state
+        self.tracker = tracker or RNGStatesTracker()
+        if not self.tracker.states:
+            self.tracker.add("model-parallel-rng", seed + 2718 + state.tp_rank)
+        init = normal_init(cfg.init_method_std)
+        with _seeded(seed):
+            self.embedding = VocabParallelEmbedding(
+                cfg.padded_vocab_size, cfg.hidden_size, state=state, init_method=init, dtype=dtype
+            )
+        self.layers = nn.ModuleList()
+        for i in range(cfg.num_layers):
+            with _seeded(seed + 1 + i):
+                self.layers.append(TransformerLayer(cfg, state, self.tracker, dtype))
+        with _seeded(seed + 1 + cfg.num_layers):
+            self.final_norm = build_norm(cfg, dtype)
+            self.lm_head = None
+            if not cfg.tie_word_embeddings:
+                self.lm_head = ColumnParallelLinear(
+                    cfg.hidden_size,
+                    cfg.padded_vocab_size,
+                    state=state,
+                    bias=False,
+                    init_method=init,
+                    dtype=dtype,
+                )
+        self.embedding_dropout = cfg.hidden_dropout
+        self.activation_checkpointing = cfg.activation_checkpointing
+        self.logprob_chunk_size = 4096
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's ``[v/p, h]`` output-projection rows (the embedding when tied)."""
+        return self.embedding.weight if self.lm_head is None else self.lm_head.weight
+
+    def _layer(self, layer: TransformerLayer, x: torch.Tensor, layout: SequenceLayout):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(
+                layer, x, layout, use_reentrant=False, context_fn=_TrackerReplay(self.tracker)
+            )
+        return layer(x, layout)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        layout: SequenceLayout | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``tokens [b, s]`` int64 -> final hidden states ``[b, s, h]``.
+
+        With ``targets [b, s]`` it returns their per-token log-probs instead
+        (``{"token_logps", "log_z"}``, each ``[b, s]`` fp32), computed inside the forward so that
+        engines that gather parameters only during ``forward`` (ZeRO-3) see the output weight.
+        """
+        if layout is None:
+            layout = SequenceLayout.causal(*tokens.shape, device=tokens.device)
+        x = self.embedding(tokens)  # [b, s, h]
+        if self.embedding_dropout and self.training:
+            x = torch.nn.functional.dropout(x, self.embedding_dropout)
+        for layer in self.layers:
+            x = self._layer(layer, x, layout)
+        hidden = self.final_norm(x)
+        if targets is None:
+            return hidden
+        return token_log_probs(self, hidden, targets, self.logprob_chunk_size)
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full ``[b, s, vocab_size]`` logits (gathered across TP): generation and tests only."""
+        local = hidden @ self.output_weight().t()  # [b, s, v/p]
+        full = gather_from_tensor_parallel_region(local, self.state.tp_group)  # [b, s, v]
+        return full[..., : self.cfg.vocab_size]
+
+    def stages(self) -> list[nn.Module]:
+        """Embedding, layers and final norm in order: the unit a pipeline partitions."""
+        return [self.embedding, *self.layers, self.final_norm]

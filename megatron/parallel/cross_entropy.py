@@ -1,0 +1,211 @@
+"""Vocab-parallel log-probabilities and cross-entropy, without gathering the vocabulary.
+
+With the logits of ``n`` tokens split by vocabulary across ``p`` TP ranks (rank i holds columns
+``[i*v/p, (i+1)*v/p)``), the per-token log-probability of the target ``y`` is
+
+    log p(y) = z_y - log Z,    log Z = m + log sum_i sum_{j in shard i} exp(z_j - m),
+
+with ``m`` the all-reduced maximum. Only three ``[n]`` vectors cross the TP group (max, sum of
+exponentials, target logit), never ``[n, v]``. Gradients: d log p(y) / dz = onehot(y) - softmax(z);
+d log Z / dz = softmax(z).
+
+Columns at or beyond the true vocabulary size (padding added so ``v`` divides by TP x 128) are
+excluded from Z, so padded models give exactly the unpadded model's probabilities.
+
+Two entry points:
+
+* :func:`vocab_parallel_log_probs` from a logits shard (Megatron-LM's
+  ``vocab_parallel_cross_entropy`` algorithm);
+* :func:`chunked_vocab_parallel_log_probs` from hidden states and the ``lm_head`` shard, in chunks
+  of tokens with recomputation in backward, so at most ``chunk x v/p`` logits exist at once and
+  none are kept for backward (the "never full fp32 logits" contract of ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron.parallel.mappings import all_reduce_no_grad, copy_to_tensor_parallel_region
+
+
+def _rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _shard_stats(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    vocab_start: int,
+    vocab_size: int | None,
+    group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(masked logits [n, v/p], log Z [n], target logit [n])`` for one chunk."""
+    logits = logits.float()
+    width = logits.shape[-1]
+    if vocab_size is not None and vocab_start + width > vocab_size:
+        logits = logits.clone()
+        logits[:, max(vocab_size - vocab_start, 0) :] = float("-inf")
+    m = logits.max(dim=-1).values
+    all_reduce_no_grad(m, group, dist.ReduceOp.MAX)
+    sum_exp = torch.exp(logits - m.unsqueeze(-1)).sum(dim=-1)
+    all_reduce_no_grad(sum_exp, group)
+    log_z = m + torch.log(sum_exp)
+    local = target - vocab_start
+    inside = (local >= 0) & (local < width)
+    picked = logits.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = torch.where(inside, picked, torch.zeros_like(picked))
+    all_reduce_no_grad(target_logit, group)
+    return logits, log_z, target_logit
+
+
+def _grad_logits(
+    logits: torch.Tensor,
+    log_z: torch.Tensor,
+    target: torch.Tensor,
+    vocab_start: int,
+    g_logp: torch.Tensor,
+    g_logz: torch.Tensor,
+) -> torch.Tensor:
+    """``g_logp * (onehot - p) + g_logz * p`` for one shard, fp32 ``[n, v/p]``."""
+    probs = torch.exp(logits - log_z.unsqueeze(-1))
+    grad = probs * (g_logz - g_logp).unsqueeze(-1)
+    local = target - vocab_start
+    inside = (local >= 0) & (local < logits.shape[-1])
+    rows = torch.nonzero(inside).squeeze(-1)
+    grad[rows, local[rows]] += g_logp[rows]
+    return grad
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_start, vocab_size):
+        masked, log_z, target_logit = _shard_stats(logits, target, vocab_start, vocab_size, group)
+        ctx.save_for_backward(masked, log_z, target)
+        ctx.vocab_start, ctx.in_dtype = vocab_start, logits.dtype
+        return target_logit - log_z, log_z
+
+    @staticmethod
+    def backward(ctx, g_logp, g_logz):
+        masked, log_z, target = ctx.saved_tensors
+        grad = _grad_logits(masked, log_z, target, ctx.vocab_start, g_logp.float(), g_logz.float())
+        return grad.to(ctx.in_dtype), None, None, None, None
+
+
+def vocab_parallel_log_probs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(target) from a vocabulary-sharded logits tensor.
+
+    Args:
+        logits: ``[n, v/p]`` (any float dtype) — this rank's vocabulary columns.
+        target: ``[n]`` int64 global token ids (any id; ignored positions can hold 0).
+        group: the TP group (``None`` for serial).
+        vocab_size: true vocabulary size; columns at or beyond it are excluded.
+
+    Returns:
+        ``(log_probs [n] fp32, log_z [n] fp32)``, identical on every TP rank.
+    """
+    vocab_start = _rank(group) * logits.shape[-1]
+    return _VocabParallelLogProbs.apply(logits, target, group, vocab_start, vocab_size)
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token cross-entropy ``-log p(target)``, 0 where ``target == ignore_index``.
+
+    Args:
+        logits: ``[n, v/p]`` vocabulary shard.
+        target: ``[n]`` int64.
+        group: TP group.
+        ignore_index: targets with this value contribute 0 loss and 0 gradient.
+        vocab_size: true vocabulary size (padding columns excluded).
+
+    Returns:
+        ``[n]`` fp32 losses (reduce them yourself, like ``reduction='none'``).
+    """
+    keep = target != ignore_index
+    logp, _ = vocab_parallel_log_probs(logits, target.masked_fill(~keep, 0), group, vocab_size)
+    return -logp * keep
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, group, vocab_start, vocab_size, chunk):
+        logps, log_zs = [], []
+        for s in range(0, hidden.shape[0], chunk):
+            logits = hidden[s : s + chunk] @ weight.t()
+            _, log_z, tl = _shard_stats(
+                logits, target[s : s + chunk], vocab_start, vocab_size, group
+            )
+            logps.append(tl - log_z)
+            log_zs.append(log_z)
+        log_z = torch.cat(log_zs) if log_zs else hidden.new_zeros(0, dtype=torch.float32)
+        logp = torch.cat(logps) if logps else log_z.clone()
+        ctx.save_for_backward(hidden, weight, target, log_z)
+        ctx.args = (vocab_start, vocab_size, chunk)
+        return logp, log_z
+
+    @staticmethod
+    def backward(ctx, g_logp, g_logz):
+        hidden, weight, target, log_z = ctx.saved_tensors
+        vocab_start, vocab_size, chunk = ctx.args
+        g_logp, g_logz = g_logp.float(), g_logz.float()
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            logits = (h @ weight.t()).float()
+            if vocab_size is not None and vocab_start + logits.shape[-1] > vocab_size:
+                logits[:, max(vocab_size - vocab_start, 0) :] = float("-inf")
+            g = _grad_logits(
+                logits,
+                log_z[s : s + chunk],
+                target[s : s + chunk],
+                vocab_start,
+                g_logp[s : s + chunk],
+                g_logz[s : s + chunk],
+            )
+            grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_w += g.t() @ h.float()
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+
+
+def chunked_vocab_parallel_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(target) straight from hidden states through a vocab-parallel ``lm_head``.
+
+    Equivalent to ``vocab_parallel_log_probs(hidden @ weight.T, target)`` but computed
+    ``chunk_size`` tokens at a time, recomputing logits in backward: peak extra memory is
+    ``chunk_size x v/p`` fp32 instead of ``n x v/p`` logits kept for backward.
+
+    Args:
+        hidden: ``[n, h]`` final hidden states (replicated across TP ranks).
+        weight: ``[v/p, h]`` this rank's ``lm_head`` (or tied embedding) rows.
+        target: ``[n]`` int64 global token ids.
+        group: TP group.
+        vocab_size: true vocabulary size (padding rows excluded from the softmax).
+        chunk_size: tokens per chunk.
+
+    Returns:
+        ``(log_probs [n] fp32, log_z [n] fp32)``.
+    """
+    hidden = copy_to_tensor_parallel_region(hidden, group)
+    vocab_start = _rank(group) * weight.shape[0]
+    return _ChunkedLogProbs.apply(
+        hidden, weight, target, group, vocab_start, vocab_size, max(int(chunk_size), 1)
+    )

@@ -1,0 +1,1 @@
+"""Training: trainer, step, optimizer and schedule, checkpoints, metrics."""

@@ -1,0 +1,101 @@
+"""Training metrics: a rank-0 console line per interval, a JSONL file, optional TensorBoard/wandb."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron.utils import log_rank0
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_line(step: int, total: int, values: dict[str, float], elapsed: float, eta: float) -> str:
+    """``step 10/20 | loss 4.1234 | lr 1.0e-03 | ...`` with the well-known keys first."""
+    parts = [f"step {step}/{total}"]
+    fmt = {
+        "loss": "{:.4f}",
+        "lr": "{:.2e}",
+        "grad_norm": "{:.3f}",
+        "tokens_per_s": "{:.0f}",
+        "samples_per_s": "{:.2f}",
+    }
+    names = {"tokens_per_s": "tokens/s", "samples_per_s": "samples/s"}
+    for key, f in fmt.items():
+        if key in values:
+            parts.append(f"{names.get(key, key)} {f.format(values[key])}")
+    for key, v in sorted(values.items()):
+        if key not in fmt and key not in ("step",):
+            parts.append(f"{key} {v:.4g}")
+    parts += [f"elapsed {_hms(elapsed)}", f"eta {_hms(eta)}"]
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0 only; other ranks hold a no-op instance.
+
+    Args:
+        run_dir: directory of ``metrics.jsonl`` (appended to, so a resumed run continues it).
+        enabled: True on global rank 0.
+        tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` extra).
+        wandb_project: also log to Weights & Biases under this project (needs ``wandb``).
+        config: resolved config dict, passed to wandb.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.start = time.time()
+        self._file = self._tb = self._wandb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_project, config=config or {}, dir=str(run_dir))
+
+    def log(self, step: int, values: dict[str, float], split: str = "train") -> None:
+        """Record ``values`` at ``step`` under ``split`` (``train``/``valid``)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, "time": round(time.time() - self.start, 3)}
+        record.update({k: float(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{split}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def console(self, step: int, total: int, values: dict[str, float], first_step: int) -> None:
+        """Log the one-line summary; ETA extrapolates the steps done in this process."""
+        elapsed = time.time() - self.start
+        done = max(step - first_step, 1)
+        log_rank0(format_line(step, total, values, elapsed, elapsed / done * (total - step)))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

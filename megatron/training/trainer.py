@@ -1,0 +1,184 @@
+"""The trainer: set-up, the train loop and evaluation. It never names an objective.
+
+``Trainer(config).train()`` builds the grid, the model, the DeepSpeed engine and the data for the
+registered objective's batch kind, resumes from ``checkpoint.load`` when given, and trains for
+``training.train_iters`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from megatron.config import config_to_dict, deepspeed_config
+from megatron.data.builders import build_datasets
+from megatron.data.sampler import GlobalBatchSampler
+from megatron.model import GPTModel
+from megatron.objectives import get_objective
+from megatron.parallel import ParallelState, RNGStatesTracker, model_parallel_seed
+from megatron.training import checkpointing
+from megatron.training.distributed import import_deepspeed, init_distributed
+from megatron.training.metrics import MetricsLogger
+from megatron.training.optimizer import build_optimizer, learning_rate, set_learning_rate
+from megatron.training.step import average_metrics, eval_step, train_step
+from megatron.utils import global_rank, log_rank0
+
+StepHook = Callable[["Trainer", int], None]
+
+
+class Trainer:
+    """Owns the engine, data and bookkeeping of one run.
+
+    Args:
+        config: the resolved run config (from :func:`megatron.config.load_config`).
+        hooks: callables ``hook(trainer, step)`` run after each completed step (and its
+            checkpoint); used for fault injection in tests and by applications.
+    """
+
+    def __init__(self, config: Any, hooks: list[StepHook] | None = None) -> None:
+        self.cfg = config
+        self.hooks = list(hooks or [])
+        self.step = 0
+        self._setup()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.device = init_distributed()
+        self.state = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+        self.tracker = RNGStatesTracker()
+        seed = cfg.training.seed
+        model_parallel_seed(self.tracker, seed, self.state.tp_rank)
+        np.random.seed(seed)
+        import random
+
+        random.seed(seed)
+        objective_cls = get_objective(cfg.objective.name)
+        self.objective = objective_cls(cfg.objective.params)
+        self.model = GPTModel(cfg.model, self.state, self.tracker, seed=seed).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        deepspeed = import_deepspeed()
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model,
+            optimizer=self.optimizer,
+            config=deepspeed_config(cfg),
+            mpu=self.state.mpu,
+            dist_init_required=False,
+        )
+        self.train_data, self.valid_data = build_datasets(
+            objective_cls.batch_kind, cfg.data, cfg.model.vocab_size
+        )
+        self.sampler = self._sampler(len(self.train_data), shuffle=True)
+        self.metrics = MetricsLogger(
+            cfg.logging.dir or cfg.checkpoint.save or "runs/default",
+            enabled=global_rank() == 0,
+            tensorboard=cfg.logging.tensorboard,
+            wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None,
+            config=config_to_dict(cfg),
+        )
+        if cfg.checkpoint.load:
+            self._load()
+        log_rank0(
+            "grid tp=%d pp=%d dp=%d zero=%d | %.2fM parameters on this rank | %d train samples",
+            self.state.tp_size,
+            self.state.pp_size,
+            self.state.dp_size,
+            cfg.parallel.zero_stage,
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
+            len(self.train_data),
+        )
+
+    def _sampler(self, n: int, shuffle: bool) -> GlobalBatchSampler:
+        t = self.cfg.training
+        return GlobalBatchSampler(
+            n,
+            t.micro_batch_size,
+            self.state.dp_size,
+            self.state.dp_rank,
+            t.gradient_accumulation_steps,
+            t.seed,
+            shuffle=shuffle,
+        )
+
+    def _load(self) -> None:
+        ck = self.cfg.checkpoint
+        client = checkpointing.load_checkpoint(self.engine, ck.load, ck.finetune, self.tracker)
+        if client is not None:
+            self.step = int(client["step"])
+            self.sampler.load_state_dict(client["sampler"])
+
+    def _save(self) -> None:
+        import yaml
+
+        client = {"step": self.step, "sampler": self.sampler.state_dict()}
+        checkpointing.save_checkpoint(
+            self.engine,
+            self.cfg.checkpoint.save,
+            self.step,
+            client,
+            yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+            self.tracker,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def _micro_batches(self, indices: list[list[int]], dataset: Any) -> list[dict[str, Any]]:
+        return [dataset.collate([dataset[i] for i in mb]) for mb in indices]
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def train(self) -> list[float]:
+        """Train to ``training.train_iters``; returns the logged loss of every step run here."""
+        cfg, t = self.cfg, self.cfg.training
+        first, losses = self.step, []
+        batches = iter(self.sampler)
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
+        while self.step < t.train_iters:
+            lr = learning_rate(self.step + 1, cfg.optimizer.lr, cfg.schedule, t.train_iters)
+            set_learning_rate(self.engine.optimizer, lr)
+            start = time.time()
+            micro = self._micro_batches(next(batches), self.train_data)
+            values = average_metrics(
+                train_step(self.engine, self.objective, micro, self.device), self.state.dp_group
+            )
+            self.step += 1
+            dt = time.time() - start
+            grad_norm = self.engine.get_global_grad_norm()
+            values.update(lr=lr, step_time=dt, tokens_per_s=tokens_per_step / dt)
+            values["samples_per_s"] = t.global_batch_size / dt
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            losses.append(values["loss"])
+            self.metrics.log(self.step, values)
+            if self.step % cfg.logging.log_interval == 0 or self.step == t.train_iters:
+                self.metrics.console(self.step, t.train_iters, values, first)
+            if t.eval_interval and self.valid_data is not None and self.step % t.eval_interval == 0:
+                self.evaluate()
+            ck = cfg.checkpoint
+            if ck.save and ck.save_interval and self.step % ck.save_interval == 0:
+                self._save()
+            for hook in self.hooks:
+                hook(self, self.step)
+        if cfg.checkpoint.save and (
+            not cfg.checkpoint.save_interval or self.step % cfg.checkpoint.save_interval
+        ):
+            self._save()
+        self.metrics.close()
+        return losses
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean metrics over the first ``training.eval_iters`` global batches of validation data."""
+        sampler = self._sampler(len(self.valid_data), shuffle=False)
+        values = []
+        for _, indices in zip(range(self.cfg.training.eval_iters), sampler, strict=False):
+            micro = self._micro_batches(indices, self.valid_data)
+            values += eval_step(self.engine, self.objective, micro, self.device)
+        result = average_metrics(values, self.state.dp_group)
+        self.metrics.log(self.step, result, split="valid")
+        log_rank0(
+            "validation at step %d | %s",
+            self.step,
+            " | ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())),
+        )
+        return result

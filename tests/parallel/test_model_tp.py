@@ -1,0 +1,102 @@
+"""The GPT model at TP = 2 and 4 equals the unsharded model: logits, loss and gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron.model import GPTModel
+from megatron.model.attention import SequenceLayout
+from megatron.parallel import ParallelState
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    num_layers: int = 2
+    hidden_size: int = 32
+    num_attention_heads: int = 4
+    num_kv_heads: int = 4
+    ffn_hidden_size: int = 64
+    kv_channels: int = 8
+    padded_vocab_size: int = 128
+    vocab_size: int = 120
+    max_position_embeddings: int = 64
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    activation: str = "swiglu"
+    rotary_pct: float = 1.0
+    rotary_base: float = 10000.0
+    rotary_interleaved: bool = False
+    rope_scaling: object = None
+    parallel_residual: bool = False
+    qkv_bias: bool = False
+    proj_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    attention_backend: str = "sdpa"
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    init_method_std: float = 0.02
+    activation_checkpointing: bool = False
+
+
+VARIANTS = {
+    "llama-gqa": dict(),  # kv heads = TP size: GQA at TP=2, MHA at TP=4
+    "neox": dict(
+        norm="layernorm",
+        activation="gelu",
+        rotary_pct=0.25,
+        parallel_residual=True,
+        qkv_bias=True,
+        proj_bias=True,
+        mlp_bias=True,
+    ),
+    "qwen-tied-ckpt": dict(qkv_bias=True, tie_word_embeddings=True, activation_checkpointing=True),
+}
+
+
+def _inputs():
+    torch.manual_seed(7)
+    tokens = torch.randint(0, 120, (2, 12))
+    targets = torch.randint(0, 120, (2, 12))
+    seg = torch.tensor([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
+    pos = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3])
+    return tokens, targets, SequenceLayout(pos, seg)
+
+
+def _run(state, args):
+    model = GPTModel(args, state, seed=11)
+    tokens, targets, layout = _inputs()
+    out = model(tokens, layout, targets)
+    loss = -(out["token_logps"][layout.segment_ids > 0]).mean()
+    loss.backward()
+    logits = model.logits(model(tokens, layout))
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), logits, grads
+
+
+def _args(name: str, kv: int) -> Args:
+    return dataclasses.replace(Args(), num_kv_heads=kv, **VARIANTS[name])
+
+
+def _tp_worker(rank, world, name, kv):
+    args = _args(name, kv)
+    return _run(ParallelState.build(world), args)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_model_tp_equals_serial(pool, name):
+    kv = pool.world_size if name == "llama-gqa" else 4
+    args = _args(name, kv)
+    loss, logits, grads = _run(ParallelState.single(), args)
+    for l_r, logits_r, grads_r in pool.run(_tp_worker, name, kv):
+        torch.testing.assert_close(l_r, loss, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(logits_r, logits, atol=1e-5, rtol=1e-5)
+        # replicated parameters (norms, row-parallel biases) have the full gradient on every rank
+        for n, g in grads_r.items():
+            if g.shape == grads[n].shape:
+                torch.testing.assert_close(g, grads[n], atol=1e-5, rtol=1e-4, msg=n)

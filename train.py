@@ -1,0 +1,78 @@
+"""Train one run: ``python train.py CONFIG.yml [MORE.yml ...] [dotted.key=value ...]``.
+
+Normally started by ``deepy.py`` (one process per rank); run directly for a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from megatron.config import ConfigError, load_config
+from megatron.utils import setup_logging
+
+FAULT_ENV = "MEGATRON_FAULT_HANG_AFTER_STEP"
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Config files and ``key=value`` overrides (launcher flags like ``--local_rank`` dropped)."""
+    files, overrides = [], []
+    for a in argv:
+        if a.startswith("--local_rank") or a.startswith("--local-rank"):
+            continue
+        (overrides if "=" in a and not a.endswith((".yml", ".yaml")) else files).append(a)
+    return files, overrides
+
+
+def _hang_after(step_to_hang: int):
+    """Fault injection for tests: after ``step_to_hang`` (and its checkpoint) stop making progress
+    and wait to be killed, so a test can SIGKILL every rank at a known point."""
+
+    def hook(trainer, step: int) -> None:
+        if step == step_to_hang:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            open(
+                os.path.join(
+                    trainer.cfg.checkpoint.save, f".hung_rank{os.environ.get('RANK', '0')}"
+                ),
+                "w",
+            ).close()
+            while True:
+                time.sleep(60)
+
+    return hook
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    files, overrides = split_args(argv)
+    if not files:
+        print(__doc__, file=sys.stderr)
+        return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(files, overrides, world_size=world)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error:\n{e}", file=sys.stderr)
+        return 2
+    from megatron.training.trainer import Trainer
+
+    hooks = [_hang_after(int(os.environ[FAULT_ENV]))] if os.environ.get(FAULT_ENV) else []
+    Trainer(cfg, hooks=hooks).train()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # why: ending with os._exit avoids DeepSpeed/gloo's occasional SIGABRT at interpreter
+    # shutdown (shared/notes/cpu-feasibility.md: 7 % of runs without it, 0/40 with it).
+    os._exit(code)
