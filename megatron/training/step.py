@@ -49,22 +49,44 @@ def average_metrics(
     return dict(zip(keys, mean.tolist(), strict=True))
 
 
+def _plain_grad_norm(engine: Any) -> float | None:
+    """TP-aware global grad norm where DeepSpeed does not record one (fp32 without ZeRO)."""
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    mpu = engine.mpu
+    first = mpu.get_model_parallel_rank() == 0
+    # Replicated parameters are counted once (on TP rank 0); shards on every rank.
+    sq = sum(
+        (p.grad.detach().float().norm() ** 2
+         for p in engine.module.parameters()
+         if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False))),
+        torch.zeros(()),
+    )
+    if dist.is_initialized() and mpu.get_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=mpu.get_model_parallel_group())
+    return float(sq.sqrt())
+
+
 def train_step(
     engine: Any, objective: Any, micro_batches: list[dict[str, Any]], device: torch.device
-) -> list[dict[str, torch.Tensor]]:
+) -> tuple[list[dict[str, torch.Tensor]], float | None]:
     """Forward/backward every micro-batch; the engine steps the optimizer at the boundary.
 
     Returns:
-        Per-micro-batch metrics (with ``loss``), detached.
+        Per-micro-batch metrics (with ``loss``), detached, and the pre-clipping gradient norm.
     """
     engine.train()
-    out = []
-    for mb in micro_batches:
+    out, grad_norm = [], None
+    for i, mb in enumerate(micro_batches):
         loss, metrics = micro_batch_loss(engine, objective, to_device(mb, device))
         engine.backward(loss)
+        if i == len(micro_batches) - 1:
+            grad_norm = _plain_grad_norm(engine)
         engine.step()
         out.append({"loss": loss.detach(), **metrics})
-    return out
+    if grad_norm is None and engine.get_global_grad_norm() is not None:
+        grad_norm = float(engine.get_global_grad_norm())
+    return out, grad_norm
 
 
 @torch.no_grad()

@@ -139,12 +139,10 @@ class Trainer:
             set_learning_rate(self.engine.optimizer, lr)
             start = time.time()
             micro = self._micro_batches(next(batches), self.train_data)
-            values = average_metrics(
-                train_step(self.engine, self.objective, micro, self.device), self.state.dp_group
-            )
+            per_micro, grad_norm = train_step(self.engine, self.objective, micro, self.device)
+            values = average_metrics(per_micro, self.state.dp_group)
             self.step += 1
             dt = time.time() - start
-            grad_norm = self.engine.get_global_grad_norm()
             values.update(lr=lr, step_time=dt, tokens_per_s=tokens_per_step / dt)
             values["samples_per_s"] = t.global_batch_size / dt
             if grad_norm is not None:

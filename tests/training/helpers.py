@@ -1,0 +1,65 @@
+"""Shared pieces of the end-to-end training tests: a synthetic corpus and run configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from megatron.data.indexed import IndexedDatasetWriter
+
+VOCAB = 120
+EOS = 0
+
+
+def write_markov_corpus(prefix: Path, docs: int = 200, seed: int = 0) -> Path:
+    """Documents from a sparse first-order Markov chain (learnable: loss falls fast), EOS-ended."""
+    rng = np.random.default_rng(seed)
+    nxt = rng.integers(1, VOCAB, size=(VOCAB, 3))
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(docs):
+            tok = [int(rng.integers(1, VOCAB))]
+            for _ in range(int(rng.integers(8, 40))):
+                tok.append(int(nxt[tok[-1], rng.integers(0, 3)]))
+            w.add_document(np.array(tok + [EOS]))
+    return prefix
+
+
+def run_config(tmp: Path, data_prefix: Path, **overrides: object) -> dict:
+    """A complete tiny run as a nested dict (dotted ``overrides`` applied)."""
+    cfg = {
+        "model": {
+            "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_kv_heads": 2,
+            "vocab_size": VOCAB, "make_vocab_size_divisible_by": 32, "max_position_embeddings": 64,
+            "norm": "rmsnorm", "activation": "swiglu", "ffn_hidden_size": 64,
+        },
+        "data": {"train": [{"path": str(data_prefix)}], "seq_length": 32},
+        "optimizer": {"lr": 1e-2, "weight_decay": 0.01},
+        "schedule": {"style": "cosine", "warmup_iters": 2},
+        "training": {"train_iters": 10, "micro_batch_size": 2, "global_batch_size": 4, "seed": 7},
+        "logging": {"log_interval": 1, "dir": str(tmp / "logs")},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_losses(metrics_file: Path) -> dict[int, float]:
+    import json
+
+    out = {}
+    for line in metrics_file.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out

@@ -1,0 +1,90 @@
+"""Exact resume: 20 steps straight == 10 steps, SIGKILL of every rank, resume for 10.
+
+Runs through the real launch path (``deepy.py`` -> torchrun -> ``train.py``) with 2 ranks at
+TP=2, ZeRO-1 and dropout on (so the per-rank and TP-tracker RNG states must be restored too).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron.training.distributed import free_port
+from tests.training.helpers import read_losses, run_config, write_config, write_markov_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(cfg_path: Path, *overrides: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "deepy.py", "train.py", str(cfg_path),
+           "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    prefix = write_markov_corpus(tmp / "corpus")
+    cfg = run_config(
+        tmp, prefix,
+        **{"parallel.tensor": 2, "parallel.zero_stage": 1, "training.train_iters": 20,
+           "model.attention_dropout": 0.1, "model.hidden_dropout": 0.1},
+    )
+    cfg_path = write_config(tmp / "run.yml", cfg)
+    straight = tmp / "straight"
+    _finish(_launch(cfg_path, f"logging.dir={straight}"))
+
+    ckpt = tmp / "ckpt"
+    killed = _launch(
+        cfg_path, f"checkpoint.save={ckpt}", "checkpoint.save_interval=10",
+        f"logging.dir={tmp / 'first'}", env_extra={"MEGATRON_FAULT_HANG_AFTER_STEP": "10"},
+    )
+    deadline = time.time() + 300
+    while len(list(ckpt.glob(".hung_rank*"))) < 2:
+        assert killed.poll() is None, killed.communicate()[0][-4000:]
+        assert time.time() < deadline, "ranks never reached step 10"
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)  # a real kill of every rank, no clean exit
+    killed.wait(timeout=60)
+
+    resumed = tmp / "resumed"
+    out = _finish(_launch(cfg_path, f"checkpoint.load={ckpt}", f"logging.dir={resumed}"))
+    return {
+        "straight": read_losses(straight / "metrics.jsonl"),
+        "first": read_losses(tmp / "first" / "metrics.jsonl"),
+        "resumed": read_losses(resumed / "metrics.jsonl"),
+        "ckpt": ckpt,
+        "log": out,
+    }
+
+
+def test_checkpoint_is_complete_and_latest_points_at_it(runs):
+    ckpt = runs["ckpt"]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000010"
+    tag = ckpt / "iter_0000010"
+    assert (tag / "client_state.json").is_file() and (tag / "config.yml").is_file()
+    assert sorted(p.name for p in tag.glob("rng_state_rank*.pt")) == [
+        "rng_state_rank0.pt", "rng_state_rank1.pt",
+    ]
+
+
+def test_resume_reproduces_the_straight_run_exactly(runs):
+    straight, first, resumed = runs["straight"], runs["first"], runs["resumed"]
+    assert sorted(straight) == list(range(1, 21))
+    assert [first[s] for s in range(1, 11)] == [straight[s] for s in range(1, 11)]
+    assert sorted(resumed) == list(range(11, 21))
+    assert [resumed[s] for s in range(11, 21)] == [straight[s] for s in range(11, 21)]

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Tokenize a corpus into an indexed dataset: PREFIX.bin, PREFIX.idx and PREFIX.meta.json.
+
+Example:
+    python tools/preprocess_data.py --input data/train.jsonl --output-prefix data/train_text \\
+        --tokenizer tokenizers/tiny --workers 4
+
+The logic lives in megatron/data/preprocess.py; this file only parses flags and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from megatron.data.indexed import DatasetError  # noqa: E402
+from megatron.data.preprocess import FORMATS, PreprocessOptions, preprocess  # noqa: E402
+from megatron.tokenizer import TokenizerError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="input file or datasets.save_to_disk directory (repeatable): .jsonl, .json, .txt, "
+        ".parquet, .csv",
+    )
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="output path prefix")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="local HF tokenizer directory")
+    p.add_argument("--format", default="text", choices=sorted(FORMATS), help="row format")
+    p.add_argument("--text-key", default="text", help="key/column holding the document text")
+    p.add_argument(
+        "--append-eod",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="append the tokenizer's EOS token to every document",
+    )
+    p.add_argument(
+        "--txt-mode",
+        default="line",
+        choices=["line", "file"],
+        help=".txt inputs: one document per non-empty line, or one per file",
+    )
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--chunk-size", type=int, default=512, help="rows per work item")
+    p.add_argument(
+        "--on-error",
+        default="fail",
+        choices=["fail", "skip"],
+        help="bad rows: fail (write nothing, exit 1) or skip (list them in PREFIX.errors.jsonl)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        options = PreprocessOptions(
+            data_format=args.format,
+            text_key=args.text_key,
+            append_eod=args.append_eod,
+            txt_mode=args.txt_mode,
+            on_error=args.on_error,
+            workers=args.workers,
+            chunk_size=args.chunk_size,
+            show_progress=not args.no_progress,
+        )
+        summary = preprocess(args.input, args.output_prefix, args.tokenizer, options)
+    except (DatasetError, TokenizerError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
