@@ -133,6 +133,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         first, losses = self.step, []
         batches = iter(self.sampler)
+        if self.step == 0 and t.eval_interval and self.valid_data is not None:
+            self.evaluate()  # the untrained baseline
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
         while self.step < t.train_iters:
             lr = learning_rate(self.step + 1, cfg.optimizer.lr, cfg.schedule, t.train_iters)

@@ -1,0 +1,572 @@
+"""Typed sections of the run configuration.
+
+Each section is a frozen ``@dataclass(kw_only=True)``; every field carries a docstring right under
+it (rendered into ``configs/README.md`` by :mod:`megatron.config.docs`). Section-local checks run in
+``__post_init__`` and raise :class:`SectionError` listing every bad field at once; cross-section
+rules live in :mod:`megatron.config.validate`.
+
+Fields whose metadata holds ``"derived"`` are computed by :func:`megatron.config.load_config` and
+must not be set in YAML. When a section is built directly in code (tests), ``__post_init__`` fills
+the derivations it can make alone (e.g. ``model.kv_channels``; ``model.padded_vocab_size`` then
+assumes ``parallel.tensor`` = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """Invalid run configuration; ``problems`` lists every problem found, one line each.
+
+    Each problem reads ``FILE: dotted.path: message`` (``FILE`` is the YAML file that supplied the
+    key, ``<override>`` for a command-line override, ``<config>`` for values nobody set).
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        count = len(self.problems)
+        head = f"{count} problem{'' if count == 1 else 's'} in the run configuration:"
+        super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
+
+
+class SectionError(ConfigError):
+    """A section's own checks failed; ``fields`` holds ``(field name, message)`` pairs."""
+
+    def __init__(self, section: str, fields: list[tuple[str, str]]) -> None:
+        self.fields = list(fields)
+        super().__init__([f"{section}.{name}: {message}" for name, message in self.fields])
+
+
+def derived(rule: str) -> Any:
+    """A field computed at load time from ``rule``; setting it in YAML is an error."""
+    return field(default=None, metadata={"derived": rule})
+
+
+def is_derived(f: dataclasses.Field) -> bool:
+    """Whether a dataclass field is marked derived."""
+    return "derived" in f.metadata
+
+
+class _Checks:
+    """Collects section-local problems, then raises them together."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.fields: list[tuple[str, str]] = []
+
+    def fail(self, name: str, message: str) -> None:
+        self.fields.append((name, message))
+
+    def at_least(self, name: str, low: float) -> bool:
+        value = getattr(self.obj, name)
+        if value is not None and value < low:
+            self.fail(name, f"must be >= {low} (got {value})")
+            return False
+        return True
+
+    def positive(self, name: str) -> bool:
+        value = getattr(self.obj, name)
+        if value is not None and not value > 0:
+            self.fail(name, f"must be > 0 (got {value})")
+            return False
+        return True
+
+    def fraction(self, name: str, *, closed_high: bool = False, open_low: bool = False) -> None:
+        value = getattr(self.obj, name)
+        if value is None:
+            return
+        low_ok = value > 0 if open_low else value >= 0
+        high_ok = value <= 1 if closed_high else value < 1
+        if not (low_ok and high_ok):
+            interval = f"{'(' if open_low else '['}0, 1{']' if closed_high else ')'}"
+            self.fail(name, f"must be in {interval} (got {value})")
+
+    def done(self) -> None:
+        if self.fields:
+            raise SectionError(type(self.obj).__name__, self.fields)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    # Sections are frozen; derivations made in __post_init__ go through object.__setattr__.
+    object.__setattr__(obj, name, value)
+
+
+def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
+    """Default MLP width: 4h for GeLU; Llama's rule for SwiGLU.
+
+    SwiGLU has three matrices instead of two, so Llama keeps the parameter count of a 4h GeLU MLP
+    with ``int(8h/3)`` rounded up to a multiple of 256 (e.g. 4096 -> 11008).
+    """
+    if activation == "swiglu":
+        return 256 * math.ceil(int(8 * hidden_size / 3) / 256)
+    return 4 * hidden_size
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``divisible_by * tensor`` (Megatron's rule)."""
+    multiple = divisible_by * tensor
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain data (dicts, lists, scalars) for a config or section, derived values included.
+
+    The objective comes back flat: ``{"name": "lm", "z_loss": 0.0}``.
+    """
+    if isinstance(cfg, ObjectiveSection):
+        return {"name": cfg.name, **config_to_dict(cfg.params)}
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Rotary frequency scaling for context extension (``model.rope_scaling``)."""
+
+    type: Literal["llama3", "linear"]
+    """``llama3``: Llama 3.1's wavelength-dependent scaling; ``linear``: positions divided by ``factor``."""
+    factor: float
+    """Context extension factor (8.0 for Llama 3.1)."""
+    low_freq_factor: float = 1.0
+    """``llama3`` only: wavelengths above ``original_max_position_embeddings / low_freq_factor`` are scaled fully."""
+    high_freq_factor: float = 4.0
+    """``llama3`` only: wavelengths below ``original_max_position_embeddings / high_freq_factor`` are kept."""
+    original_max_position_embeddings: int = 8192
+    """``llama3`` only: the context length the model was pre-trained with."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.positive("factor")
+        checks.positive("low_freq_factor")
+        checks.positive("high_freq_factor")
+        checks.at_least("original_max_position_embeddings", 1)
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            checks.fail(
+                "high_freq_factor",
+                f"({self.high_freq_factor}) must be > low_freq_factor ({self.low_freq_factor})",
+            )
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of the GPT model (the only section a model preset in ``configs/models`` sets)."""
+
+    num_layers: int
+    """Number of transformer layers."""
+    hidden_size: int
+    """Width of the residual stream (h)."""
+    num_attention_heads: int
+    """Number of query heads."""
+    num_kv_heads: int | None = None
+    """Number of key/value heads (grouped-query attention); default: ``num_attention_heads``."""
+    ffn_hidden_size: int | None = None
+    """MLP inner width; default: 4h for gelu, int(8h/3) rounded up to a multiple of 256 for swiglu."""
+    kv_channels: int | None = derived("hidden_size / num_attention_heads")
+    """Width of one attention head (hidden_size / num_attention_heads)."""
+    vocab_size: int
+    """Vocabulary size of the tokenizer (before padding)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times ``parallel.tensor``."""
+    padded_vocab_size: int | None = derived(
+        "vocab_size rounded up to a multiple of make_vocab_size_divisible_by x parallel.tensor"
+    )
+    """Rows of the embedding and output layer (vocab_size rounded up to a multiple of make_vocab_size_divisible_by x parallel.tensor)."""
+    max_position_embeddings: int
+    """Longest sequence the model supports; ``data.seq_length`` may not exceed it."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation layer."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """MLP activation: exact GeLU, tanh-approximated GeLU, or SwiGLU (gated SiLU, three matrices)."""
+    rotary_pct: float = 1.0
+    """Fraction of each head's channels that get rotary embeddings (Pythia: 0.25)."""
+    rotary_base: float = 10000.0
+    """Rotary base (theta)."""
+    rotary_interleaved: bool = False
+    """Rotate interleaved channel pairs (GPT-J style) instead of the two halves (GPT-NeoX/Llama style)."""
+    rope_scaling: RopeScaling | None = None
+    """Rotary frequency scaling for long context; null disables it."""
+    parallel_residual: bool = False
+    """GPT-NeoX parallel residual: x + attn(ln1(x)) + mlp(ln2(x)) instead of sequential blocks."""
+    qkv_bias: bool = False
+    """Bias on the fused query/key/value projection."""
+    proj_bias: bool = False
+    """Bias on the attention output projection."""
+    mlp_bias: bool = False
+    """Biases on the MLP projections."""
+    norm_bias: bool = True
+    """Bias of LayerNorm (ignored by RMSNorm, which has none)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    sliding_window: int | None = None
+    """Each token attends to at most this many previous tokens (Mistral v0.1: 4096); null: full causal attention."""
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    """Attention kernel: ``auto`` picks flash-attn when installed and usable, else PyTorch SDPA."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = 0.0
+    """Dropout on the outputs of attention and MLP before the residual add."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.at_least("num_layers", 1)
+        checks.at_least("max_position_embeddings", 1)
+        hidden_ok = checks.at_least("hidden_size", 1)
+        heads_ok = checks.at_least("num_attention_heads", 1)
+        vocab_ok = checks.at_least("vocab_size", 1)
+        vocab_ok &= checks.at_least("make_vocab_size_divisible_by", 1)
+        if self.num_kv_heads is None and heads_ok:
+            _set(self, "num_kv_heads", self.num_attention_heads)
+        checks.at_least("num_kv_heads", 1)
+        if self.ffn_hidden_size is None and hidden_ok:
+            _set(
+                self, "ffn_hidden_size", default_ffn_hidden_size(self.hidden_size, self.activation)
+            )
+        checks.at_least("ffn_hidden_size", 1)
+        if self.kv_channels is None and heads_ok:
+            _set(self, "kv_channels", self.hidden_size // self.num_attention_heads)
+        if self.padded_vocab_size is None and vocab_ok:
+            padded = padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, 1)
+            _set(self, "padded_vocab_size", padded)
+        checks.positive("norm_eps")
+        checks.fraction("rotary_pct", closed_high=True, open_low=True)
+        checks.positive("rotary_base")
+        checks.at_least("sliding_window", 1)
+        checks.fraction("attention_dropout")
+        checks.fraction("hidden_dropout")
+        checks.positive("init_method_std")
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the model is split over ranks: world = tensor x pipeline x data."""
+
+    tensor: int = 1
+    """Tensor-parallel size (Megatron-style sharding of every layer)."""
+    pipeline: int = 1
+    """Pipeline-parallel size (DeepSpeed pipeline engine)."""
+    data: int | None = derived("world size / (tensor x pipeline)")
+    """Data-parallel size: world size / (tensor x pipeline); the world size is the launched rank count, or launcher.num_nodes x launcher.nproc_per_node when that is set, else tensor x pipeline."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage (sharding of optimizer state, gradients, parameters over data-parallel ranks)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (reserved; not implemented yet)."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.at_least("tensor", 1)
+        checks.at_least("pipeline", 1)
+        if self.data is None:
+            _set(self, "data", 1)
+        checks.at_least("data", 1)
+        if self.sequence_parallel:
+            checks.fail("sequence_parallel", "not implemented yet; set it to false")
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSource:
+    """One dataset of a blend (an entry of ``data.train`` or ``data.valid``)."""
+
+    path: str
+    """Prefix of the preprocessed dataset (``PREFIX.bin``/``.idx``/``.meta.json``)."""
+    weight: float = 1.0
+    """Relative sampling weight within the blend."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        if not self.path:
+            checks.fail("path", "must not be empty")
+        checks.positive("weight")
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Datasets and sequence length."""
+
+    train: list[DataSource]
+    """Training blend: a list of ``{path, weight}``."""
+    valid: list[DataSource] | None = None
+    """Validation blend; null: no evaluation."""
+    seq_length: int
+    """Tokens per row (prompt and completions together for pairwise rows)."""
+    tokenizer: str | None = None
+    """Tokenizer name or path (HF); null: the one recorded in the datasets' metadata."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        if not self.train:
+            checks.fail("train", "must list at least one dataset")
+        if self.valid is not None and not self.valid:
+            checks.fail("valid", "must list at least one dataset, or be null")
+        checks.at_least("seq_length", 1)
+        checks.at_least("num_workers", 0)
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveSection:
+    """The training objective: ``name`` plus that objective's own parameters, flat in YAML.
+
+    ``objective: {name: lm, z_loss: 0.1}`` gives ``name="lm"`` and ``params=LMConfig(z_loss=0.1)``.
+    """
+
+    name: str = "lm"
+    """Registered objective name (see the objective tables below)."""
+    params: Any = None
+    """Instance of the objective's ``Config`` (its keys sit next to ``name`` in YAML)."""
+
+    def __post_init__(self) -> None:
+        # Imported here: objective modules may import megatron.config themselves.
+        from megatron.objectives.registry import get_objective, objective_names
+
+        checks = _Checks(self)
+        if self.name not in objective_names():
+            checks.fail(
+                "name", f"unknown objective {self.name!r}; choices: {', '.join(objective_names())}"
+            )
+            checks.done()
+        config_cls = get_objective(self.name).Config
+        if self.params is None:
+            _set(self, "params", config_cls())
+        elif not isinstance(self.params, config_cls):
+            checks.fail(
+                "params", f"must be a {config_cls.__name__}, got {type(self.params).__name__}"
+            )
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Optimizer (torch AdamW, built by the trainer and handed to DeepSpeed)."""
+
+    type: Literal["adamw"] = "adamw"
+    """Optimizer type."""
+    lr: float
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam (beta1, beta2)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.positive("lr")
+        checks.at_least("weight_decay", 0)
+        if len(self.betas) != 2:
+            checks.fail("betas", f"must hold exactly 2 values (got {len(self.betas)})")
+        elif not all(0 <= b < 1 for b in self.betas):
+            checks.fail("betas", f"each beta must be in [0, 1) (got {list(self.betas)})")
+        checks.positive("eps")
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up, then constant, linear or cosine decay to ``min_lr``."""
+
+    style: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warm-up."""
+    warmup_iters: int | None = None
+    """Warm-up iterations (set this or ``warmup_fraction``, not both; neither: no warm-up)."""
+    warmup_fraction: float | None = None
+    """Warm-up as a fraction of ``training.train_iters``, in [0, 1)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay; at most ``optimizer.lr``."""
+    decay_iters: int | None = None
+    """Iteration at which the decay reaches ``min_lr``; default: ``training.train_iters`` (resolved at load)."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.at_least("warmup_iters", 0)
+        checks.fraction("warmup_fraction")
+        if self.warmup_iters is not None and self.warmup_fraction is not None:
+            checks.fail("warmup_fraction", "set warmup_iters or warmup_fraction, not both")
+        checks.at_least("min_lr", 0)
+        checks.at_least("decay_iters", 1)
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Iterations, batch sizes, precision and evaluation cadence.
+
+    Batch sizes obey global = micro x gradient_accumulation_steps x data-parallel size. Give
+    ``global_batch_size`` to have the accumulation steps derived (it must divide exactly), or give
+    neither and get ``gradient_accumulation_steps = 1``.
+    """
+
+    train_iters: int
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 1
+    """Rows per rank per forward/backward pass (a pairwise row holds chosen and rejected)."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches accumulated per optimizer step; default: derived from global_batch_size, else 1."""
+    global_batch_size: int | None = None
+    """Rows per optimizer step over all data-parallel ranks; default: micro x accumulation x data parallel size."""
+    seed: int = 1234
+    """Random seed (initialisation, data order, dropout)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (fp16 uses DeepSpeed's dynamic loss scaling)."""
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    eval_interval: int | None = None
+    """Evaluate every this many iterations (needs ``data.valid``); null: no periodic evaluation."""
+    eval_iters: int = 10
+    """Batches per evaluation."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.at_least("train_iters", 1)
+        checks.at_least("micro_batch_size", 1)
+        checks.at_least("gradient_accumulation_steps", 1)
+        checks.at_least("global_batch_size", 1)
+        checks.at_least("seed", 0)
+        checks.at_least("gradient_clipping", 0)
+        checks.at_least("eval_interval", 1)
+        checks.at_least("eval_iters", 1)
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Where checkpoints are saved and loaded (each carries the resolved config)."""
+
+    save: str | None = None
+    """Directory to save checkpoints to; null: never save."""
+    save_interval: int | None = None
+    """Save every this many iterations (needs ``save``)."""
+    load: str | None = None
+    """Checkpoint directory to resume from; null: start from scratch."""
+    finetune: bool = False
+    """Load only the weights from ``load`` (no optimizer, scheduler or data state) and restart at iteration 0."""
+    keep_last: int | None = None
+    """Keep only this many most recent checkpoints; null: keep all."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.at_least("save_interval", 1)
+        if self.save_interval is not None and self.save is None:
+            checks.fail("save_interval", f"({self.save_interval}) needs checkpoint.save to be set")
+        if self.finetune and self.load is None:
+            checks.fail("finetune", "needs checkpoint.load to be set")
+        checks.at_least("keep_last", 1)
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """Metrics logging (``metrics.jsonl`` in the run directory, optional TensorBoard/W&B)."""
+
+    log_interval: int = 10
+    """Log training metrics every this many iterations."""
+    dir: str | None = None
+    """Run directory for metrics.jsonl; default: ``checkpoint.save`` if set, else ``runs/default`` (resolved at load)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to the run directory."""
+    wandb: bool = False
+    """Also log to Weights & Biases."""
+    wandb_project: str | None = None
+    """W&B project name; null: W&B's default."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.at_least("log_interval", 1)
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LauncherConfig:
+    """How ``deepy.py`` starts the ranks."""
+
+    type: Literal["torchrun", "deepspeed"] = "torchrun"
+    """Launcher program."""
+    nproc_per_node: int | None = None
+    """Ranks per node; null: the number of visible GPUs, else 1 (decided by the launcher)."""
+    num_nodes: int = 1
+    """Number of nodes."""
+    node_rank: int = 0
+    """Rank of this node (torchrun multi-node)."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile (``type: deepspeed`` only)."""
+    master_addr: str = "127.0.0.1"
+    """Address of the rendezvous host."""
+    master_port: int = 29500
+    """Port of the rendezvous host."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.at_least("nproc_per_node", 1)
+        if checks.at_least("num_nodes", 1) and not 0 <= self.node_rank < self.num_nodes:
+            checks.fail(
+                "node_rank", f"must be in [0, num_nodes={self.num_nodes}) (got {self.node_rank})"
+            )
+        if self.hostfile is not None and self.type != "deepspeed":
+            checks.fail(
+                "hostfile", f"is only used by launcher.type 'deepspeed' (got {self.type!r})"
+            )
+        if not 1 <= self.master_port <= 65535:
+            checks.fail("master_port", f"must be in [1, 65535] (got {self.master_port})")
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The whole run: one field per YAML section."""
+
+    model: ModelConfig
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    data: DataConfig
+    """Datasets."""
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    """Training objective."""
+    optimizer: OptimizerConfig
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    training: TrainingConfig
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    """Launcher."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "objective": ObjectiveSection,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "launcher": LauncherConfig,
+}
+"""Section name -> dataclass, in ``RunConfig`` field order."""

@@ -1,0 +1,165 @@
+"""Cross-section rules of the run configuration.
+
+Section-local checks live in each section's ``__post_init__``; this module holds the rules that
+relate several sections (and the objective's own constraints). :func:`validate_config` runs inside
+:func:`megatron.config.load_config`, before any rank starts. Messages name fields and values:
+``model.num_attention_heads (6) must be divisible by parallel.tensor (4)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron.config.sections import RunConfig
+
+
+def _attention(cfg: RunConfig) -> list[str]:
+    model, tp = cfg.model, cfg.parallel.tensor
+    heads, kv_heads = model.num_attention_heads, model.num_kv_heads
+    out = []
+    if heads % tp:
+        out.append(
+            f"model.num_attention_heads ({heads}) must be divisible by parallel.tensor ({tp})"
+        )
+    if kv_heads is not None and kv_heads % tp:
+        out.append(f"model.num_kv_heads ({kv_heads}) must be divisible by parallel.tensor ({tp})")
+    if kv_heads is not None and heads % kv_heads:
+        out.append(
+            f"model.num_attention_heads ({heads}) must be divisible by model.num_kv_heads ({kv_heads})"
+        )
+    if model.hidden_size % heads:
+        out.append(
+            f"model.hidden_size ({model.hidden_size}) must be divisible by "
+            f"model.num_attention_heads ({heads})"
+        )
+    if model.ffn_hidden_size is not None and model.ffn_hidden_size % tp:
+        out.append(
+            f"model.ffn_hidden_size ({model.ffn_hidden_size}) must be divisible by parallel.tensor ({tp})"
+        )
+    return out
+
+
+def _positions(cfg: RunConfig) -> list[str]:
+    model, out = cfg.model, []
+    if model.kv_channels is not None:
+        rotary = model.rotary_pct * model.kv_channels
+        if not (
+            math.isclose(rotary, round(rotary)) and round(rotary) % 2 == 0 and round(rotary) > 0
+        ):
+            out.append(
+                f"model.rotary_pct ({model.rotary_pct}) x model.kv_channels ({model.kv_channels}) "
+                f"= {rotary:g} rotary channels must be a positive even whole number"
+            )
+    if cfg.data.seq_length > model.max_position_embeddings:
+        out.append(
+            f"data.seq_length ({cfg.data.seq_length}) must be <= "
+            f"model.max_position_embeddings ({model.max_position_embeddings})"
+        )
+    scaling = model.rope_scaling
+    if scaling is not None and scaling.type == "llama3":
+        if scaling.original_max_position_embeddings > model.max_position_embeddings:
+            out.append(
+                "model.rope_scaling.original_max_position_embeddings "
+                f"({scaling.original_max_position_embeddings}) must be <= "
+                f"model.max_position_embeddings ({model.max_position_embeddings})"
+            )
+    return out
+
+
+def _parallel(cfg: RunConfig) -> list[str]:
+    par, out = cfg.parallel, []
+    if par.zero_stage >= 2 and par.pipeline > 1:
+        out.append(
+            f"parallel.zero_stage ({par.zero_stage}) cannot be used with parallel.pipeline "
+            f"({par.pipeline}) > 1: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only"
+        )
+    if cfg.model.num_layers < par.pipeline:
+        out.append(
+            f"model.num_layers ({cfg.model.num_layers}) must be >= parallel.pipeline "
+            f"({par.pipeline}): every pipeline stage needs a layer"
+        )
+    return out
+
+
+def _batch(cfg: RunConfig) -> list[str]:
+    train, dp = cfg.training, cfg.parallel.data
+    accumulation, global_batch = train.gradient_accumulation_steps, train.global_batch_size
+    if accumulation is None or global_batch is None or dp is None:
+        return []  # not resolved (built without load_config); nothing to compare
+    expected = train.micro_batch_size * accumulation * dp
+    if global_batch != expected:
+        return [
+            f"training.global_batch_size ({global_batch}) must equal training.micro_batch_size "
+            f"({train.micro_batch_size}) x training.gradient_accumulation_steps ({accumulation}) "
+            f"x data parallel size ({dp}) = {expected}"
+        ]
+    return []
+
+
+def _schedule(cfg: RunConfig) -> list[str]:
+    sched, out = cfg.schedule, []
+    if sched.min_lr > cfg.optimizer.lr:
+        out.append(
+            f"schedule.min_lr ({sched.min_lr:g}) must be <= optimizer.lr ({cfg.optimizer.lr:g})"
+        )
+    if sched.warmup_iters is not None:
+        if sched.decay_iters is not None and sched.warmup_iters > sched.decay_iters:
+            out.append(
+                f"schedule.warmup_iters ({sched.warmup_iters}) must be <= "
+                f"schedule.decay_iters ({sched.decay_iters})"
+            )
+        elif sched.warmup_iters > cfg.training.train_iters:
+            out.append(
+                f"schedule.warmup_iters ({sched.warmup_iters}) must be <= "
+                f"training.train_iters ({cfg.training.train_iters})"
+            )
+    return out
+
+
+def _evaluation(cfg: RunConfig) -> list[str]:
+    interval = cfg.training.eval_interval
+    if interval is not None and cfg.data.valid is None:
+        return [f"training.eval_interval ({interval}) needs data.valid (a validation blend)"]
+    return []
+
+
+def _objective(cfg: RunConfig) -> list[str]:
+    from megatron.objectives.registry import get_objective
+
+    return list(get_objective(cfg.objective.name).check_config(cfg))
+
+
+_RULES: tuple[Callable[[RunConfig], list[str]], ...] = (
+    _attention,
+    _positions,
+    _parallel,
+    _batch,
+    _schedule,
+    _evaluation,
+    _objective,
+)
+
+
+def validate_config(cfg: RunConfig, world_size: int | None = None) -> list[str]:
+    """Cross-section problems of ``cfg`` (empty when it is consistent).
+
+    Args:
+        cfg: a config whose sections passed their own checks.
+        world_size: the number of ranks, if known; checked against tensor x pipeline x data.
+
+    Returns:
+        One message per problem, each naming the fields and their values.
+    """
+    problems: list[str] = []
+    par = cfg.parallel
+    if world_size is not None and world_size != par.tensor * par.pipeline * (par.data or 1):
+        problems.append(
+            f"world size ({world_size}) must equal parallel.tensor ({par.tensor}) x "
+            f"parallel.pipeline ({par.pipeline}) x data parallel size ({par.data})"
+        )
+    for rule in _RULES:
+        problems.extend(rule(cfg))
+    return problems
