@@ -37,7 +37,15 @@ def launch_command(script: str, files: list[str], overrides: list[str], cfg) -> 
     nproc = la.nproc_per_node or max(_gpu_count(), 1)
     user_args = [*files, *overrides]
     if la.type == "deepspeed":
-        cmd = ["deepspeed", "--master_addr", la.master_addr, "--master_port", str(la.master_port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--master_addr",
+            la.master_addr,
+            "--master_port",
+            str(la.master_port),
+        ]
         if la.hostfile:
             cmd += ["--hostfile", la.hostfile, "--num_nodes", str(la.num_nodes)]
         if _gpu_count() == 0:
@@ -81,6 +89,15 @@ def main(argv: list[str]) -> int:
         cfg = load_config(files, overrides, world_size=world)
     except ConfigError as e:
         print(f"config error (nothing launched):\n{e}", file=sys.stderr)
+        return 2
+    from megatron.training.preflight import preflight
+
+    problems = preflight(cfg)
+    if problems:
+        print(
+            "cannot start (nothing launched):\n" + "\n".join(f"  {p}" for p in problems),
+            file=sys.stderr,
+        )
         return 2
     cmd = launch_command(script, files, overrides, cfg)
     env = dict(os.environ)

@@ -58,7 +58,14 @@ def main(argv: list[str]) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"config error:\n{e}", file=sys.stderr)
         return 2
+    from megatron.training.preflight import preflight
     from megatron.training.trainer import Trainer
+
+    problems = preflight(cfg)
+    if problems:
+        if os.environ.get("RANK", "0") == "0":
+            print("cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        return 2
 
     hooks = [_hang_after(int(os.environ[FAULT_ENV]))] if os.environ.get(FAULT_ENV) else []
     Trainer(cfg, hooks=hooks).train()

@@ -58,30 +58,62 @@ def main() -> int:
     ap.add_argument("--train-iters", type=int, default=None, help="override training.train_iters")
     args = ap.parse_args()
     out = (ROOT / args.out).resolve()
+    import shutil
+
     from megatron.tokenizer.build import build_byte_level_bpe
+
+    # why: the demo regenerates its own output; a stale checkpoint would (rightly) be refused.
+    shutil.rmtree(out / "ckpt", ignore_errors=True)
+    (out / "logs" / "metrics.jsonl").unlink(missing_ok=True)
 
     texts = write_corpus(out / "raw" / "train.jsonl", 40_000, seed=1)
     write_corpus(out / "raw" / "valid.jsonl", 2_000, seed=2)
     build_byte_level_bpe(texts, 512, out / "tokenizer")
     for split in ("train", "valid"):
-        run([sys.executable, "tools/preprocess_data.py", "--format", "text",
-             "--input", str(out / "raw" / f"{split}.jsonl"), "--output-prefix",
-             str(out / "data" / split), "--tokenizer", str(out / "tokenizer"), "--workers", "2"])
+        run(
+            [
+                sys.executable,
+                "tools/preprocess_data.py",
+                "--format",
+                "text",
+                "--input",
+                str(out / "raw" / f"{split}.jsonl"),
+                "--output-prefix",
+                str(out / "data" / split),
+                "--tokenizer",
+                str(out / "tokenizer"),
+                "--workers",
+                "2",
+            ]
+        )
     overrides = [
         f"data.train=[{{path: {out / 'data' / 'train'}}}]",
         f"data.valid=[{{path: {out / 'data' / 'valid'}}}]",
-        f"checkpoint.save={out / 'ckpt'}", f"logging.dir={out / 'logs'}",
+        f"checkpoint.save={out / 'ckpt'}",
+        f"logging.dir={out / 'logs'}",
     ]
     if args.train_iters:
-        overrides += [f"training.train_iters={args.train_iters}",
-                      f"checkpoint.save_interval={args.train_iters}"]
-    run([sys.executable, "deepy.py", "train.py", "configs/models/tiny.yml", "configs/demo/lm.yml",
-         *overrides])
+        overrides += [
+            f"training.train_iters={args.train_iters}",
+            f"checkpoint.save_interval={args.train_iters}",
+        ]
+    run(
+        [
+            sys.executable,
+            "deepy.py",
+            "train.py",
+            "configs/models/tiny.yml",
+            "configs/demo/lm.yml",
+            *overrides,
+        ]
+    )
     valid = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in valid if r["split"] == "valid"]
     if len(valid) >= 2:
-        print(f"\nheld-out loss: {valid[0]['loss']:.3f} at step {valid[0]['step']} -> "
-              f"{valid[-1]['loss']:.3f} at step {valid[-1]['step']}")
+        print(
+            f"\nheld-out loss: {valid[0]['loss']:.3f} at step {valid[0]['step']} -> "
+            f"{valid[-1]['loss']:.3f} at step {valid[-1]['step']}"
+        )
     print(f"metrics: {out / 'logs' / 'metrics.jsonl'}; checkpoint: {out / 'ckpt'}")
     return 0
 

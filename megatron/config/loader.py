@@ -114,7 +114,11 @@ def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any] | None:
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
-        problems.lines.append(f"{path}{line}: invalid YAML: {err.problem or err.context or err}")
+        msg = err.problem or err.context or str(err)
+        if err.context and err.context_mark is not None and err.problem:
+            # e.g. an unclosed "[" is noticed at the end of the file; name where it was opened
+            msg += f" ({err.context} at line {err.context_mark.line + 1})"
+        problems.lines.append(f"{path}{line}: invalid YAML: {msg}")
         return None
     except yaml.YAMLError as err:
         problems.lines.append(f"{path}: invalid YAML: {err}")

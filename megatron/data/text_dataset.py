@@ -40,11 +40,11 @@ class TextDataset:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
         self.prefix = str(prefix)
         self.seq_length = int(seq_length)
+        self.indexed = IndexedDataset(prefix)
         if meta_path(prefix).is_file():
             check_meta(prefix, expected_format="text")
         else:
             logger.warning("%s has no meta.json; cannot check its format", self.prefix)
-        self.indexed = IndexedDataset(prefix)
         needed = self.seq_length + 1
         if self.indexed.num_tokens < needed:
             raise DatasetError(

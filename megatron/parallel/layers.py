@@ -95,7 +95,9 @@ class ColumnParallelLinear(nn.Module):
         self.parts = list(output_parts) if output_parts else [output_size]
         if sum(self.parts) != output_size:
             raise ValueError(f"output_parts {self.parts} do not sum to {output_size}")
-        full = (init_method or normal_init(0.02))(torch.empty(output_size, input_size, dtype=torch.float32))
+        full = (init_method or normal_init(0.02))(
+            torch.empty(output_size, input_size, dtype=torch.float32)
+        )
         shard = shard_rows(full, self.parts, state.tp_size, state.tp_rank)
         self.weight = nn.Parameter(shard.to(dtype).contiguous())  # [out/p, h]
         _mark(self.weight, 0)
@@ -143,7 +145,9 @@ class RowParallelLinear(nn.Module):
         self.group, self.input_is_parallel = state.tp_group, input_is_parallel
         if input_size % state.tp_size:
             raise ValueError(f"input size {input_size} is not divisible by TP {state.tp_size}")
-        full = (init_method or normal_init(0.02))(torch.empty(output_size, input_size, dtype=torch.float32))
+        full = (init_method or normal_init(0.02))(
+            torch.empty(output_size, input_size, dtype=torch.float32)
+        )
         k = input_size // state.tp_size
         shard = full[:, state.tp_rank * k : (state.tp_rank + 1) * k]
         self.weight = nn.Parameter(shard.to(dtype).contiguous())  # [h, in/p]
@@ -189,7 +193,9 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         per = num_embeddings // state.tp_size
         self.vocab_start, self.vocab_end = state.tp_rank * per, (state.tp_rank + 1) * per
-        full = (init_method or normal_init(0.02))(torch.empty(num_embeddings, embedding_dim, dtype=torch.float32))
+        full = (init_method or normal_init(0.02))(
+            torch.empty(num_embeddings, embedding_dim, dtype=torch.float32)
+        )
         self.weight = nn.Parameter(full[self.vocab_start : self.vocab_end].to(dtype).contiguous())
         _mark(self.weight, 0)
         self.tp_size = state.tp_size

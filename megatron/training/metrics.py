@@ -30,7 +30,7 @@ def format_line(step: int, total: int, values: dict[str, float], elapsed: float,
         if key in values:
             parts.append(f"{names.get(key, key)} {f.format(values[key])}")
     for key, v in sorted(values.items()):
-        if key not in fmt and key not in ("step",):
+        if key not in fmt and key not in ("step", "step_time"):
             parts.append(f"{key} {v:.4g}")
     parts += [f"elapsed {_hms(elapsed)}", f"eta {_hms(eta)}"]
     return " | ".join(parts)

@@ -57,9 +57,11 @@ def _plain_grad_norm(engine: Any) -> float | None:
     first = mpu.get_model_parallel_rank() == 0
     # Replicated parameters are counted once (on TP rank 0); shards on every rank.
     sq = sum(
-        (p.grad.detach().float().norm() ** 2
-         for p in engine.module.parameters()
-         if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False))),
+        (
+            p.grad.detach().float().norm() ** 2
+            for p in engine.module.parameters()
+            if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False))
+        ),
         torch.zeros(()),
     )
     if dist.is_initialized() and mpu.get_model_parallel_world_size() > 1:

@@ -30,9 +30,16 @@ def run_config(tmp: Path, data_prefix: Path, **overrides: object) -> dict:
     """A complete tiny run as a nested dict (dotted ``overrides`` applied)."""
     cfg = {
         "model": {
-            "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_kv_heads": 2,
-            "vocab_size": VOCAB, "make_vocab_size_divisible_by": 32, "max_position_embeddings": 64,
-            "norm": "rmsnorm", "activation": "swiglu", "ffn_hidden_size": 64,
+            "num_layers": 2,
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_kv_heads": 2,
+            "vocab_size": VOCAB,
+            "make_vocab_size_divisible_by": 32,
+            "max_position_embeddings": 64,
+            "norm": "rmsnorm",
+            "activation": "swiglu",
+            "ffn_hidden_size": 64,
         },
         "data": {"train": [{"path": str(data_prefix)}], "seq_length": 32},
         "optimizer": {"lr": 1e-2, "weight_decay": 0.01},

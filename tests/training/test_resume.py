@@ -23,10 +23,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _launch(cfg_path: Path, *overrides: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "deepy.py", "train.py", str(cfg_path),
-           "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "deepy.py",
+        "train.py",
+        str(cfg_path),
+        "launcher.nproc_per_node=2",
+        f"launcher.master_port={free_port()}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -40,9 +54,15 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     prefix = write_markov_corpus(tmp / "corpus")
     cfg = run_config(
-        tmp, prefix,
-        **{"parallel.tensor": 2, "parallel.zero_stage": 1, "training.train_iters": 20,
-           "model.attention_dropout": 0.1, "model.hidden_dropout": 0.1},
+        tmp,
+        prefix,
+        **{
+            "parallel.tensor": 2,
+            "parallel.zero_stage": 1,
+            "training.train_iters": 20,
+            "model.attention_dropout": 0.1,
+            "model.hidden_dropout": 0.1,
+        },
     )
     cfg_path = write_config(tmp / "run.yml", cfg)
     straight = tmp / "straight"
@@ -50,8 +70,11 @@ def runs(tmp_path_factory):
 
     ckpt = tmp / "ckpt"
     killed = _launch(
-        cfg_path, f"checkpoint.save={ckpt}", "checkpoint.save_interval=10",
-        f"logging.dir={tmp / 'first'}", env_extra={"MEGATRON_FAULT_HANG_AFTER_STEP": "10"},
+        cfg_path,
+        f"checkpoint.save={ckpt}",
+        "checkpoint.save_interval=10",
+        f"logging.dir={tmp / 'first'}",
+        env_extra={"MEGATRON_FAULT_HANG_AFTER_STEP": "10"},
     )
     deadline = time.time() + 300
     while len(list(ckpt.glob(".hung_rank*"))) < 2:
@@ -78,7 +101,8 @@ def test_checkpoint_is_complete_and_latest_points_at_it(runs):
     tag = ckpt / "iter_0000010"
     assert (tag / "client_state.json").is_file() and (tag / "config.yml").is_file()
     assert sorted(p.name for p in tag.glob("rng_state_rank*.pt")) == [
-        "rng_state_rank0.pt", "rng_state_rank1.pt",
+        "rng_state_rank0.pt",
+        "rng_state_rank1.pt",
     ]
 
 

@@ -1,0 +1,48 @@
+"""Checks of the run's inputs and outputs that need the file system, before any rank starts.
+
+``deepy.py`` runs them before launching and ``train.py`` before building the trainer, so a missing
+or corrupt data file, a missing checkpoint or a save directory that would be overwritten is one
+clear message naming the config key and the file — never a traceback from inside a rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from megatron.data.builders import build_datasets
+from megatron.data.indexed import DatasetError
+from megatron.objectives import get_objective
+from megatron.training.checkpointing import LATEST, CheckpointError, resolve_checkpoint
+
+
+def preflight(cfg: Any) -> list[str]:
+    """Problems with the run's files, each ``dotted.key: message``; empty when all is well."""
+    problems = []
+    kind = get_objective(cfg.objective.name).batch_kind
+    try:
+        train, _ = build_datasets(kind, cfg.data, cfg.model.vocab_size)
+        if len(train) < cfg.training.global_batch_size:
+            problems.append(
+                f"data.train: {len(train)} samples of data.seq_length {cfg.data.seq_length} "
+                f"is fewer than one global batch ({cfg.training.global_batch_size}); add data or "
+                "lower training.global_batch_size"
+            )
+    except DatasetError as e:
+        problems.append(f"data: {e}")
+    ck = cfg.checkpoint
+    load_root = None
+    if ck.load:
+        try:
+            load_root, _ = resolve_checkpoint(ck.load)
+        except CheckpointError as e:
+            problems.append(str(e))
+    if ck.save and (Path(ck.save) / LATEST).is_file():
+        same = load_root is not None and Path(load_root).resolve() == Path(ck.save).resolve()
+        if not same:
+            problems.append(
+                f"checkpoint.save: {ck.save} already holds checkpoints (see its 'latest'); "
+                f"set checkpoint.load: {ck.save} to resume there, or save to a new directory "
+                "(nothing is overwritten)"
+            )
+    return problems

@@ -1,0 +1,122 @@
+"""deepy.py: the config and the files are checked before anything launches; both launchers work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron.training.distributed import free_port
+from tests.training.helpers import read_losses, run_config, write_config, write_markov_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deepy(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "deepy.py", "train.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("launch")
+    prefix = write_markov_corpus(tmp / "corpus")
+    return tmp, write_config(tmp / "run.yml", run_config(tmp, prefix))
+
+
+def test_config_errors_are_reported_together_and_nothing_launches(run):
+    tmp, cfg = run
+    bad = tmp / "bad.yml"
+    bad.write_text("training:\n  train_iter: 5\nparallel:\n  tensor: 3\n")
+    r = deepy(str(cfg), str(bad), "optimizer.lr=fast")
+    assert r.returncode == 2
+    assert (
+        f"{bad}: training.train_iter: unknown key 'train_iter'; did you mean 'train_iters'?"
+        in r.stderr
+    )
+    assert "<override>: optimizer.lr:" in r.stderr
+    assert "nothing launched" in r.stderr and "launching" not in r.stdout
+
+
+def test_malformed_yaml_names_the_line(run):
+    tmp, cfg = run
+    bad = tmp / "broken.yml"
+    bad.write_text("training:\n  train_iters: 5\n  seed: [1, 2\n")
+    r = deepy(str(cfg), str(bad))
+    assert r.returncode == 2 and f"{bad}:" in r.stderr
+    assert "while parsing a flow sequence at line 3" in r.stderr
+
+
+def test_impossible_grid_is_refused(run):
+    _, cfg = run
+    r = deepy(str(cfg), "parallel.tensor=2", "launcher.nproc_per_node=3")
+    assert r.returncode == 2
+    assert "world size (3)" in r.stderr and "nothing launched" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.train=[{path: /nonexistent/corpus}]",
+            "/nonexistent/corpus.idx: dataset file not found",
+        ),
+        ("checkpoint.load=/nonexistent/ckpt", "checkpoint.load: /nonexistent/ckpt does not exist"),
+    ],
+)
+def test_missing_files_are_refused_before_launch(run, override, message):
+    _, cfg = run
+    r = deepy(str(cfg), override)
+    assert r.returncode == 2 and message in r.stderr and "nothing launched" in r.stderr
+
+
+def test_corrupt_data_file_is_refused(run):
+    tmp, cfg = run
+    (tmp / "junk.idx").write_bytes(b"not an index at all" * 4)
+    (tmp / "junk.bin").write_bytes(b"")
+    r = deepy(str(cfg), f"data.train=[{{path: {tmp / 'junk'}}}]")
+    assert r.returncode == 2 and f"{tmp / 'junk'}.idx" in r.stderr
+
+
+def test_existing_checkpoints_are_not_overwritten(run):
+    tmp, cfg = run
+    save = tmp / "occupied"
+    save.mkdir()
+    (save / "latest").write_text("iter_0000005\n")
+    r = deepy(str(cfg), f"checkpoint.save={save}")
+    assert r.returncode == 2 and "already holds checkpoints" in r.stderr
+    assert (save / "latest").read_text() == "iter_0000005\n"
+
+
+def test_dry_run_prints_the_launch_commands(run):
+    _, cfg = run
+    r = deepy(str(cfg), "launcher.nproc_per_node=2", "launcher.master_port=30123", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "torch.distributed.run --nproc_per_node=2 --nnodes=1" in r.stdout
+    assert "--master_port=30123" in r.stdout
+    r = deepy(str(cfg), "launcher.type=deepspeed", "launcher.nproc_per_node=2", "--dry-run")
+    assert "deepspeed.launcher.runner" in r.stdout and "--num_accelerators 2" in r.stdout
+
+
+def test_deepspeed_runner_trains_two_ranks(run):
+    tmp, cfg = run
+    r = deepy(
+        str(cfg),
+        "launcher.type=deepspeed",
+        "launcher.nproc_per_node=2",
+        f"launcher.master_port={free_port()}",
+        "training.train_iters=3",
+        f"logging.dir={tmp / 'ds'}",
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert sorted(read_losses(tmp / "ds" / "metrics.jsonl")) == [1, 2, 3]
