@@ -57,7 +57,7 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
             "build the config with megatron.config.load_config"
         )
     fp16 = train.precision == "fp16"
-    return {
+    ds: dict[str, Any] = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
@@ -77,3 +77,7 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
+    if train.precision == "bf16":
+        # fp32 gradient accumulation (fp32 main gradients) under bf16 parameters.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds

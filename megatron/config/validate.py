@@ -76,6 +76,12 @@ def _parallel(cfg: RunConfig) -> list[str]:
             f"parallel.zero_stage ({par.zero_stage}) cannot be used with parallel.pipeline "
             f"({par.pipeline}) > 1: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only"
         )
+    if cfg.training.precision == "bf16" and par.zero_stage == 0:
+        out.append(
+            "training.precision (bf16) needs parallel.zero_stage >= 1: DeepSpeed's ZeRO-0 bf16 "
+            "path accumulates gradients in bf16; ZeRO-1 keeps fp32 gradients and master weights "
+            "(and costs nothing extra at data parallel size 1)"
+        )
     if cfg.model.num_layers < par.pipeline:
         out.append(
             f"model.num_layers ({cfg.model.num_layers}) must be >= parallel.pipeline "

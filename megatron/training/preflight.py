@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megatron.data.builders import build_datasets
 from megatron.data.indexed import DatasetError
 from megatron.objectives import get_objective
@@ -19,6 +21,12 @@ from megatron.training.checkpointing import LATEST, CheckpointError, resolve_che
 def preflight(cfg: Any) -> list[str]:
     """Problems with the run's files, each ``dotted.key: message``; empty when all is well."""
     problems = []
+    local = cfg.launcher.num_nodes == 1 and not cfg.launcher.hostfile
+    if cfg.training.precision == "fp16" and local and not torch.cuda.is_available():
+        problems.append(
+            "training.precision: fp16 needs a CUDA device (DeepSpeed's CPU accelerator refuses "
+            "it); use bf16 or fp32 on CPU"
+        )
     kind = get_objective(cfg.objective.name).batch_kind
     try:
         train, _ = build_datasets(kind, cfg.data, cfg.model.vocab_size)

@@ -581,6 +581,7 @@ def test_deepspeed_config(tmp_path):
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 1
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
     assert "optimizer" not in ds and "scheduler" not in ds
     assert ds["steps_per_print"] >= 10**9 and ds["wall_clock_breakdown"] is False
 
@@ -596,7 +597,8 @@ def test_deepspeed_accepts_the_derived_config(tmp_path, stage):
     runtime_config = pytest.importorskip("deepspeed.runtime.config", reason="needs deepspeed")
     cfg = load(
         tmp_path,
-        f"parallel: {{zero_stage: {stage}}}\ntraining: {{global_batch_size: 4, precision: bf16}}\n",
+        f"parallel: {{zero_stage: {stage}}}\n"
+        f"training: {{global_batch_size: 4, precision: {'bf16' if stage else 'fp32'}}}\n",
     )
     parsed = runtime_config.DeepSpeedConfig(deepspeed_config(cfg))
     assert parsed.train_batch_size == 4

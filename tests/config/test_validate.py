@@ -245,3 +245,10 @@ def test_validate_config_tolerates_unresolved_batch_sizes(tmp_path):
         ),
     )
     assert validate_config(unresolved) == []
+
+
+def test_bf16_needs_zero_1_or_more(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"training\.precision \(bf16\) needs parallel\.zero_stage >= 1"
+    ):
+        load(tmp_path, "training: {precision: bf16}\nparallel: {zero_stage: 0}\n")
