@@ -25,7 +25,7 @@ from megatron.model.transformer import TransformerLayer, build_norm
 from megatron.objectives.logprobs import token_log_probs
 from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
 from megatron.parallel.mappings import gather_from_tensor_parallel_region
-from megatron.parallel.random import RNGStatesTracker
+from megatron.parallel.random import RNGStatesTracker, add_model_parallel_stream
 from megatron.parallel.state import ParallelState
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,9 +84,10 @@ class GPTModel(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg, self.state = cfg, state
-        self.tracker = tracker or RNGStatesTracker()
-        if not self.tracker.states:
-            self.tracker.add("model-parallel-rng", seed + 2718 + state.tp_rank)
+        if tracker is None:
+            tracker = RNGStatesTracker()
+            add_model_parallel_stream(tracker, seed, state.tp_rank)
+        self.tracker = tracker
         init = normal_init(cfg.init_method_std)
         with _seeded(seed):
             self.embedding = VocabParallelEmbedding(

@@ -64,7 +64,12 @@ class RNGStatesTracker:
         self.states = {k: dict(v) for k, v in sd.items()}
 
 
+def add_model_parallel_stream(tracker: RNGStatesTracker, seed: int, tp_rank: int) -> None:
+    """Add this TP rank's model-parallel stream (``seed + 2718 + tp_rank``) to ``tracker``."""
+    tracker.add(MODEL_PARALLEL_RNG, seed + _MP_SEED_OFFSET + tp_rank)
+
+
 def model_parallel_seed(tracker: RNGStatesTracker, seed: int, tp_rank: int) -> None:
     """Seed the default stream with ``seed`` and the model-parallel stream per TP rank."""
     torch.manual_seed(seed)
-    tracker.add(MODEL_PARALLEL_RNG, seed + _MP_SEED_OFFSET + tp_rank)
+    add_model_parallel_stream(tracker, seed, tp_rank)

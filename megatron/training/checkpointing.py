@@ -16,6 +16,8 @@ sees a partial one. DeepSpeed's own ``latest`` file is not written (``save_lates
 
 from __future__ import annotations
 
+import io
+import json
 import random
 import shutil
 from pathlib import Path
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.config import save_config
 from megatron.parallel.random import RNGStatesTracker
 from megatron.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, log_rank0
 
@@ -71,7 +74,7 @@ def save_checkpoint(
     save_dir: str | Path,
     step: int,
     client_state: dict[str, Any],
-    config_yaml: str,
+    config: Any,
     tracker: RNGStatesTracker,
     keep_last: int | None = None,
 ) -> Path:
@@ -89,7 +92,7 @@ def save_checkpoint(
     atomic_write_bytes(tag_dir / f"rng_state_rank{rank}.pt", buf)
     if rank == 0:
         atomic_write_json(tag_dir / "client_state.json", client_state)
-        atomic_write_text(tag_dir / "config.yml", config_yaml)
+        save_config(config, tag_dir / "config.yml")
     _barrier()  # every shard and RNG file is on disk before `latest` moves
     if rank == 0:
         atomic_write_text(save_dir / LATEST, tag + "\n")
@@ -101,8 +104,6 @@ def save_checkpoint(
 
 
 def _torch_bytes(obj: Any) -> bytes:
-    import io
-
     b = io.BytesIO()
     torch.save(obj, b)
     return b.getvalue()
@@ -163,8 +164,6 @@ def load_checkpoint(
     )
     if finetune:
         return None
-    import json
-
     client = json.loads((root / tag / "client_state.json").read_text())
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = root / tag / f"rng_state_rank{rank}.pt"

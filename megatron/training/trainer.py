@@ -7,6 +7,7 @@ registered objective's batch kind, resumes from ``checkpoint.load`` when given, 
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,8 +54,6 @@ class Trainer:
         seed = cfg.training.seed
         model_parallel_seed(self.tracker, seed, self.state.tp_rank)
         np.random.seed(seed)
-        import random
-
         random.seed(seed)
         objective_cls = get_objective(cfg.objective.name)
         self.objective = objective_cls(cfg.objective.params)
@@ -111,15 +110,13 @@ class Trainer:
             self.sampler.load_state_dict(client["sampler"])
 
     def _save(self) -> None:
-        import yaml
-
         client = {"step": self.step, "sampler": self.sampler.state_dict()}
         checkpointing.save_checkpoint(
             self.engine,
             self.cfg.checkpoint.save,
             self.step,
             client,
-            yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+            self.cfg,
             self.tracker,
             keep_last=self.cfg.checkpoint.keep_last,
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron.config import load_config
 from megatron.training.distributed import free_port
 from tests.training.helpers import read_losses, run_config, write_config, write_markov_corpus
 
@@ -100,6 +101,8 @@ def test_checkpoint_is_complete_and_latest_points_at_it(runs):
     assert (ckpt / "latest").read_text().strip() == "iter_0000010"
     tag = ckpt / "iter_0000010"
     assert (tag / "client_state.json").is_file() and (tag / "config.yml").is_file()
+    saved = load_config([tag / "config.yml"], resolved=True)  # the resolved config reloads
+    assert saved.parallel.tensor == 2 and saved.training.train_iters == 20
     assert sorted(p.name for p in tag.glob("rng_state_rank*.pt")) == [
         "rng_state_rank0.pt",
         "rng_state_rank1.pt",
