@@ -125,10 +125,10 @@ class Trainer:
         return [dataset.collate([dataset[i] for i in mb]) for mb in indices]
 
     # ---- loop ---------------------------------------------------------------------------------
-    def train(self) -> list[float]:
-        """Train to ``training.train_iters``; returns the logged loss of every step run here."""
+    def train(self) -> list[dict[str, float]]:
+        """Train to ``training.train_iters``; returns the logged values of every step run here."""
         cfg, t = self.cfg, self.cfg.training
-        first, losses = self.step, []
+        first, history = self.step, []
         batches = iter(self.sampler)
         if self.step == 0 and t.eval_interval and self.valid_data is not None:
             self.evaluate()  # the untrained baseline
@@ -146,7 +146,7 @@ class Trainer:
             values["samples_per_s"] = t.global_batch_size / dt
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
-            losses.append(values["loss"])
+            history.append(values)
             self.metrics.log(self.step, values)
             if self.step % cfg.logging.log_interval == 0 or self.step == t.train_iters:
                 self.metrics.console(self.step, t.train_iters, values, first)
@@ -162,7 +162,7 @@ class Trainer:
         ):
             self._save()
         self.metrics.close()
-        return losses
+        return history
 
     def evaluate(self) -> dict[str, float]:
         """Mean metrics over the first ``training.eval_iters`` global batches of validation data."""

@@ -23,7 +23,7 @@ def _train(rank, world, cfg_path, overrides):
     trainer = Trainer(load_config([cfg_path], overrides, world))
     start_step = trainer.step
     params = sum(float(p.double().sum()) for p in trainer.model.parameters())
-    losses = trainer.train()
+    losses = [v["loss"] for v in trainer.train()]
     return {"losses": losses, "start_step": start_step, "initial_param_sum": params}
 
 
