@@ -57,11 +57,14 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
             "build the config with megatron.config.load_config"
         )
     fp16 = train.precision == "fp16"
+    plain = cfg.parallel.zero_stage == 0 and train.precision == "fp32"
     ds: dict[str, Any] = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "gradient_clipping": train.gradient_clipping,
+        # why: in fp32 without ZeRO DeepSpeed clips but keeps no norm; the trainer's optimizer
+        # hook (megatron.training.step.GradNormMeter) clips there with the same rule instead.
+        "gradient_clipping": 0.0 if plain else train.gradient_clipping,
         "zero_optimization": _zero_section(cfg.parallel.zero_stage),
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {

@@ -41,13 +41,18 @@ def init_distributed() -> torch.device:
     Returns:
         This rank's device (``cuda:LOCAL_RANK`` or ``cpu``).
     """
-    if "RANK" not in os.environ:
+    if torch.distributed.is_initialized():
+        # Already set up by the caller (tests, notebooks): make the env agree with it.
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+        os.environ.setdefault("LOCAL_RANK", str(rank))
+    elif "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed = import_deepspeed()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", verbose=False)
+    # DeepSpeed's comm layer wraps an existing torch process group rather than creating one.
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", verbose=False)
     if use_cuda():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -29,9 +29,16 @@ def _layout(batch: dict[str, Any]) -> SequenceLayout | None:
 def micro_batch_loss(
     engine: Any, objective: Any, batch: dict[str, Any]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward one micro-batch and evaluate the objective on it."""
+    """Forward one micro-batch and evaluate the objective on it.
+
+    Collators may attach ``batch["stats"]`` (a dict of scalar floats, e.g.
+    ``packing_efficiency``); they are reported with the objective's metrics.
+    """
     policy = engine(batch["tokens"], _layout(batch), batch["targets"])
-    return objective.loss(policy, None, batch)
+    loss, metrics = objective.loss(policy, None, batch)
+    for key, value in batch.get("stats", {}).items():
+        metrics[key] = torch.as_tensor(value, dtype=torch.float32)
+    return loss, metrics
 
 
 def average_metrics(
@@ -49,46 +56,76 @@ def average_metrics(
     return dict(zip(keys, mean.tolist(), strict=True))
 
 
-def _plain_grad_norm(engine: Any) -> float | None:
-    """TP-aware global grad norm where DeepSpeed does not record one (fp32 without ZeRO)."""
+class GradNormMeter:
+    """Global gradient norm and clipping where DeepSpeed records no norm (fp32 without ZeRO).
+
+    DeepSpeed clips in that mode but discards the norm, so the derived DeepSpeed config turns its
+    clipping off there and this step pre-hook on the torch optimizer does both: it sees the final
+    (accumulated, data-parallel-reduced) gradients just before the update, computes the norm —
+    parameters replicated across TP ranks counted on TP rank 0 only, a tied embedding only on its
+    first stage, squares summed over the model-parallel (TP x PP) group — and scales the gradients
+    by ``max_norm / (norm + 1e-6)`` when that is below 1 (DeepSpeed's and Megatron's rule).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        group: dist.ProcessGroup | None,
+        tp_rank: int,
+        max_norm: float,
+    ):
+        self.all_params = [p for p in module.parameters() if p.requires_grad]
+        self.params = [
+            p
+            for p in module.parameters()
+            if (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+            and not getattr(p, "tied_duplicate", False)
+        ]
+        self.group, self.max_norm = group, max_norm
+        self.value: float | None = None
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        sq = torch.zeros((), dtype=torch.float32)
+        for p in self.params:
+            if p.grad is not None:
+                sq += p.grad.detach().float().norm().square().cpu()
+        if dist.is_initialized() and self.group is not None and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(sq, group=self.group)
+        self.value = float(sq.sqrt())
+        coef = self.max_norm / (self.value + 1e-6)
+        if self.max_norm > 0 and coef < 1.0:
+            for p in self.all_params:
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef)
+
+
+def grad_norm_meter(
+    engine: Any, optimizer: Any, module: torch.nn.Module, state: Any, max_norm: float
+) -> GradNormMeter | None:
+    """A :class:`GradNormMeter` hooked on ``optimizer`` when DeepSpeed computes no norm."""
     if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
         return None
-    mpu = engine.mpu
-    first = mpu.get_model_parallel_rank() == 0
-    # Replicated parameters are counted once (on TP rank 0); shards on every rank.
-    sq = sum(
-        (
-            p.grad.detach().float().norm() ** 2
-            for p in engine.module.parameters()
-            if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False))
-        ),
-        torch.zeros(()),
-    )
-    if dist.is_initialized() and mpu.get_model_parallel_world_size() > 1:
-        dist.all_reduce(sq, group=mpu.get_model_parallel_group())
-    return float(sq.sqrt())
+    meter = GradNormMeter(module, state.mp_group, state.tp_rank, max_norm)
+    optimizer.register_step_pre_hook(meter)
+    return meter
 
 
 def train_step(
     engine: Any, objective: Any, micro_batches: list[dict[str, Any]], device: torch.device
-) -> tuple[list[dict[str, torch.Tensor]], float | None]:
+) -> list[dict[str, torch.Tensor]]:
     """Forward/backward every micro-batch; the engine steps the optimizer at the boundary.
 
     Returns:
-        Per-micro-batch metrics (with ``loss``), detached, and the pre-clipping gradient norm.
+        Per-micro-batch metrics (with ``loss``), detached.
     """
     engine.train()
-    out, grad_norm = [], None
-    for i, mb in enumerate(micro_batches):
+    out = []
+    for mb in micro_batches:
         loss, metrics = micro_batch_loss(engine, objective, to_device(mb, device))
         engine.backward(loss)
-        if i == len(micro_batches) - 1:
-            grad_norm = _plain_grad_norm(engine)
         engine.step()
         out.append({"loss": loss.detach(), **metrics})
-    if grad_norm is None and engine.get_global_grad_norm() is not None:
-        grad_norm = float(engine.get_global_grad_norm())
-    return out, grad_norm
+    return out
 
 
 @torch.no_grad()

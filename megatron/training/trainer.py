@@ -18,13 +18,15 @@ from megatron.config import config_to_dict, deepspeed_config
 from megatron.data.builders import build_datasets
 from megatron.data.sampler import GlobalBatchSampler
 from megatron.model import GPTModel
+from megatron.model.pipeline import PipelineLoss, build_pipeline_model, mark_tied_duplicates
 from megatron.objectives import get_objective
 from megatron.parallel import ParallelState, RNGStatesTracker, model_parallel_seed
 from megatron.training import checkpointing
 from megatron.training.distributed import import_deepspeed, init_distributed
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer, learning_rate, set_learning_rate
-from megatron.training.step import average_metrics, eval_step, train_step
+from megatron.training.pipeline_step import pipeline_eval_step, pipeline_train_step
+from megatron.training.step import average_metrics, eval_step, grad_norm_meter, train_step
 from megatron.utils import global_rank, log_rank0
 
 StepHook = Callable[["Trainer", int], None]
@@ -57,16 +59,7 @@ class Trainer:
         random.seed(seed)
         objective_cls = get_objective(cfg.objective.name)
         self.objective = objective_cls(cfg.objective.params)
-        self.model = GPTModel(cfg.model, self.state, self.tracker, seed=seed).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        deepspeed = import_deepspeed()
-        self.engine, *_ = deepspeed.initialize(
-            model=self.model,
-            optimizer=self.optimizer,
-            config=deepspeed_config(cfg),
-            mpu=self.state.mpu,
-            dist_init_required=False,
-        )
+        self._build_engine()
         self.train_data, self.valid_data = build_datasets(
             objective_cls.batch_kind, cfg.data, cfg.model.vocab_size
         )
@@ -88,6 +81,35 @@ class Trainer:
             cfg.parallel.zero_stage,
             sum(p.numel() for p in self.model.parameters()) / 1e6,
             len(self.train_data),
+        )
+
+    def _build_engine(self) -> None:
+        """Model (plain, or DeepSpeed pipeline stages when ``parallel.pipeline > 1``) + engine."""
+        cfg, seed = self.cfg, self.cfg.training.seed
+        if self.state.pp_size > 1:
+            loss_fn = PipelineLoss(self.objective)
+            self.model = build_pipeline_model(cfg.model, self.state, self.tracker, seed, loss_fn)
+            mark_tied_duplicates(self.model)
+            mpu = None  # the pipeline module brings its own grid
+            self._train_fn = lambda mb: pipeline_train_step(self.engine, loss_fn, mb, self.state)
+            self._eval_fn = lambda mb: pipeline_eval_step(self.engine, loss_fn, mb, self.state)
+        else:
+            self.model = GPTModel(cfg.model, self.state, self.tracker, seed=seed)
+            mpu = self.state.mpu
+            self._train_fn = lambda mb: train_step(self.engine, self.objective, mb, self.device)
+            self._eval_fn = lambda mb: eval_step(self.engine, self.objective, mb, self.device)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        deepspeed = import_deepspeed()
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model,
+            optimizer=self.optimizer,
+            config=deepspeed_config(cfg),
+            mpu=mpu,
+            dist_init_required=False,
+        )
+        self.grad_norm = grad_norm_meter(
+            self.engine, self.optimizer, self.model, self.state, cfg.training.gradient_clipping
         )
 
     def _sampler(self, n: int, shuffle: bool) -> GlobalBatchSampler:
@@ -138,12 +160,14 @@ class Trainer:
             set_learning_rate(self.engine.optimizer, lr)
             start = time.time()
             micro = self._micro_batches(next(batches), self.train_data)
-            per_micro, grad_norm = train_step(self.engine, self.objective, micro, self.device)
-            values = average_metrics(per_micro, self.state.dp_group)
+            values = average_metrics(self._train_fn(micro), self.state.dp_group)
             self.step += 1
             dt = time.time() - start
             values.update(lr=lr, step_time=dt, tokens_per_s=tokens_per_step / dt)
             values["samples_per_s"] = t.global_batch_size / dt
+            grad_norm = (
+                self.grad_norm.value if self.grad_norm else self.engine.get_global_grad_norm()
+            )
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
             history.append(values)
@@ -170,7 +194,7 @@ class Trainer:
         values = []
         for _, indices in zip(range(self.cfg.training.eval_iters), sampler, strict=False):
             micro = self._micro_batches(indices, self.valid_data)
-            values += eval_step(self.engine, self.objective, micro, self.device)
+            values += self._eval_fn(micro)
         result = average_metrics(values, self.state.dp_group)
         self.metrics.log(self.step, result, split="valid")
         log_rank0(

@@ -604,3 +604,10 @@ def test_deepspeed_accepts_the_derived_config(tmp_path, stage):
     assert parsed.train_batch_size == 4
     assert parsed.gradient_accumulation_steps == 4
     assert parsed.zero_optimization_stage == stage
+
+
+def test_deepspeed_clipping_moves_to_the_trainer_in_plain_fp32(tmp_path):
+    """fp32 without ZeRO: DeepSpeed keeps no gradient norm, so the trainer's hook clips instead."""
+    cfg = load(tmp_path, "training: {gradient_clipping: 0.7}\nparallel: {zero_stage: 0}\n")
+    assert cfg.training.gradient_clipping == 0.7
+    assert deepspeed_config(cfg)["gradient_clipping"] == 0.0

@@ -1,9 +1,14 @@
-"""Grid invariance: the same losses (and gradient norms) for 10 steps at (TP, DP) in {1,2}^2 and ZeRO 0/1/2/3.
+"""Grid invariance: the same losses and gradient norms for 10 steps on every parallel grid.
+
+Grids: (TP, DP) in {1,2}^2 x ZeRO 0/1/2/3 without pipeline parallelism, and with PP=2:
+(TP, PP, DP) in {(1,2,1), (2,2,1), (1,2,2)} x ZeRO 0/1 (DeepSpeed's pipeline engine refuses
+ZeRO >= 2). Tied input/output embeddings are checked separately at PP=2 (the tied weight lives on
+the first and last stage and its gradients are summed across them).
 
 fp32 throughout. Tolerance: 1e-6 relative per step for losses and gradient norms (measured on
 2 cores: at most 1.1e-7 for losses and 2.1e-7 for norms; TP changes the order of reductions and
-DP/ZeRO the order of the gradient sums, everything else is identical). One spawned group per world size
-runs every grid of that size in-process.
+DP/ZeRO the order of the gradient sums, everything else is identical). One spawned group per world
+size runs every grid of that size in-process.
 """
 
 from __future__ import annotations
@@ -17,13 +22,18 @@ from tests.training.helpers import run_config, write_config, write_markov_corpus
 
 ZERO = [0, 1, 2, 3]
 RTOL = 1e-6
+GRIDS = {  # world size -> (tp, pp, zero stages)
+    1: [(1, 1, ZERO)],
+    2: [(1, 1, ZERO), (2, 1, ZERO), (1, 2, [0, 1])],
+    4: [(2, 1, ZERO), (2, 2, [0, 1]), (1, 2, [0, 1])],
+}
 
 
-def _train(rank, world, cfg_path, tp, zero):
+def _train(rank, world, cfg_path, overrides):
     from megatron.config import load_config
     from megatron.training.trainer import Trainer
 
-    cfg = load_config([cfg_path], [f"parallel.tensor={tp}", f"parallel.zero_stage={zero}"], world)
+    cfg = load_config([cfg_path], overrides, world)
     return [(v["loss"], v["grad_norm"]) for v in Trainer(cfg).train()]
 
 
@@ -31,32 +41,55 @@ def _train(rank, world, cfg_path, tp, zero):
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
     prefix = write_markov_corpus(tmp / "corpus")
-    cfg_path = write_config(tmp / "run.yml", run_config(tmp, prefix))
+    cfg_path = str(write_config(tmp / "run.yml", run_config(tmp, prefix)))
     results = {}
-    for world, grids in [(1, [1]), (2, [1, 2]), (4, [2])]:
+    for world, grids in GRIDS.items():
         pool = DistPool(world)
         try:
-            for tp in grids:
-                for zero in ZERO:
-                    results[(tp, world // tp, zero)] = pool.run(_train, str(cfg_path), tp, zero)
+            for tp, pp, zeros in grids:
+                for zero in zeros:
+                    ov = [
+                        f"parallel.tensor={tp}",
+                        f"parallel.pipeline={pp}",
+                        f"parallel.zero_stage={zero}",
+                    ]
+                    results[(tp, pp, world // (tp * pp), zero)] = pool.run(_train, cfg_path, ov)
+            if world in (1, 2):  # tied embeddings: serial vs PP=2
+                pp = world
+                results[("tied", pp)] = pool.run(
+                    _train, cfg_path, ["model.tie_word_embeddings=true", f"parallel.pipeline={pp}"]
+                )
         finally:
             pool.close()
     return results
 
 
 def test_losses_fall(setup):
-    losses = [loss for loss, _ in setup[(1, 1, 0)][0]]
+    losses = [loss for loss, _ in setup[(1, 1, 1, 0)][0]]
     assert len(losses) == 10
     assert losses[0] == pytest.approx(math.log(120), rel=0.05)  # near-uniform start
     assert losses[-1] < losses[0] - 0.3
 
 
-@pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-@pytest.mark.parametrize("zero", ZERO)
-def test_same_losses_and_grad_norms_on_every_grid(setup, tp, dp, zero):
-    """Losses, and the TP-aware global gradient norm (DeepSpeed's under ZeRO, ours at ZeRO-0)."""
-    ref_loss, ref_norm = zip(*setup[(1, 1, 0)][0], strict=True)
-    for rank_values in setup[(tp, dp, zero)]:
+def _assert_same(values, ref, label):
+    ref_loss, ref_norm = zip(*ref, strict=True)
+    for rank_values in values:
         loss, norm = zip(*rank_values, strict=True)
-        assert loss == pytest.approx(ref_loss, rel=RTOL), f"tp={tp} dp={dp} zero={zero}"
-        assert norm == pytest.approx(ref_norm, rel=RTOL), f"grad norm tp={tp} dp={dp} zero={zero}"
+        assert loss == pytest.approx(ref_loss, rel=RTOL), label
+        assert norm == pytest.approx(ref_norm, rel=RTOL), f"grad norm {label}"
+
+
+@pytest.mark.parametrize(
+    "tp,pp,dp,zero",
+    [(tp, 1, dp, z) for tp, dp in [(1, 1), (2, 1), (1, 2), (2, 2)] for z in ZERO]
+    + [(tp, 2, dp, z) for tp, dp in [(1, 1), (2, 1), (1, 2)] for z in (0, 1)],
+)
+def test_same_losses_and_grad_norms_on_every_grid(setup, tp, pp, dp, zero):
+    """Losses, and the global gradient norm (DeepSpeed's under ZeRO, ours at ZeRO-0)."""
+    _assert_same(
+        setup[(tp, pp, dp, zero)], setup[(1, 1, 1, 0)][0], f"tp={tp} pp={pp} dp={dp} zero={zero}"
+    )
+
+
+def test_tied_embeddings_across_pipeline_stages(setup):
+    _assert_same(setup[("tied", 2)], setup[("tied", 1)][0], "tied, pp=2")

@@ -144,3 +144,21 @@ def test_console_line():
         "step 10/20 | loss 1.2346 | lr 1.00e-03 | grad_norm 0.500 | tokens/s 1234 | "
         "samples/s 3.00 | elapsed 00:01:05 | eta 00:01:05"
     )
+
+
+def test_pipeline_resume_and_activation_checkpointing(env):
+    """PP=2: a run resumed from its step-2 checkpoint continues exactly; checkpointed stages
+    replay dropout exactly."""
+    pp = [
+        "parallel.tensor=1",
+        "parallel.pipeline=2",
+        "model.hidden_dropout=0.1",
+        "model.attention_dropout=0.1",
+    ]
+    straight = run(env, *pp)["losses"]
+    save = env.tmp / "pp_ckpt"
+    run(env, *pp, f"checkpoint.save={save}", "checkpoint.save_interval=2", "training.train_iters=2")
+    resumed = run(env, *pp, f"checkpoint.load={save}", f"checkpoint.save={save}")
+    assert resumed["start_step"] == 2
+    assert resumed["losses"] == straight[2:]
+    assert run(env, *pp, "model.activation_checkpointing=true")["losses"] == straight
