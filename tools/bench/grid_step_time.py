@@ -1,7 +1,10 @@
 """Step time of one config on several (TP, DP, ZeRO) grids, measured in one run.
 
     python tools/bench/grid_step_time.py [--model configs/models/tiny.yml] [--iters 30]
-        [--grids 1x1,2x1,1x2,2x2] [--zero 0,1,2,3] [--seq 128] [--micro 4] [--global-batch 8]
+        [--grids 1x1x1,2x1x1,1x1x2,2x1x2,1x2x1] [--zero 0,1,2,3] [--seq 128] [--micro 4]
+        [--global-batch 8]
+
+Grids are TPxPPxDP. Pipeline grids run ZeRO 0 and 1 only (DeepSpeed refuses ZeRO >= 2 with PP).
 
 Each grid is a real launch through ``deepy.py`` (torchrun, gloo on CPU) on a synthetic corpus;
 the figure is the median ``step_time`` of the steps after the first five (warm-up excluded), and
@@ -43,7 +46,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="configs/models/tiny.yml")
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--grids", default="1x1,2x1,1x2,2x2", help="TPxDP list")
+    ap.add_argument(
+        "--grids", default="1x1x1,2x1x1,1x1x2,2x1x2,1x2x1,2x2x1,1x2x2", help="TPxPPxDP list"
+    )
     ap.add_argument("--zero", default="0,1,2,3")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--micro", type=int, default=4)
@@ -66,9 +71,11 @@ def main() -> int:
     (tmp / "run.yml").write_text(yaml.safe_dump(run))
     rows = []
     for grid in args.grids.split(","):
-        tp, dp = (int(x) for x in grid.split("x"))
+        tp, pp, dp = (int(x) for x in grid.split("x"))
         for zero in (int(z) for z in args.zero.split(",")):
-            logs = tmp / f"tp{tp}_dp{dp}_z{zero}"
+            if pp > 1 and zero > 1:
+                continue
+            logs = tmp / f"tp{tp}_pp{pp}_dp{dp}_z{zero}"
             cmd = [
                 sys.executable,
                 "deepy.py",
@@ -76,8 +83,9 @@ def main() -> int:
                 args.model,
                 str(tmp / "run.yml"),
                 f"parallel.tensor={tp}",
+                f"parallel.pipeline={pp}",
                 f"parallel.zero_stage={zero}",
-                f"launcher.nproc_per_node={tp * dp}",
+                f"launcher.nproc_per_node={tp * pp * dp}",
                 f"logging.dir={logs}",
             ]
             r = subprocess.run(
@@ -88,18 +96,25 @@ def main() -> int:
                 env=dict(os.environ, OMP_NUM_THREADS="1"),
             )
             if r.returncode:
-                print(f"tp={tp} dp={dp} zero={zero}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
+                print(
+                    f"tp={tp} pp={pp} dp={dp} zero={zero}: failed\n{r.stderr[-2000:]}",
+                    file=sys.stderr,
+                )
                 continue
             recs = [json.loads(x) for x in (logs / "metrics.jsonl").read_text().splitlines()]
             times = [x["step_time"] for x in recs if x["split"] == "train" and x["step"] > 5]
-            rows.append((tp, dp, zero, statistics.median(times), recs[-1]["loss"]))
+            rows.append((tp, pp, dp, zero, statistics.median(times), recs[-1]["loss"]))
     print(
         f"model {args.model}, seq {args.seq}, micro {args.micro}, global batch "
         f"{args.global_batch}, {args.iters} steps, fp32, CPU ({os.cpu_count()} cores)"
     )
-    print(f"{'TP':>3} {'DP':>3} {'ZeRO':>4} {'ms/step':>9} {'vs first':>9} {'final loss':>11}")
-    for tp, dp, zero, t, loss in rows:
-        print(f"{tp:>3} {dp:>3} {zero:>4} {t * 1e3:>9.1f} {t / rows[0][3]:>8.2f}x {loss:>11.5f}")
+    print(
+        f"{'TP':>3} {'PP':>3} {'DP':>3} {'ZeRO':>4} {'ms/step':>9} {'vs first':>9} {'final loss':>11}"
+    )
+    for tp, pp, dp, zero, t, loss in rows:
+        print(
+            f"{tp:>3} {pp:>3} {dp:>3} {zero:>4} {t * 1e3:>9.1f} {t / rows[0][4]:>8.2f}x {loss:>11.5f}"
+        )
     return 0
 
 
