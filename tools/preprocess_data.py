@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""Tokenize a corpus into an indexed dataset: PREFIX.bin, PREFIX.idx and PREFIX.meta.json.
+"""Tokenize a corpus into an indexed dataset (PREFIX.* files and PREFIX.meta.json) in one pass.
 
-Example:
+Formats: text (pretraining documents), sft (messages or prompt/completion, with a loss mask),
+pairwise (prompt/chosen/rejected, the prompt stored once), unpaired (KTO: prompt/completion/label,
+or --from-pairwise) and prompt (prompts only). See megatron/data/formats/ for each row schema.
+
+Examples:
     python tools/preprocess_data.py --input data/train.jsonl --output-prefix data/train_text \\
         --tokenizer tokenizers/tiny --workers 4
+    python tools/preprocess_data.py --format pairwise --input prefs.jsonl --input more.parquet \\
+        --output-prefix data/prefs --tokenizer tok/ --max-length 2048 \\
+        --length-policy truncate_prompt --workers 8
 
 The logic lives in megatron/data/preprocess.py; this file only parses flags and prints.
 """
@@ -22,6 +29,48 @@ from megatron.data.preprocess import FORMATS, PreprocessOptions, preprocess  # n
 from megatron.tokenizer import TokenizerError  # noqa: E402
 
 
+def _add_post_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE|none",
+        help="conversational rows: a Jinja template file, or 'none' (plain-string rows only); "
+        "default: the tokenizer's own template",
+    )
+    p.add_argument(
+        "--loss-on",
+        default="assistant",
+        choices=["assistant", "last-turn", "all"],
+        help="sft messages rows: which tokens are trained",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="longest sequence (prompt + longest completion) in tokens; default: no limit",
+    )
+    p.add_argument(
+        "--length-policy",
+        default="drop",
+        choices=["drop", "truncate_prompt", "error"],
+        help="rows over --max-length: drop them (counted), cut the prompt from the left keeping "
+        "the completion, or report them as bad rows",
+    )
+    p.add_argument(
+        "--boundary",
+        default="resolve",
+        choices=["resolve", "error"],
+        help="prompt tokens not a prefix of the whole conversation's tokens (BPE merge across "
+        "the boundary): keep the shared prefix as the prompt as TRL does (counted), or report "
+        "the row as bad",
+    )
+    p.add_argument(
+        "--from-pairwise",
+        action="store_true",
+        help="unpaired format: read pairwise rows, write chosen (label true) and rejected (false)",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -36,9 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ".parquet, .csv",
     )
     p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="output path prefix")
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="local HF tokenizer directory")
+    p.add_argument(
+        "--tokenizer", required=True, metavar="DIR", help="local Hugging Face tokenizer directory"
+    )
     p.add_argument("--format", default="text", choices=sorted(FORMATS), help="row format")
-    p.add_argument("--text-key", default="text", help="key/column holding the document text")
+    p.add_argument(
+        "--text-key", default="text", help="text format: key/column holding the document text"
+    )
     p.add_argument(
         "--append-eod",
         action=argparse.BooleanOptionalAction,
@@ -51,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["line", "file"],
         help=".txt inputs: one document per non-empty line, or one per file",
     )
+    _add_post_training_args(p)
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--chunk-size", type=int, default=512, help="rows per work item")
     p.add_argument(
@@ -72,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             text_key=args.text_key,
             append_eod=args.append_eod,
             txt_mode=args.txt_mode,
+            chat_template=args.chat_template,
+            loss_on=args.loss_on,
+            max_length=args.max_length,
+            length_policy=args.length_policy,
+            boundary=args.boundary,
+            from_pairwise=args.from_pairwise,
             on_error=args.on_error,
             workers=args.workers,
             chunk_size=args.chunk_size,

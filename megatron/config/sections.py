@@ -302,13 +302,23 @@ class DataConfig:
     """Datasets and sequence length."""
 
     train: list[DataSource]
-    """Training blend: a list of ``{path, weight}``."""
+    """Training blend: a list of ``{path, weight}`` (items drawn in proportion to the weights; all of one format and tokenizer)."""
     valid: list[DataSource] | None = None
-    """Validation blend; null: no evaluation."""
+    """Validation blend; null: no evaluation (or the valid part of ``split``)."""
+    test: list[DataSource] | None = None
+    """Test blend; null: none (or the test part of ``split``)."""
+    split: list[float] | None = None
+    """Train/valid/test fractions of every ``train`` dataset's rows, e.g. ``[0.98, 0.02, 0]`` (a seeded split; pairs stay whole); null: use ``valid``/``test``."""
     seq_length: int
-    """Tokens per row (prompt and completions together for pairwise rows)."""
+    """Tokens per row: the row capacity of the packed layout and the longest sequence (prompt + completion) accepted by both layouts."""
+    layout: Literal["padded", "packed"] = "padded"
+    """Sequence layout of post-training batches: one sequence per row padded to the micro-batch's longest (rounded up to ``pad_to_multiple_of``), or several per row packed up to ``seq_length`` (block-diagonal attention). ``text`` data always uses full windows."""
+    pad_to_multiple_of: int = 8
+    """Round each micro-batch's row length up to a multiple of this (capped at ``seq_length``)."""
+    seed: int = 1234
+    """Seed of ``split``, of the blend's row draws and of the unpaired (KTO) mismatch rule."""
     tokenizer: str | None = None
-    """Tokenizer name or path (HF); null: the one recorded in the datasets' metadata."""
+    """Tokenizer directory (HF); when set, every dataset must have been built with the same vocabulary (checked at start-up); null: not checked."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
 
@@ -316,11 +326,29 @@ class DataConfig:
         checks = _Checks(self)
         if not self.train:
             checks.fail("train", "must list at least one dataset")
-        if self.valid is not None and not self.valid:
-            checks.fail("valid", "must list at least one dataset, or be null")
+        for key in ("valid", "test"):
+            if getattr(self, key) is not None and not getattr(self, key):
+                checks.fail(key, "must list at least one dataset, or be null")
+        if self.split is not None:
+            self._check_split(checks)
         checks.at_least("seq_length", 1)
+        checks.at_least("pad_to_multiple_of", 1)
         checks.at_least("num_workers", 0)
         checks.done()
+
+    def _check_split(self, checks: _Checks) -> None:
+        split = list(self.split or [])
+        if not 2 <= len(split) <= 3 or any(f < 0 for f in split):
+            checks.fail(
+                "split", f"must be 2 or 3 fractions >= 0 (train, valid[, test]), got {split}"
+            )
+        elif abs(sum(split) - 1.0) > 1e-6:
+            checks.fail("split", f"fractions must sum to 1, got {split} (sum {sum(split):g})")
+        elif split[0] == 0:
+            checks.fail("split", "the train fraction must be > 0")
+        for j, key in ((1, "valid"), (2, "test")):
+            if j < len(split) and split[j] > 0 and getattr(self, key):
+                checks.fail(key, f"give data.{key} or a {key} fraction in data.split, not both")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -127,8 +127,13 @@ def _schedule(cfg: RunConfig) -> list[str]:
 
 def _evaluation(cfg: RunConfig) -> list[str]:
     interval = cfg.training.eval_interval
-    if interval is not None and cfg.data.valid is None:
-        return [f"training.eval_interval ({interval}) needs data.valid (a validation blend)"]
+    split = cfg.data.split or []
+    has_valid = cfg.data.valid is not None or (len(split) > 1 and split[1] > 0)
+    if interval is not None and not has_valid:
+        return [
+            f"training.eval_interval ({interval}) needs data.valid (a validation blend) or a "
+            "valid fraction in data.split"
+        ]
     return []
 
 

@@ -1,8 +1,12 @@
-"""Data pipeline: indexed mmap format, datasets per format, samplers, preprocessing.
+"""Data pipeline: indexed mmap format, post-training formats, datasets, blending, collators.
 
 Heavy dependencies (``transformers``, ``datasets``, ``tqdm``) are imported only when used.
 """
 
+from megatron.data.blending import BlendedDataset, SubsetDataset, split_indices
+from megatron.data.builders import build_datasets, build_splits
+from megatron.data.collators import Collator, collate_sequences, sequence_logps
+from megatron.data.datasets import PairwiseDataset, PromptDataset, SFTDataset, UnpairedDataset
 from megatron.data.indexed import (
     DatasetError,
     DatasetNotFoundError,
@@ -10,7 +14,7 @@ from megatron.data.indexed import (
     IndexedDatasetWriter,
     best_dtype,
 )
-from megatron.data.meta import check_meta, make_meta, read_meta, write_meta
+from megatron.data.meta import check_dataset_compat, check_meta, make_meta, read_meta, write_meta
 from megatron.data.preprocess import (
     FORMATS,
     PreprocessError,
@@ -23,19 +27,32 @@ from megatron.data.text_dataset import TextDataset
 
 __all__ = [
     "FORMATS",
+    "BlendedDataset",
+    "Collator",
     "DatasetError",
     "DatasetNotFoundError",
     "GlobalBatchSampler",
     "IndexedDataset",
     "IndexedDatasetWriter",
+    "PairwiseDataset",
     "PreprocessError",
     "PreprocessOptions",
     "PreprocessSummary",
+    "PromptDataset",
+    "SFTDataset",
+    "SubsetDataset",
     "TextDataset",
+    "UnpairedDataset",
     "best_dtype",
+    "build_datasets",
+    "build_splits",
+    "check_dataset_compat",
     "check_meta",
+    "collate_sequences",
     "make_meta",
     "preprocess",
     "read_meta",
+    "sequence_logps",
+    "split_indices",
     "write_meta",
 ]

@@ -1,12 +1,36 @@
-"""Datasets for an objective's batch kind, from the ``data`` config section."""
+"""Datasets for an objective's batch kind, from the ``data`` config section.
+
+``build_datasets(kind, data_cfg, vocab_size)`` checks every dataset against the run first
+(:func:`megatron.data.meta.check_dataset_compat`: the format must serve ``kind``, the tokenizer
+must match ``data.tokenizer``, token ids must fit ``model.vocab_size``; ``preflight`` calls it
+before any rank starts), then opens them, applies ``data.split``, blends by weight
+(:mod:`megatron.data.blending`) and attaches ``collate``:
+
+=============  ===================  ===============================================
+batch kind     formats              collate
+=============  ===================  ===============================================
+``sequence``   ``text``, ``sft``    fixed windows (text); padded/packed (sft)
+``pair``       ``pairwise``         padded/packed, pairs kept whole
+``unpaired``   ``unpaired``         padded/packed, KL sequences appended
+``prompt``     ``prompt``           padded/packed
+=============  ===================  ===============================================
+
+All datasets of a blend must share a format and a tokenizer (``vocab_hash``).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from megatron.data.collators import collate_sequences
+from megatron.data.blending import BlendedDataset, SubsetDataset, split_indices
+from megatron.data.collators import Collator, collate_sequences
+from megatron.data.datasets import DATASET_CLASSES, UnpairedDataset
 from megatron.data.indexed import DatasetError
+from megatron.data.meta import check_dataset_compat
 from megatron.data.text_dataset import TextDataset
+
+logger = logging.getLogger(__name__)
 
 
 class SequenceDataset(TextDataset):
@@ -15,37 +39,100 @@ class SequenceDataset(TextDataset):
     collate = staticmethod(collate_sequences)
 
 
-def _check_tokens(ds: TextDataset, prefix: str, vocab_size: int) -> None:
-    from megatron.data.meta import read_meta
-
-    try:
-        meta = read_meta(prefix)
-    except FileNotFoundError:
-        return
-    tok_vocab = int(meta.get("tokenizer", {}).get("vocab_size", 0))
-    if tok_vocab > vocab_size:
-        raise DatasetError(
-            f"{prefix}: tokenized with a vocabulary of {tok_vocab} tokens, but model.vocab_size is "
-            f"{vocab_size}; set model.vocab_size >= {tok_vocab} or re-tokenize the data"
-        )
+def _open(meta: dict[str, Any], path: str, data_cfg: Any) -> Any:
+    fmt = meta["format"]
+    if fmt == "text":
+        return SequenceDataset(path, data_cfg.seq_length)
+    cls = DATASET_CLASSES[fmt]
+    if cls is UnpairedDataset:
+        return UnpairedDataset(path, data_cfg.seq_length, meta, seed=data_cfg.seed)
+    return cls(path, data_cfg.seq_length, meta)
 
 
-def _one(kind: str, sources: list[Any], seq_length: int, vocab_size: int, key: str) -> Any:
-    if kind != "sequence":
-        raise DatasetError(f"batch kind {kind!r} has no dataset builder yet")
-    if len(sources) != 1:
-        raise DatasetError(
-            f"{key}: weighted blending of several datasets is not implemented yet; give one source"
-        )
-    ds = SequenceDataset(sources[0].path, seq_length)
-    _check_tokens(ds, sources[0].path, vocab_size)
-    return ds
+def _open_blend(
+    kind: str, sources: list[Any], data_cfg: Any, vocab_size: int, key: str
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    datasets, metas = [], []
+    for i, src in enumerate(sources):
+        try:
+            meta = check_dataset_compat(src.path, kind, data_cfg.tokenizer, vocab_size)
+            datasets.append(_open(meta, src.path, data_cfg))
+        except DatasetError as exc:
+            raise DatasetError(f"{key}[{i}]: {exc}") from None
+        metas.append(meta)
+    formats = {m["format"] for m in metas}
+    if len(formats) > 1:
+        raise DatasetError(f"{key}: a blend must hold one format, got {sorted(formats)}")
+    hashes = {m.get("tokenizer", {}).get("vocab_hash") for m in metas} - {None}
+    if len(hashes) > 1:
+        names = sorted({str(m.get("tokenizer", {}).get("name")) for m in metas})
+        raise DatasetError(f"{key}: datasets were built with different tokenizers ({names})")
+    templates = {str(m.get("chat_template", {}).get("sha256")) for m in metas}
+    if len(templates) > 1:
+        logger.warning("%s: datasets were rendered with different chat templates", key)
+    return datasets, metas
+
+
+def _collate(kind: str, datasets: list[Any], data_cfg: Any) -> Any:
+    if isinstance(datasets[0], TextDataset):
+        return collate_sequences
+    with_margin = all(getattr(d, "has_margin", False) for d in datasets)
+    if any(getattr(d, "has_margin", False) for d in datasets) and not with_margin:
+        logger.warning("pair margins ignored: not every dataset of the blend has them")
+    return Collator(
+        kind, data_cfg.layout, data_cfg.seq_length, data_cfg.pad_to_multiple_of, with_margin
+    )
+
+
+def _blend(datasets: list[Any], weights: list[float], seed: int) -> Any:
+    if len(datasets) == 1:
+        return datasets[0]
+    return BlendedDataset(datasets, weights, seed=seed)
+
+
+def _with_collate(dataset: Any, collate: Any) -> Any:
+    if not isinstance(dataset, SequenceDataset):
+        dataset.collate = collate
+    return dataset
+
+
+def build_splits(kind: str, data_cfg: Any, vocab_size: int) -> tuple[Any, Any | None, Any | None]:
+    """``(train, valid, test)`` for ``kind``: separate prefixes, or ``data.split`` of ``train``.
+
+    Raises:
+        DatasetError: A dataset is missing or does not fit the run; the message starts with the
+            config key (``data.train[1]: PREFIX: ...``).
+    """
+    train_ds, _ = _open_blend(kind, data_cfg.train, data_cfg, vocab_size, "data.train")
+    weights = [s.weight for s in data_cfg.train]
+    collate = _collate(kind, train_ds, data_cfg)
+    parts: list[Any] = [None, None, None]
+    if data_cfg.split:
+        cuts = [split_indices(len(d), data_cfg.split, data_cfg.seed) for d in train_ds]
+        for j, name in enumerate(("train", "valid", "test")):
+            if j >= len(data_cfg.split) or data_cfg.split[j] == 0:
+                continue
+            subsets = [SubsetDataset(d, c[j]) for d, c in zip(train_ds, cuts, strict=True)]
+            empty = [d.prefix for d, s in zip(train_ds, subsets, strict=True) if not len(s)]
+            if empty:
+                raise DatasetError(
+                    f"data.split: the {name} part of {empty[0]} is empty; use a larger fraction"
+                )
+            parts[j] = _blend(subsets, weights, data_cfg.seed)
+    else:
+        parts[0] = _blend(train_ds, weights, data_cfg.seed)
+    for j, key in ((1, "valid"), (2, "test")):
+        sources = getattr(data_cfg, key)
+        if sources:
+            ds, _ = _open_blend(kind, sources, data_cfg, vocab_size, f"data.{key}")
+            parts[j] = _blend(ds, [s.weight for s in sources], data_cfg.seed)
+    return tuple(_with_collate(p, collate) if p is not None else None for p in parts)  # type: ignore[return-value]
 
 
 def build_datasets(kind: str, data_cfg: Any, vocab_size: int) -> tuple[Any, Any | None]:
-    """``(train, valid or None)`` datasets for ``kind``; each has ``collate(samples)``."""
-    train = _one(kind, data_cfg.train, data_cfg.seq_length, vocab_size, "data.train")
-    valid = None
-    if data_cfg.valid:
-        valid = _one(kind, data_cfg.valid, data_cfg.seq_length, vocab_size, "data.valid")
+    """``(train, valid or None)`` datasets for ``kind``; each has ``collate(samples)``.
+
+    See :func:`build_splits` (this drops the test part).
+    """
+    train, valid, _ = build_splits(kind, data_cfg, vocab_size)
     return train, valid

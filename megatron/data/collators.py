@@ -1,22 +1,48 @@
-"""Collators: lists of samples -> model-ready batches.
+"""Collators: lists of samples -> model-ready batches, in a padded or packed sequence layout.
 
-Shapes: b micro-batch size, s sequence length.
+Shapes: b rows, s row length, N ``num_sequences``, P pairs, n unpaired examples.
 
-A *sequence* batch (objective ``batch_kind == "sequence"``) is built from samples holding
-``tokens`` of length ``s + 1``: the model reads ``tokens[:-1]`` and predicts ``tokens[1:]``.
-The padded/packed post-training collators arrive with the post-training data formats.
+A micro-batch is first turned into an ordered list of *sequences* (token ids plus a per-token
+"trained" flag), then laid out in rows:
+
+* **padded**: one sequence per row, rows padded on the right to the longest sequence rounded up
+  to ``pad_to_multiple_of`` (never to ``seq_length`` unless the data is that long);
+* **packed**: sequences placed first-fit-decreasing into rows of capacity ``seq_length``
+  (several per row, never split), ``s`` = the fullest row rounded up likewise.
+
+Sequence order (``sequence_ids``): ``sequence`` kind (sft): sample ``i`` is sequence ``i``.
+``pair``: chosen ``0..P-1`` then rejected ``P..2P-1`` (``prompt + chosen/rejected``; chosen
+``i`` pairs with rejected ``P+i``), plus ``margin [P]`` when the data has one. ``unpaired``: the
+``n`` examples then their KL sequences ``n..2n-1`` (``prompt_i + kl_completion_i``, cut on the
+right to fit ``seq_length``; ``kl_start = n``), plus ``labels [n]`` bool. ``prompt``: the prompts,
+nothing trained, plus ``prompt_lengths [n]``.
+
+Every batch holds ``tokens``, ``targets``, ``position_ids``, ``segment_ids``, ``sequence_ids``
+``[b, s]`` int64, ``loss_mask [b, s]`` float32, ``num_sequences`` (int) and
+``stats = {"packing_efficiency": real tokens / (b * s)}``. For a sequence of ``m`` tokens at
+row offset ``o``: ``targets[o + k] = x[k + 1]`` and ``loss_mask[o + k] = trained[k + 1]`` for
+``k < m - 1``; its last position and padding have target 0 (a valid id) and mask 0. Positions
+restart at 0 per sequence; ``segment_ids`` number a row's sequences 1, 2, ... (0 = padding), so
+attention is causal within each sequence only (:class:`megatron.model.attention.SequenceLayout`:
+SDPA with a block-diagonal mask, flash-attn varlen with ``cu_seqlens``).
+
+The ``text`` format keeps :func:`collate_sequences` (full fixed windows, no segments).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+Seq = tuple[np.ndarray, np.ndarray]
+"""``(tokens int64 [m], trained bool [m])`` of one sequence."""
+
 
 def collate_sequences(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack fixed-length windows.
+    """Stack fixed-length windows (the ``text`` format).
 
     Args:
         samples: dicts with ``tokens`` ``[s + 1]`` integer arrays and an optional ``loss_mask``
@@ -31,3 +57,181 @@ def collate_sequences(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     else:
         mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
     return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask.float()}
+
+
+# ----------------------------------------------------------------------------- sequences per kind
+
+
+def _with_prompt(prompt: np.ndarray, completion: np.ndarray) -> Seq:
+    tokens = np.concatenate([prompt, completion])
+    trained = np.zeros(tokens.size, dtype=bool)
+    trained[prompt.size :] = True
+    return tokens, trained
+
+
+def _sequence_kind(samples: list[dict[str, Any]], seq_length: int) -> tuple[list[Seq], dict]:
+    seqs = [(np.asarray(x["tokens"], np.int64), np.asarray(x["loss_mask"]) > 0) for x in samples]
+    return seqs, {}
+
+
+def _pair_kind(samples: list[dict[str, Any]], seq_length: int) -> tuple[list[Seq], dict]:
+    chosen = [_with_prompt(x["prompt"], x["chosen"]) for x in samples]
+    rejected = [_with_prompt(x["prompt"], x["rejected"]) for x in samples]
+    extra = {}
+    if all("margin" in x for x in samples):
+        extra["margin"] = torch.tensor([x["margin"] for x in samples], dtype=torch.float32)
+    return chosen + rejected, extra
+
+
+def _unpaired_kind(samples: list[dict[str, Any]], seq_length: int) -> tuple[list[Seq], dict]:
+    real = [_with_prompt(x["prompt"], x["completion"]) for x in samples]
+    kl = [
+        _with_prompt(x["prompt"], x["kl_completion"][: max(1, seq_length - x["prompt"].size)])
+        for x in samples
+    ]
+    labels = torch.tensor([bool(x["label"]) for x in samples], dtype=torch.bool)
+    return real + kl, {"labels": labels, "kl_start": len(samples)}
+
+
+def _prompt_kind(samples: list[dict[str, Any]], seq_length: int) -> tuple[list[Seq], dict]:
+    seqs = [(np.asarray(x["prompt"], np.int64), np.zeros(len(x["prompt"]), bool)) for x in samples]
+    lengths = torch.tensor([s.size for s, _ in seqs], dtype=torch.int64)
+    return seqs, {"prompt_lengths": lengths}
+
+
+SEQUENCE_BUILDERS = {
+    "sequence": _sequence_kind,
+    "pair": _pair_kind,
+    "unpaired": _unpaired_kind,
+    "prompt": _prompt_kind,
+}
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _round_up(n: int, multiple: int, cap: int) -> int:
+    return min(max(cap, n), -(-n // multiple) * multiple)
+
+
+def place_padded(lengths: Sequence[int], capacity: int) -> list[tuple[int, int]]:
+    """``(row, offset)`` per sequence: sequence ``i`` alone in row ``i``."""
+    return [(i, 0) for i in range(len(lengths))]
+
+
+def place_packed(lengths: Sequence[int], capacity: int) -> list[tuple[int, int]]:
+    """``(row, offset)`` per sequence by first-fit decreasing into rows of ``capacity`` tokens.
+
+    Deterministic: ties in length keep input order; rows are numbered as they are opened.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    fill: list[int] = []
+    where: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in order:
+        row = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        where[i] = (row, fill[row])
+        fill[row] += lengths[i]
+    return where
+
+
+LAYOUTS = {"padded": place_padded, "packed": place_packed}
+
+
+class Collator:
+    """Builds a batch of one objective batch kind in one layout (see the module docstring).
+
+    Args:
+        kind: ``sequence``, ``pair``, ``unpaired`` or ``prompt``.
+        layout: ``padded`` or ``packed``.
+        seq_length: Row capacity (packed) and the longest sequence accepted (both layouts).
+        pad_to_multiple_of: Row length is rounded up to a multiple of this (capped at
+            ``seq_length``).
+        with_margin: ``pair`` batches carry ``margin`` (every dataset of the blend has one).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        layout: str,
+        seq_length: int,
+        pad_to_multiple_of: int = 8,
+        with_margin: bool = False,
+    ) -> None:
+        if kind not in SEQUENCE_BUILDERS:
+            raise ValueError(
+                f"unknown batch kind {kind!r}; choose from {sorted(SEQUENCE_BUILDERS)}"
+            )
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
+        self.kind, self.layout = kind, layout
+        self.seq_length, self.multiple = int(seq_length), int(pad_to_multiple_of)
+        self.with_margin = with_margin
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Collate a micro-batch (see the module docstring for the keys and their meaning)."""
+        seqs, extra = SEQUENCE_BUILDERS[self.kind](samples, self.seq_length)
+        if not self.with_margin:
+            extra.pop("margin", None)
+        lengths = [t.size for t, _ in seqs]
+        too_long = [i for i, n in enumerate(lengths) if n > self.seq_length]
+        if too_long:
+            raise ValueError(
+                f"sequence {too_long[0]} of the micro-batch has {lengths[too_long[0]]} tokens, more "
+                f"than data.seq_length {self.seq_length}"
+            )
+        where = LAYOUTS[self.layout](lengths, self.seq_length)
+        batch = self._fill(seqs, where)
+        batch.update(extra)
+        return batch
+
+    def _fill(self, seqs: list[Seq], where: list[tuple[int, int]]) -> dict[str, Any]:
+        rows = 1 + max((r for r, _ in where), default=0)
+        ends = [o + t.size for (_, o), (t, _) in zip(where, seqs, strict=True)]
+        width = _round_up(max(ends, default=1), self.multiple, self.seq_length)
+        tokens = np.zeros((rows, width), np.int64)
+        targets = np.zeros((rows, width), np.int64)
+        mask = np.zeros((rows, width), np.float32)
+        positions = np.zeros((rows, width), np.int64)
+        segments = np.zeros((rows, width), np.int64)
+        seq_ids = np.full((rows, width), -1, np.int64)
+        next_segment = [1] * rows
+        for i, ((row, o), (tok, trained)) in enumerate(zip(where, seqs, strict=True)):
+            m = tok.size
+            tokens[row, o : o + m] = tok
+            targets[row, o : o + m - 1] = tok[1:]
+            mask[row, o : o + m - 1] = trained[1:]
+            positions[row, o : o + m] = np.arange(m)
+            segments[row, o : o + m] = next_segment[row]
+            next_segment[row] += 1
+            seq_ids[row, o : o + m - 1] = np.where(trained[1:], i, -1)
+        real = sum(t.size for t, _ in seqs)
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "targets": torch.from_numpy(targets),
+            "loss_mask": torch.from_numpy(mask),
+            "position_ids": torch.from_numpy(positions),
+            "segment_ids": torch.from_numpy(segments),
+            "sequence_ids": torch.from_numpy(seq_ids),
+            "num_sequences": len(seqs),
+            "stats": {"packing_efficiency": float(real / (rows * width))},
+        }
+
+
+def sequence_logps(token_logps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of the trained tokens' log-probs per sequence.
+
+    ``zeros(N).index_add_(0, sequence_ids[mask], token_logps[mask])`` with ``mask = loss_mask >
+    0``. (The objectives will own the final version in ``megatron/objectives/logprobs.py``.)
+
+    Args:
+        token_logps: ``[b, s]`` fp32 log-probs of ``batch["targets"]``.
+        batch: A collated batch (``loss_mask``, ``sequence_ids``, ``num_sequences``).
+
+    Returns:
+        ``[num_sequences]`` tensor of ``token_logps``' dtype.
+    """
+    mask = batch["loss_mask"] > 0
+    out = token_logps.new_zeros(batch["num_sequences"])
+    return out.index_add_(0, batch["sequence_ids"][mask], token_logps[mask])

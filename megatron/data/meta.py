@@ -1,6 +1,6 @@
 """``PREFIX.meta.json``: what a preprocessed dataset holds and which tokenizer produced it.
 
-Example::
+Example (``text``)::
 
     {"format": "text",
      "tokenizer": {"name": "tok/", "vocab_size": 512, "vocab_hash": "9f2c..."},
@@ -8,19 +8,31 @@ Example::
      "sources": [{"path": "data/train.jsonl", "sha256": "ab12..."}],
      "created_by": "tools/preprocess_data.py", "version": 1}
 
-The file is written last and atomically, so its presence means the ``.bin``/``.idx`` pair next to it
-was completely written by the same run.
+Post-training formats (``sft``, ``pairwise``, ``unpaired``, ``prompt``) add: ``fields`` (tokens
+per field file ``PREFIX.<field>``), ``scalars`` (``PREFIX.<name>.npy`` files), ``chat_template``
+(``source`` and ``sha256``), ``special_ids``, ``options`` (max length, policies, tokenization),
+``rows`` (read / written / skipped and dropped by reason / boundary-adjusted / truncated),
+``lengths`` (percentiles) and ``max_sequence_length``. ``num_documents`` counts rows (pairs for
+``pairwise``) and ``num_tokens`` the tokens of all token fields.
+
+The file is written last and atomically, so its presence means the files next to it were
+completely written by the same run. :func:`check_dataset_compat` is the start-up check of a
+dataset against the run (batch kind, tokenizer, vocabulary size).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from megatron.data.indexed import DatasetError, DatasetNotFoundError
+
+logger = logging.getLogger(__name__)
 
 META_VERSION = 1
 REQUIRED_KEYS = ("format", "tokenizer", "dtype", "num_documents", "num_tokens", "version")
@@ -30,6 +42,16 @@ _HINT = "re-run tools/preprocess_data.py"
 def meta_path(prefix: str | Path) -> Path:
     """``PREFIX.meta.json``."""
     return Path(str(prefix) + ".meta.json")
+
+
+def field_prefix(prefix: str | Path, name: str) -> str:
+    """Indexed-dataset prefix of a field: ``PREFIX.<name>`` (``PREFIX`` itself for ``""``)."""
+    return str(prefix) if not name else f"{prefix}.{name}"
+
+
+def scalar_path(prefix: str | Path, name: str) -> Path:
+    """``PREFIX.<name>.npy``."""
+    return Path(f"{prefix}.{name}.npy")
 
 
 def make_meta(
@@ -43,9 +65,14 @@ def make_meta(
     num_tokens: int,
     sources: list[dict[str, str]],
     created_by: str = "tools/preprocess_data.py",
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Build a metadata dict in the current schema (see the module docstring)."""
+    """Build a metadata dict in the current schema (see the module docstring).
+
+    ``extra`` holds the post-training formats' additional keys.
+    """
     return {
+        **extra,
         "format": data_format,
         "tokenizer": {"name": tokenizer_name, "vocab_size": vocab_size, "vocab_hash": vocab_hash},
         "dtype": dtype,
@@ -151,4 +178,68 @@ def check_meta(
             f"hashes to {tokenizer_vocab_hash!r}; use the tokenizer the data was built with "
             f"({built_with!r}) or {_HINT} with --tokenizer pointing at the run's tokenizer"
         )
+    return meta
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_identity(tokenizer_dir: str) -> tuple[str, int]:
+    from megatron.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    return tok.vocab_hash(), tok.vocab_size
+
+
+def check_dataset_compat(
+    prefix: str | Path, kind: str, tokenizer_dir: str | None, vocab_size: int
+) -> dict[str, Any]:
+    """Check a dataset against the run before training: batch kind, tokenizer, vocabulary.
+
+    Args:
+        prefix: Dataset prefix.
+        kind: The objective's batch kind (``sequence``, ``pair``, ``unpaired``, ``prompt``).
+        tokenizer_dir: The run's tokenizer (``data.tokenizer``); when given, the dataset must have
+            been built with the same vocabulary (``vocab_hash``). None skips that check.
+        vocab_size: ``model.vocab_size``; every token id of the dataset must be below it.
+
+    Returns:
+        The metadata. A legacy ``text`` dataset without ``meta.json`` yields
+        ``{"format": "text"}`` (only the ``sequence`` kind reads it).
+
+    Raises:
+        DatasetError: Naming the prefix, what differs and how to fix it.
+    """
+    from megatron.data.formats import BATCH_KINDS
+    from megatron.data.indexed import data_paths
+
+    path = meta_path(prefix)
+    if not path.is_file() and kind == "sequence" and data_paths(prefix)[0].is_file():
+        logger.warning("%s has no meta.json; reading it as a 'text' dataset", prefix)
+        return {"format": "text"}
+    meta = read_meta(prefix)
+    fmt = meta["format"]
+    serves = BATCH_KINDS.get(fmt)
+    if serves != kind:
+        wanted = sorted(f for f, k in BATCH_KINDS.items() if k == kind)
+        hint = " (--from-pairwise turns pairwise rows into unpaired examples)" * (
+            kind == "unpaired"
+        )
+        raise DatasetError(
+            f"{prefix}: format {fmt!r} serves the {serves!r} batch kind, but the objective needs "
+            f"{kind!r} data; preprocess with --format {' or '.join(wanted) or '?'}{hint}"
+        )
+    tok = meta["tokenizer"] if isinstance(meta["tokenizer"], dict) else {}
+    if int(tok.get("vocab_size", 0)) > vocab_size:
+        raise DatasetError(
+            f"{prefix}: tokenized with a vocabulary of {tok.get('vocab_size')} tokens, but "
+            f"model.vocab_size is {vocab_size}; set model.vocab_size >= {tok.get('vocab_size')} "
+            "or re-tokenize the data"
+        )
+    if tokenizer_dir is not None:
+        run_hash, _ = _tokenizer_identity(str(tokenizer_dir))
+        if tok.get("vocab_hash") != run_hash:
+            raise DatasetError(
+                f"{prefix}: built with tokenizer {tok.get('name')!r} (vocab_hash "
+                f"{str(tok.get('vocab_hash'))[:12]}...) but data.tokenizer {str(tokenizer_dir)!r} "
+                f"hashes to {run_hash[:12]}...; {_HINT} with --tokenizer {tokenizer_dir}"
+            )
     return meta

@@ -1,6 +1,13 @@
 """Training objectives. Importing this package registers every built-in objective."""
 
-from megatron.objectives import lm  # noqa: F401  (registers "lm")
+from megatron.objectives import (  # noqa: F401  (each module registers its objective)
+    cpo,
+    dpo,
+    lm,
+    orpo,
+    sft,
+    simpo,
+)
 from megatron.objectives.registry import (
     Objective,
     get_objective,

@@ -6,9 +6,17 @@ The ``lm_head`` (or tied embedding) shard ``[v/p, h]`` is applied ``chunk_size``
 and the log-sum-exp is all-reduced across TP ranks
 (:func:`megatron.parallel.chunked_vocab_parallel_log_probs`), so ``[b*s, v]`` logits are never
 materialised; logits are accumulated in fp32 whatever the parameter dtype.
+
+The objectives reduce those per-token log-probs to per-sequence ones with
+:func:`sequence_log_probs` (sums and token counts over ``sequence_ids``, whatever the row layout)
+and, for pair batches, :func:`pair_log_probs` (chosen/rejected halves, token means for the
+length-normalised losses) and :func:`ld_pair_log_probs` (LD-DPO weighting).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,3 +47,163 @@ def token_log_probs(
         chunk_size=chunk_size,
     )
     return {"token_logps": logps.view(b, s), "log_z": log_z.view(b, s)}
+
+
+# ----------------------------------------------------------------------------- per-sequence
+# Sequence batches: n sequences per micro-batch, each token of the ``[b, s]`` grid tagged with the
+# index of its sequence (``sequence_ids``, -1 where masked). Pair batches hold n = 2P sequences:
+# 0..P-1 chosen, P..2P-1 rejected, chosen i paired with rejected P+i.
+
+
+def num_sequences(batch: dict[str, Any]) -> int:
+    """``batch["num_sequences"]`` as a Python int (a 0-d tensor is accepted, e.g. after pipelining)."""
+    return int(batch["num_sequences"])
+
+
+def _target_tokens(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(valid [b*s] bool, ids [b*s] int64)``: tokens counted for a sequence, ids clamped to >= 0."""
+    ids = batch["sequence_ids"].reshape(-1)
+    valid = (batch["loss_mask"].reshape(-1) > 0) & (ids >= 0)
+    return valid, ids.clamp(min=0)
+
+
+def sequence_log_probs(
+    token_logps: torch.Tensor, batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of target log-probs and their token counts.
+
+    Tokens count where ``loss_mask > 0`` and ``sequence_ids >= 0``; the mask is an indicator, not a
+    weight. Masked positions are excluded with ``torch.where`` (not multiplied by 0), so a
+    non-finite value there never reaches the sums or their gradients.
+
+    Args:
+        token_logps: ``[b, s]`` log-probs of the targets (any float dtype; summed in fp32).
+        batch: holds ``loss_mask [b, s]`` float32, ``sequence_ids [b, s]`` int64 and
+            ``num_sequences`` (int n).
+
+    Returns:
+        ``(sums [n] fp32, counts [n] fp32)``; a sequence without target tokens has sum 0, count 0.
+    """
+    n = num_sequences(batch)
+    valid, ids = _target_tokens(batch)
+    values = torch.where(valid, token_logps.reshape(-1).float(), 0.0)
+    zeros = torch.zeros(n, dtype=torch.float32, device=token_logps.device)
+    sums = zeros.index_add(0, ids, values)
+    counts = zeros.index_add(0, ids, valid.float())
+    return sums, counts
+
+
+def token_positions(batch: dict[str, Any]) -> torch.Tensor:
+    """1-based position of each target token within its sequence (0 where not a target).
+
+    Positions follow the row-major order of the ``[b, s]`` grid, which is each sequence's token
+    order in every layout (padded, packed, prefix-shared) since a sequence's targets are contiguous.
+
+    Args:
+        batch: holds ``loss_mask``, ``sequence_ids`` and ``num_sequences`` (see
+            :func:`sequence_log_probs`).
+
+    Returns:
+        ``[b, s]`` int64.
+    """
+    n = num_sequences(batch)
+    valid, ids = _target_tokens(batch)
+    key = torch.where(valid, ids, n)  # non-targets sort last, under their own key
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=n + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
+    positions = torch.empty_like(rank).scatter_(0, order, rank + 1)
+    return torch.where(valid, positions, 0).view_as(batch["sequence_ids"])
+
+
+def ld_pair_log_probs(
+    token_logps: torch.Tensor, batch: dict[str, Any], alpha: float
+) -> torch.Tensor:
+    """LD-DPO (arXiv:2409.06411) length-desensitised per-sequence log-probs of a pair batch.
+
+    With ``l = min(|y_w|, |y_l|)`` for each pair, the first ``l`` target tokens of both
+    completions count fully and the rest ("verbose tail") with weight ``alpha``:
+    ``log pi(y) = sum_{t <= l} log p_t + alpha * sum_{t > l} log p_t``. This is TRL 1.16
+    ``DPOTrainer._compute_loss`` with ``ld_alpha`` (``shared_mask`` / ``tail_mask``).
+
+    Args:
+        token_logps: ``[b, s]`` log-probs of the targets.
+        batch: a pair batch (``num_sequences`` = 2P).
+        alpha: weight of the tail tokens, in [0, 1].
+
+    Returns:
+        ``[2P]`` fp32 (chosen then rejected).
+    """
+    _, counts = sequence_log_probs(token_logps.detach(), batch)
+    chosen, rejected = split_pairs(counts)
+    shared = torch.minimum(chosen, rejected).repeat(2)  # [2P]
+    valid, ids = _target_tokens(batch)
+    positions = token_positions(batch).reshape(-1)
+    weight = torch.where(positions <= shared[ids], 1.0, alpha)
+    values = torch.where(valid, token_logps.reshape(-1).float() * weight, 0.0)
+    zeros = torch.zeros(counts.numel(), dtype=torch.float32, device=token_logps.device)
+    return zeros.index_add(0, ids, values)
+
+
+def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[2P, ...] -> ([P, ...] chosen, [P, ...] rejected)`` (sequence i pairs with P + i)."""
+    if x.shape[0] % 2:
+        raise ValueError(f"a pair batch holds an even number of sequences, got {x.shape[0]}")
+    chosen, rejected = x.chunk(2, dim=0)
+    return chosen, rejected
+
+
+@dataclass(frozen=True)
+class PairLogProbs:
+    """Per-sequence log-probs of a pair batch, split into chosen and rejected (all ``[P]`` fp32).
+
+    ``*_sums`` are token sums (DPO's ``log pi(y|x)``), ``*_counts`` the target-token counts.
+    ``valid`` marks pairs whose two sequences both have at least one target token; the pair losses
+    average over valid pairs only (an all-masked sequence must not turn into NaN or dilute the mean).
+    """
+
+    chosen_sums: torch.Tensor
+    rejected_sums: torch.Tensor
+    chosen_counts: torch.Tensor
+    rejected_counts: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[P]`` bool: both sequences of the pair have target tokens."""
+        return (self.chosen_counts > 0) & (self.rejected_counts > 0)
+
+    @property
+    def chosen_means(self) -> torch.Tensor:
+        """``[P]`` mean token log-prob of the chosen (sum / count; count clamped to >= 1)."""
+        return self.chosen_sums / self.chosen_counts.clamp(min=1.0)
+
+    @property
+    def rejected_means(self) -> torch.Tensor:
+        """``[P]`` mean token log-prob of the rejected (sum / count; count clamped to >= 1)."""
+        return self.rejected_sums / self.rejected_counts.clamp(min=1.0)
+
+    def chosen_nll(self) -> torch.Tensor:
+        """Token-mean NLL over every chosen target token of the micro-batch (0-d fp32).
+
+        Equals ``nn.CrossEntropyLoss()`` on the chosen labels (TRL's ``sft`` loss type and CPO/ORPO
+        ``nll_loss``); 0 when no chosen token is a target. Every chosen target token counts, also
+        those of a pair whose rejected sequence is empty (this is a token-level loss).
+        """
+        return -self.chosen_sums.sum() / self.chosen_counts.sum().clamp(min=1.0)
+
+
+def pair_log_probs(token_logps: torch.Tensor, batch: dict[str, Any]) -> PairLogProbs:
+    """:func:`sequence_log_probs` of a pair batch, split into chosen and rejected.
+
+    Args:
+        token_logps: ``[b, s]`` fp32 log-probs of the targets.
+        batch: a pair batch (``loss_mask``, ``sequence_ids``, ``num_sequences`` = 2P).
+
+    Returns:
+        :class:`PairLogProbs` with ``[P]`` fp32 fields.
+    """
+    sums, counts = sequence_log_probs(token_logps, batch)
+    chosen_sums, rejected_sums = split_pairs(sums)
+    chosen_counts, rejected_counts = split_pairs(counts)
+    return PairLogProbs(chosen_sums, rejected_sums, chosen_counts, rejected_counts)
