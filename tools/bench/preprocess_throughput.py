@@ -2,8 +2,9 @@
 """Pairwise preprocessing throughput: pairs/s of ``preprocess --format pairwise``.
 
 Builds (once, cached under ``--work``) a byte-level BPE tokenizer with a 32k vocabulary trained on
-a synthetic Zipf-distributed corpus (a stand-in for a GPT-2-class fast tokenizer: no download
-is possible here), writes ``--pairs`` conversational pairs of about ``--tokens`` tokens each
+real English prose — the sentences of the Python standard library's docstrings, the same on every
+machine (a stand-in for a GPT-2-class fast tokenizer on chat data: no download is possible here) —
+writes ``--pairs`` conversational pairs of about ``--tokens`` tokens each
 (prompt with a system turn, chosen and rejected of about a third each, ChatML template), and runs
 the one-pass pairwise preprocessing with ``--workers`` processes. Prints pairs/s over the
 pipeline's wall time and over its CPU time (all processes), plus the machine's load average —
@@ -32,54 +33,66 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_SYLLABLES = (
-    "ka to ri an el mon sta per ing tion re de ble er ly ous ment pro con ter al ic ist un ver ness"
+_STDLIB = (
+    "os re json collections typing argparse logging subprocess asyncio email http unittest doctest "
+    "pathlib functools itertools inspect decimal fractions statistics random datetime calendar "
+    "textwrap string difflib pickle shelve sqlite3 zipfile tarfile csv configparser hashlib hmac "
+    "secrets socket ssl select threading multiprocessing sched queue contextvars dataclasses enum "
+    "abc numbers math cmath array heapq bisect weakref types copy pprint reprlib io tempfile glob "
+    "fnmatch shutil codecs unicodedata locale gettext optparse getopt ast dis tokenize symtable "
+    "pyclbr compileall zipapp venv platform ctypes mmap signal warnings traceback gc builtins "
+    "urllib.parse urllib.request smtplib imaplib ftplib uuid socketserver wave colorsys timeit "
+    "xml.etree.ElementTree xml.dom.minidom html.parser tracemalloc pdb trace cProfile"
 ).split()
 
 
-def _vocabulary(n: int = 30000, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    words: set[str] = set()
-    while len(words) < n:
-        words.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.choice([1, 2, 2, 3, 3, 4]))))
-    return sorted(words)
+def _english_sentences() -> list[str]:
+    """Real English prose: the sentences of the Python standard library's docstrings (the same
+    on every machine with this Python; a stand-in for chat data, which cannot be downloaded)."""
+    import importlib
+    import inspect
+    import re
+
+    sentences: list[str] = []
+    for name in _STDLIB:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module missing on this Python is skipped
+            continue
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200:
+                text = re.sub(r"\s+", " ", doc)
+                sentences += [x for x in re.split(r"(?<=[.!?]) ", text) if len(x.split()) >= 4]
+    return sorted(set(sentences))
 
 
 class TextGen:
-    """Zipf-distributed pseudo-English (punctuation every ~12 words)."""
+    """Random English sentences, concatenated and cut to a number of words."""
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
-        self.words = _vocabulary()
-        self.cum = list(_cumulative([1 / (i + 1) for i in range(len(self.words))]))
+        self.sentences = _english_sentences()
 
     def __call__(self, n_words: int) -> str:
-        ws = self.rng.choices(self.words, cum_weights=self.cum, k=n_words)
-        out = [w + self.rng.choice(".,?!") if self.rng.random() < 0.08 else w for w in ws]
-        return " ".join(out).capitalize()
-
-
-def _cumulative(xs: list[float]) -> list[float]:
-    total, out = 0.0, []
-    for x in xs:
-        total += x
-        out.append(total)
-    return out
+        words: list[str] = []
+        while len(words) < n_words:
+            words += self.rng.choice(self.sentences).split()
+        return " ".join(words[:n_words])
 
 
 def build_tokenizer(work: Path) -> Path:
     from megatron.tokenizer.build import build_byte_level_bpe
 
-    out = work / "tokenizer32k"
+    out = work / "tokenizer32k_english"
     if not (out / "tokenizer.json").is_file():
-        gen = TextGen(1)
-        build_byte_level_bpe((gen(200) for _ in range(20000)), 32000, out)
+        build_byte_level_bpe(_english_sentences(), 32000, out)
     return out
 
 
 def write_pairs(path: Path, pairs: int, tokens: int, seed: int = 0) -> None:
     gen = TextGen(seed)
-    words = max(3, int(tokens / 3 * 0.72))  # ~1.4 tokens per word with this tokenizer
+    words = max(3, int(tokens / 3 * 0.68))  # ~1.45 tokens per word with this tokenizer
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(pairs):
             prompt = [
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = build_tokenizer(args.work)
     template = args.work / "chatml.jinja"
     template.write_text(CHATML)
-    data = args.work / f"pairs_{args.pairs}_{args.tokens}.jsonl"
+    data = args.work / f"english_pairs_{args.pairs}_{args.tokens}.jsonl"
     if not data.is_file():
         write_pairs(data, args.pairs, args.tokens)
     options = PreprocessOptions(
