@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import queue
 import tempfile
 import traceback
 from typing import Any
@@ -43,7 +44,9 @@ def _worker(rank: int, world: int, init_file: str, inbox, outbox) -> None:
 class DistPool:
     """``world_size`` spawned gloo ranks waiting for functions to run."""
 
-    def __init__(self, world_size: int, timeout: float = 600.0) -> None:
+    def __init__(
+        self, world_size: int, timeout: float = float(os.environ.get("DIST_POOL_TIMEOUT", 600))
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.world_size, self.timeout = world_size, timeout
         self._dir = tempfile.TemporaryDirectory()
@@ -58,24 +61,39 @@ class DistPool:
         ]
         for p in self.procs:
             p.start()
+        self.closed = False
 
     def run(self, fn, *args: Any) -> list[Any]:
+        if self.closed:
+            raise RuntimeError("this pool was shut down after a rank failed")
         for q in self.inboxes:
             q.put((fn.__module__, fn.__name__, args))
         results: dict[int, Any] = {}
         errors = []
         for _ in range(self.world_size):
-            rank, ok, value = self.outbox.get(timeout=self.timeout)
+            # why: once a rank has failed, the others are usually stuck in a collective; wait
+            # briefly for their reports, then give up on the pool rather than hang.
+            try:
+                rank, ok, value = self.outbox.get(timeout=10 if errors else self.timeout)
+            except queue.Empty:
+                if not errors:
+                    raise
+                break
             (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
         if errors:
+            if len(results) + len(errors) < self.world_size:
+                self.close()
             raise RuntimeError("\n".join(errors))
         return [results[r] for r in range(self.world_size)]
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for q in self.inboxes:
             q.put(None)
         for p in self.procs:
-            p.join(timeout=60)
+            p.join(timeout=30 if all(x.is_alive() for x in self.procs) else 5)
             if p.is_alive():
                 p.kill()
         self._dir.cleanup()

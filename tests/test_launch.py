@@ -69,7 +69,7 @@ def test_impossible_grid_is_refused(run):
     [
         (
             "data.train=[{path: /nonexistent/corpus}]",
-            "/nonexistent/corpus.idx: dataset file not found",
+            "data.train[0]: /nonexistent/corpus",
         ),
         ("checkpoint.load=/nonexistent/ckpt", "checkpoint.load: /nonexistent/ckpt does not exist"),
     ],

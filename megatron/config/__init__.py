@@ -10,7 +10,7 @@ See ``configs/README.md`` (generated from the field docstrings) for every key.
 """
 
 from megatron.config.deepspeed import deepspeed_config
-from megatron.config.loader import load_config, save_config
+from megatron.config.loader import load_config, read_config_file, save_config
 from megatron.config.sections import (
     SECTIONS,
     CheckpointConfig,
@@ -52,6 +52,7 @@ __all__ = [
     "config_to_dict",
     "deepspeed_config",
     "load_config",
+    "read_config_file",
     "save_config",
     "validate_config",
 ]

@@ -588,3 +588,19 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A saved config file (e.g. a checkpoint's ``config.yml``) as plain data, unvalidated.
+
+    For tools that need one section of a config written by this project (a converted
+    checkpoint holds only ``model`` and ``parallel``); runs use :func:`load_config`.
+
+    Raises:
+        ConfigError: the file is missing or not a YAML mapping.
+    """
+    problems = _Problems()
+    data = _read_yaml(Path(path), problems)
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return data or {}

@@ -560,6 +560,28 @@ class LauncherConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReferenceConfig:
+    """Where reference log-probabilities come from, for objectives that compare with a reference."""
+
+    source: Literal["auto", "model", "cache", "none"] = "auto"
+    """``model``: a frozen copy of the policy's architecture beside it (same TP layout, no gradients, no optimizer state); ``cache``: per-sequence log-probs precomputed by ``tools/precompute_reference.py``; ``none``: no reference (reference-free objectives); ``auto``: ``model`` when the objective needs a reference, else ``none``."""
+    load: str | None = None
+    """Native checkpoint of the reference model (a directory with ``latest`` or an ``iter_*`` directory). null: the policy's *initial* weights — ``checkpoint.load`` of a ``finetune`` start, or the seeded initialisation — never a resumed policy checkpoint."""
+    cache: str | None = None
+    """Directory of a reference cache (``source: cache``), written by ``tools/precompute_reference.py``; a cache computed for other weights, data or objective settings is refused."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        if self.source == "cache" and self.cache is None:
+            checks.fail("cache", "must be set when reference.source is 'cache'")
+        if self.cache is not None and self.source not in ("cache", "auto"):
+            checks.fail(
+                "cache", f"is only read with reference.source 'cache' (got {self.source!r})"
+            )
+        checks.done()
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """The whole run: one field per YAML section."""
 
@@ -571,6 +593,8 @@ class RunConfig:
     """Datasets."""
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     """Training objective."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """Reference log-probabilities (DPO-style objectives)."""
     optimizer: OptimizerConfig
     """Optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -590,6 +614,7 @@ SECTIONS: dict[str, type] = {
     "parallel": ParallelConfig,
     "data": DataConfig,
     "objective": ObjectiveSection,
+    "reference": ReferenceConfig,
     "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig,
     "training": TrainingConfig,

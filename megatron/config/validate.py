@@ -143,6 +143,43 @@ def _objective(cfg: RunConfig) -> list[str]:
     return list(get_objective(cfg.objective.name).check_config(cfg))
 
 
+def reference_source(cfg: RunConfig) -> str:
+    """The effective ``reference.source`` (``auto`` resolved against the objective)."""
+    from megatron.objectives.registry import get_objective
+
+    needs = get_objective(cfg.objective.name)(cfg.objective.params).needs_reference_model
+    if cfg.reference.source == "auto":
+        return "cache" if cfg.reference.cache else ("model" if needs else "none")
+    return cfg.reference.source
+
+
+def _reference(cfg: RunConfig) -> list[str]:
+    from megatron.objectives.registry import get_objective
+
+    name, ref = cfg.objective.name, cfg.reference
+    needs = get_objective(name)(cfg.objective.params).needs_reference_model
+    source = reference_source(cfg)
+    if needs and source == "none":
+        return [
+            f"reference.source (none): objective {name!r} needs reference log-probs; use 'model' "
+            "(a frozen reference beside the policy) or 'cache' (tools/precompute_reference.py)"
+        ]
+    if not needs and source in ("model", "cache"):
+        return [
+            f"reference.source ({source}): objective {name!r} with these settings uses no "
+            "reference; remove the reference section"
+        ]
+    if source == "model" and cfg.parallel.pipeline > 1:
+        return [
+            f"reference.source (model) cannot be used with parallel.pipeline ({cfg.parallel.pipeline})"
+            " > 1 yet: precompute the reference with tools/precompute_reference.py and use "
+            "reference.source: cache"
+        ]
+    if ref.load is not None and source != "model":
+        return [f"reference.load is only used with reference.source 'model' (got {source!r})"]
+    return []
+
+
 _RULES: tuple[Callable[[RunConfig], list[str]], ...] = (
     _attention,
     _positions,
@@ -151,6 +188,7 @@ _RULES: tuple[Callable[[RunConfig], list[str]], ...] = (
     _schedule,
     _evaluation,
     _objective,
+    _reference,
 )
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face <-> native :class:`~megatron.model.gpt.GPTModel` configs and weights.
+"""Hugging Face <-> native :class:`~megatron.model.gpt.GPTModel` weights, with TP sharding.
 
 Shapes: h hidden, n query heads, nk kv heads, hn head dim, q/kv = n / nk, f ffn hidden,
 v vocabulary, vp padded vocabulary, p TP size, r TP rank.
@@ -6,7 +6,7 @@ v vocabulary, vp padded vocabulary, p TP size, r TP rank.
 Supported ``model_type`` values: ``llama``, ``mistral``, ``qwen2`` (separate ``q/k/v_proj``,
 SwiGLU ``gate/up/down_proj``, RMSNorm) and ``gpt_neox`` (fused ``query_key_value``, GeLU,
 LayerNorm with bias, partial rotary, optional parallel residual). Checked against transformers
-5.24 (``tests/model/test_hf_parity.py``).
+5.24 (``tests/model/test_hf_parity.py``). Config mapping: :mod:`megatron.model.convert_config`.
 
 Layout differences handled here:
 
@@ -18,208 +18,212 @@ Layout differences handled here:
 * The embedding and the output layer are padded with zero rows from v to vp; the inverse strips
   the padding.
 
-Everything works on plain state dicts, so this module imports neither transformers nor torch.distributed.
+The converters stream: :func:`iter_native_from_hf` and :func:`iter_hf_from_native` read one layer's
+tensors at a time from any ``Mapping`` (lazy file-backed ones included) and yield as they go, so a
+caller never holds two copies of a model. Passing a mapping of ``meta`` tensors checks every key
+and shape without reading any data. Everything works on plain mappings: neither transformers nor
+torch.distributed is imported.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from megatron.model.convert_config import (
+    SUPPORTED_ARCHITECTURES,
+    ModelArgs,
+    RopeScaling,
+    model_config_from_hf,
+    padded_vocab,
+)
 from megatron.parallel.layers import shard_rows
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt_neox")
-_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "ModelArgs",
+    "RopeScaling",
+    "check_native_shards",
+    "hf_to_native_state_dict",
+    "iter_hf_from_native",
+    "iter_native_from_hf",
+    "iter_resharded",
+    "model_config_from_hf",
+    "native_shapes",
+    "native_to_hf_state_dict",
+    "padded_vocab",
+    "pipeline_layer_of",
+    "tp_gather",
+    "tp_split",
+]
+
 # Buffers some checkpoints carry that hold no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
+_VOCAB_KEYS = ("embedding.weight", "lm_head.weight")
 
 
-@dataclass(frozen=True, kw_only=True)
-class RopeScaling:
-    """Rotary frequency scaling, as ``model.rope_scaling`` (see :mod:`megatron.model.rotary`)."""
-
-    type: str
-    """``llama3`` or ``linear``."""
-    factor: float
-    """Context extension factor."""
-    low_freq_factor: float = 1.0
-    """``llama3`` only."""
-    high_freq_factor: float = 4.0
-    """``llama3`` only."""
-    original_max_position_embeddings: int = 8192
-    """``llama3`` only: the pre-training context length."""
+# --- native layout ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelArgs:
-    """The model fields :class:`GPTModel` reads, mirroring the ``model`` config section."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_kv_heads: int
-    ffn_hidden_size: int
-    kv_channels: int
-    padded_vocab_size: int
-    vocab_size: int
-    max_position_embeddings: int
-    norm: str
-    norm_eps: float
-    activation: str
-    rotary_pct: float = 1.0
-    rotary_base: float = 10000.0
-    rotary_interleaved: bool = False
-    rope_scaling: RopeScaling | None = None
-    parallel_residual: bool = False
-    qkv_bias: bool = False
-    proj_bias: bool = False
-    mlp_bias: bool = False
-    norm_bias: bool = False
-    tie_word_embeddings: bool = False
-    sliding_window: int | None = None
-    attention_backend: str = "auto"
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    init_method_std: float = 0.02
-    activation_checkpointing: bool = False
+def _norm_params(args: ModelArgs) -> tuple[str, ...]:
+    return ("weight", "bias") if args.norm == "layernorm" and args.norm_bias else ("weight",)
 
 
-def padded_vocab(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
-    """``vocab_size`` rounded up to a multiple of ``divisible_by * tp_size`` (Megatron's rule)."""
-    multiple = divisible_by * tp_size
-    return multiple * math.ceil(vocab_size / multiple)
+def native_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shape of every native parameter, keyed as in ``GPTModel.state_dict()``."""
+    h, f, vp = args.hidden_size, args.ffn_hidden_size, args.padded_vocab_size
+    n, nk, hn = args.num_attention_heads, args.num_kv_heads, args.kv_channels
+    fc1 = 2 * f if args.activation == "swiglu" else f
+    out: dict[str, tuple[int, ...]] = {"embedding.weight": (vp, h)}
+    for i in range(args.num_layers):
+        pre = f"layers.{i}."
+        out.update({f"{pre}input_norm.{p}": (h,) for p in _norm_params(args)})
+        out[pre + "self_attention.linear_qkv.weight"] = ((n + 2 * nk) * hn, h)
+        if args.qkv_bias:
+            out[pre + "self_attention.linear_qkv.bias"] = ((n + 2 * nk) * hn,)
+        out[pre + "self_attention.linear_proj.weight"] = (h, n * hn)
+        if args.proj_bias:
+            out[pre + "self_attention.linear_proj.bias"] = (h,)
+        out.update({f"{pre}post_attention_norm.{p}": (h,) for p in _norm_params(args)})
+        out[pre + "mlp.linear_fc1.weight"] = (fc1, h)
+        if args.mlp_bias:
+            out[pre + "mlp.linear_fc1.bias"] = (fc1,)
+        out[pre + "mlp.linear_fc2.weight"] = (h, f)
+        if args.mlp_bias:
+            out[pre + "mlp.linear_fc2.bias"] = (h,)
+    out.update({f"final_norm.{p}": (h,) for p in _norm_params(args)})
+    if not args.tie_word_embeddings:
+        out["lm_head.weight"] = (vp, h)
+    return out
 
 
-def _rope(hf: Any) -> tuple[float, float, RopeScaling | None]:
-    """``(rotary_base, rotary_pct, rope_scaling)`` from ``rope_parameters`` (transformers >= 5)
-    or the older ``rope_theta`` / ``rope_scaling`` / ``rotary_pct`` / ``rotary_emb_base``."""
-    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-    base = params.get("rope_theta") or getattr(hf, "rope_theta", None)
-    base = base or getattr(hf, "rotary_emb_base", None) or 10000.0
-    pct = params.get("partial_rotary_factor")
-    pct = (
-        pct or getattr(hf, "partial_rotary_factor", None) or getattr(hf, "rotary_pct", None) or 1.0
-    )
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return float(base), float(pct), None
-    if kind == "linear":
-        return float(base), float(pct), RopeScaling(type="linear", factor=float(params["factor"]))
-    if kind == "llama3":
-        scaling = RopeScaling(
-            type="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-        return float(base), float(pct), scaling
-    raise ValueError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)")
+def _shard_spec(key: str, args: ModelArgs) -> tuple[str, list[int]]:
+    """How a native parameter is split: ``("rows", parts)``, ``("cols", [])`` or replicated."""
+    if key in _VOCAB_KEYS:
+        return "rows", [args.padded_vocab_size]
+    if ".linear_qkv." in key:
+        n, nk, hn = args.num_attention_heads, args.num_kv_heads, args.kv_channels
+        return "rows", [(n + 2 * nk) * hn]
+    if ".linear_fc1." in key:
+        f = args.ffn_hidden_size
+        return "rows", [f, f] if args.activation == "swiglu" else [f]
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return "cols", []
+    return "replicated", []
 
 
-def _sliding_window(hf: Any) -> int | None:
-    window = getattr(hf, "sliding_window", None)
-    if hf.model_type == "llama" or window is None:
-        return None
-    if hf.model_type == "qwen2":
-        # Qwen2 slides only in the layers marked so (those >= max_window_layers).
-        kinds = set(getattr(hf, "layer_types", None) or ["full_attention"])
-        if kinds == {"full_attention"}:
-            return None
-        if kinds != {"sliding_attention"}:
-            raise ValueError(
-                "qwen2 with sliding attention in only some layers (max_window_layers="
-                f"{hf.max_window_layers} < num_hidden_layers={hf.num_hidden_layers}) is not supported"
-            )
-    return int(window)
+def _shard_shape(shape: tuple[int, ...], how: str, tp_size: int) -> tuple[int, ...]:
+    if how == "rows":
+        return (shape[0] // tp_size, *shape[1:])
+    if how == "cols":
+        return (shape[0], shape[1] // tp_size)
+    return shape
 
 
-def _activation(hf: Any) -> str:
-    act = hf.hidden_act
-    if hf.model_type in _LLAMA_LIKE:
-        if act != "silu":
-            raise ValueError(f"{hf.model_type}: hidden_act {act!r} is not supported (only 'silu')")
-        return "swiglu"
-    table = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-    if act not in table:
-        raise ValueError(
-            f"gpt_neox: hidden_act {act!r} is not supported (supported: {list(table)})"
-        )
-    return table[act]
+def check_tp(args: ModelArgs, tp_size: int) -> None:
+    """Raise ``ValueError`` naming the first size ``tp_size`` does not divide."""
+    sizes = {
+        "num_attention_heads": args.num_attention_heads,
+        # why: a row split of linear_qkv is only valid when every rank gets whole kv groups.
+        "num_kv_heads": args.num_kv_heads,
+        "ffn_hidden_size": args.ffn_hidden_size,
+        "padded_vocab_size": args.padded_vocab_size,
+    }
+    for name, size in sizes.items():
+        if size % tp_size:
+            raise ValueError(f"{name} {size} is not divisible by TP {tp_size}")
 
 
-def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 128) -> ModelArgs:
-    """Native model args for a transformers config.
+def tp_split(key: str, full: torch.Tensor, args: ModelArgs, tp_size: int) -> list[torch.Tensor]:
+    """Every TP rank's shard of native parameter ``key`` (fresh, compact tensors)."""
+    how, parts = _shard_spec(key, args)
+    if tp_size == 1:
+        return [full]
+    shards = []
+    for rank in range(tp_size):
+        # why: torch.save writes a view's whole storage; each shard must own exactly its data
+        # (shard_rows concatenates, so it already returns a fresh tensor).
+        if how == "rows":
+            shards.append(shard_rows(full, parts, tp_size, rank))
+        elif how == "cols":
+            k = full.shape[1] // tp_size
+            shards.append(full[:, rank * k : (rank + 1) * k].contiguous())
+        else:
+            shards.append(full.clone())
+    return shards
+
+
+def tp_gather(key: str, shards: Sequence[torch.Tensor], args: ModelArgs) -> torch.Tensor:
+    """Inverse of :func:`tp_split` (``args.padded_vocab_size`` must be the shards' one)."""
+    how, parts = _shard_spec(key, args)
+    if how == "cols":
+        return torch.cat(list(shards), dim=1)
+    if how == "replicated":
+        return shards[0]
+    p, blocks, start = len(shards), [], 0
+    for size in parts:
+        k = size // p
+        blocks += [s[start : start + k] for s in shards]
+        start += k
+    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def check_native_shards(
+    rank_state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    args: ModelArgs,
+    tp_size: int | None = None,
+) -> None:
+    """Check that TP shards hold exactly the keys and shard shapes ``args`` implies.
 
     Args:
-        hf_config: a ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or ``GPTNeoXConfig``.
-        tp_size: tensor-parallel size the vocabulary padding must divide.
-        divisible_by: the padded vocabulary is a multiple of ``divisible_by * tp_size``.
-
-    Returns:
-        The matching :class:`ModelArgs`.
+        rank_state_dicts: shards of TP ranks 0 .. p-1 (or any subset, with ``tp_size``).
+        args: the model config.
+        tp_size: the TP size the shards were cut for; default ``len(rank_state_dicts)``.
 
     Raises:
-        ValueError: unsupported architecture, activation, rope type or sliding-window pattern.
+        ValueError: naming the TP rank and the first missing, unexpected or misshapen key.
     """
-    hf = hf_config
-    arch = getattr(hf, "model_type", None)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    base, pct, scaling = _rope(hf)
-    heads = hf.num_attention_heads
-    common = dict(
-        num_layers=hf.num_hidden_layers,
-        hidden_size=hf.hidden_size,
-        num_attention_heads=heads,
-        ffn_hidden_size=hf.intermediate_size,
-        padded_vocab_size=padded_vocab(hf.vocab_size, tp_size, divisible_by),
-        vocab_size=hf.vocab_size,
-        max_position_embeddings=hf.max_position_embeddings,
-        activation=_activation(hf),
-        rotary_pct=pct,
-        rotary_base=base,
-        rope_scaling=scaling,
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
-        init_method_std=float(getattr(hf, "initializer_range", 0.02)),
-    )
-    if arch == "gpt_neox":
-        return ModelArgs(
-            **common,
-            num_kv_heads=heads,
-            kv_channels=hf.hidden_size // heads,
-            norm="layernorm",
-            norm_eps=hf.layer_norm_eps,
-            norm_bias=True,
-            parallel_residual=bool(hf.use_parallel_residual),
-            qkv_bias=bool(getattr(hf, "attention_bias", True)),
-            proj_bias=bool(getattr(hf, "attention_bias", True)),
-            mlp_bias=True,
-            hidden_dropout=float(getattr(hf, "hidden_dropout", 0.0) or 0.0),
-        )
-    attention_bias = bool(getattr(hf, "attention_bias", False))
-    return ModelArgs(
-        **common,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-        kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
-        norm="rmsnorm",
-        norm_eps=hf.rms_norm_eps,
-        # Qwen2 always has q/k/v biases and no output-projection bias.
-        qkv_bias=True if arch == "qwen2" else attention_bias,
-        proj_bias=False if arch == "qwen2" else attention_bias,
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        sliding_window=_sliding_window(hf),
-    )
+    expected = native_shapes(args)
+    p = tp_size or len(rank_state_dicts)
+    for rank, sd in enumerate(rank_state_dicts):
+        missing = [k for k in expected if k not in sd]
+        extra = sorted(set(sd) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"TP rank {rank}: keys do not match the model config "
+                f"(missing {missing[:5]}, unexpected {extra[:5]})"
+            )
+        for key, shape in expected.items():
+            want = _shard_shape(shape, _shard_spec(key, args)[0], p)
+            if tuple(sd[key].shape) != want:
+                raise ValueError(
+                    f"TP rank {rank}: {key} has shape {tuple(sd[key].shape)}, the model config "
+                    f"at TP={p} implies {want}"
+                )
 
 
-# --- layouts -----------------------------------------------------------------------------------
+def pipeline_layer_of(key: str, args: ModelArgs) -> tuple[int, str]:
+    """``(DeepSpeed pipeline layer index, key inside that layer)`` of a native key.
+
+    Layer 0 is the embedding, ``1 + i`` transformer layer i, ``L + 1`` the final norm (its module
+    keys are ``norm.*``) and ``L + 2`` the untied ``lm_head`` (see
+    :mod:`megatron.model.pipeline`). A PP checkpoint writer groups keys by this index.
+    """
+    n = args.num_layers
+    if key.startswith("embedding."):
+        return 0, key.removeprefix("embedding.")
+    if key.startswith("layers."):
+        index, rest = key.removeprefix("layers.").split(".", 1)
+        return 1 + int(index), rest
+    if key.startswith("final_norm."):
+        return n + 1, "norm." + key.removeprefix("final_norm.")
+    if key.startswith("lm_head."):
+        return n + 2, key.removeprefix("lm_head.")
+    raise ValueError(f"not a native parameter key: {key!r}")
+
+
+# --- Hugging Face layout ------------------------------------------------------------------------
 
 
 def _names(arch: str) -> dict[str, str]:
@@ -272,31 +276,18 @@ def _split_qkv(qkv: torch.Tensor, args: ModelArgs) -> tuple[torch.Tensor, ...]:
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _shard_spec(key: str, args: ModelArgs) -> tuple[str, list[int]]:
-    """How a native parameter is split: ``("rows", parts)``, ``("cols", [])`` or replicated."""
-    if key in ("embedding.weight", "lm_head.weight"):
-        return "rows", [args.padded_vocab_size]
-    if ".linear_qkv." in key:
-        n, nk, hn = args.num_attention_heads, args.num_kv_heads, args.kv_channels
-        return "rows", [(n + 2 * nk) * hn]
-    if ".linear_fc1." in key:
-        f = args.ffn_hidden_size
-        return "rows", [f, f] if args.activation == "swiglu" else [f]
-    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return "cols", []
-    return "replicated", []
-
-
 class _Reader:
-    """Pops keys from an HF state dict, checking shapes, so leftovers can be reported."""
+    """Takes keys from an HF state dict on demand, checking shapes; leftovers are reported."""
 
     def __init__(self, sd: Mapping[str, torch.Tensor]) -> None:
-        self.left = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
+        self.sd = sd
+        self.left = {k for k in sd.keys() if not k.endswith(_IGNORED_SUFFIXES)}
 
     def take(self, key: str, shape: Sequence[int]) -> torch.Tensor:
         if key not in self.left:
             raise ValueError(f"Hugging Face state dict has no {key!r}")
-        t = self.left.pop(key)
+        self.left.discard(key)
+        t = self.sd[key]
         if tuple(t.shape) != tuple(shape):
             raise ValueError(
                 f"{key}: shape {tuple(t.shape)} does not match the config's {tuple(shape)}"
@@ -319,13 +310,9 @@ def _native_layer(r: _Reader, names: dict[str, str], i: int, args: ModelArgs) ->
     n, nk = args.num_attention_heads, args.num_kv_heads
     nm = {role: t.format(i=i) for role, t in names.items()}
     out, pre = {}, f"layers.{i}."
-    norm_params = ("weight", "bias") if args.norm == "layernorm" and args.norm_bias else ("weight",)
-    for native, role in (
-        ("input_norm", "input_norm"),
-        ("post_attention_norm", "post_attention_norm"),
-    ):
-        for p in norm_params:
-            out[f"{pre}{native}.{p}"] = r.take(f"{nm[role]}.{p}", [h])
+    for native in ("input_norm", "post_attention_norm"):
+        for p in _norm_params(args):
+            out[f"{pre}{native}.{p}"] = r.take(f"{nm[native]}.{p}", [h])
     qkv = pre + "self_attention.linear_qkv."
     if "qkv" in nm:
         # NeoX: [q_j, k_j, v_j] per head is our grouped layout with nk = n.
@@ -344,28 +331,24 @@ def _native_layer(r: _Reader, names: dict[str, str], i: int, args: ModelArgs) ->
     if args.proj_bias:
         out[pre + "self_attention.linear_proj.bias"] = r.take(nm["proj"] + ".bias", [h])
     fc1 = pre + "mlp.linear_fc1."
-    if args.activation == "swiglu":
-        out[fc1 + "weight"] = torch.cat(
-            [r.take(nm["gate"] + ".weight", [f, h]), r.take(nm["up"] + ".weight", [f, h])]
-        )
-        if args.mlp_bias:
-            out[fc1 + "bias"] = torch.cat(
-                [r.take(nm["gate"] + ".bias", [f]), r.take(nm["up"] + ".bias", [f])]
-            )
-    else:
-        out[fc1 + "weight"] = r.take(nm["fc1"] + ".weight", [f, h])
-        if args.mlp_bias:
-            out[fc1 + "bias"] = r.take(nm["fc1"] + ".bias", [f])
+    for p, shape in (("weight", [f, h]), ("bias", [f])):
+        if p == "bias" and not args.mlp_bias:
+            continue
+        if args.activation == "swiglu":
+            gate, up = r.take(f"{nm['gate']}.{p}", shape), r.take(f"{nm['up']}.{p}", shape)
+            out[fc1 + p] = torch.cat([gate, up])
+        else:
+            out[fc1 + p] = r.take(f"{nm['fc1']}.{p}", shape)
     out[pre + "mlp.linear_fc2.weight"] = r.take(nm["fc2"] + ".weight", [h, f])
     if args.mlp_bias:
         out[pre + "mlp.linear_fc2.bias"] = r.take(nm["fc2"] + ".bias", [h])
     return out
 
 
-def _hf_naming(sd: Mapping[str, torch.Tensor]) -> str:
-    if "gpt_neox.embed_in.weight" in sd:
+def _hf_naming(keys: Mapping[str, torch.Tensor]) -> str:
+    if "gpt_neox.embed_in.weight" in keys:
         return "gpt_neox"
-    if "model.embed_tokens.weight" in sd:
+    if "model.embed_tokens.weight" in keys:
         return "llama"
     raise ValueError(
         "not a Hugging Face causal-LM state dict of a supported architecture "
@@ -374,15 +357,72 @@ def _hf_naming(sd: Mapping[str, torch.Tensor]) -> str:
     )
 
 
+class _Renamed(Mapping):
+    """``hf_state_dict`` with NeoX's pre-5.0 ``embed_out.weight`` seen as ``lm_head.weight``."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor]) -> None:
+        self.sd = sd
+        self.old = "embed_out.weight" in sd and "lm_head.weight" not in sd
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.sd["embed_out.weight" if self.old and key == "lm_head.weight" else key]
+
+    def __iter__(self) -> Iterator[str]:
+        return ("lm_head.weight" if self.old and k == "embed_out.weight" else k for k in self.sd)
+
+    def __len__(self) -> int:
+        return len(self.sd)
+
+
+def iter_native_from_hf(
+    hf_state_dict: Mapping[str, torch.Tensor], args: ModelArgs, tp_size: int
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """Stream ``(native key, [shard of TP rank 0 .. p-1])`` from a Hugging Face state dict.
+
+    Tensors are read from ``hf_state_dict`` one layer at a time, in model order (embedding,
+    layers, final norm, lm_head). Unexpected leftover keys raise once everything was read.
+
+    Args:
+        hf_state_dict: HF weights (keys ``model.*`` / ``gpt_neox.*`` and ``lm_head.weight``;
+            NeoX's legacy ``embed_out.weight`` is accepted too). With tied embeddings a
+            ``lm_head.weight`` entry, if present, is ignored. May be lazy or hold ``meta`` tensors.
+        args: from :func:`model_config_from_hf` with the same ``tp_size``.
+        tp_size: tensor-parallel size.
+
+    Raises:
+        ValueError: missing, unexpected or wrongly shaped keys; sizes ``tp_size`` does not divide.
+    """
+    check_tp(args, tp_size)
+    sd = _Renamed(hf_state_dict)
+    names = _names(_hf_naming(sd))
+    r = _Reader(sd)
+    v, h = args.vocab_size, args.hidden_size
+
+    def stage(full: dict[str, torch.Tensor]) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        for key, t in full.items():
+            yield key, tp_split(key, t, args, tp_size)
+
+    yield from stage({"embedding.weight": _pad_vocab(r.take(names["embedding"], [v, h]), args)})
+    for i in range(args.num_layers):
+        yield from stage(_native_layer(r, names, i, args))
+    norm = {
+        f"final_norm.{p}": r.take(f"{names['final_norm']}.{p}", [h]) for p in _norm_params(args)
+    }
+    yield from stage(norm)
+    if args.tie_word_embeddings:
+        r.left.discard(names["lm_head"])
+    else:
+        yield from stage({"lm_head.weight": _pad_vocab(r.take(names["lm_head"], [v, h]), args)})
+    r.done()
+
+
 def hf_to_native_state_dict(
     hf_state_dict: Mapping[str, torch.Tensor], args: ModelArgs, tp_size: int, tp_rank: int
 ) -> dict[str, torch.Tensor]:
     """One TP rank's :class:`GPTModel` state dict from a Hugging Face ``*ForCausalLM`` one.
 
     Args:
-        hf_state_dict: full HF weights (keys ``model.*`` / ``gpt_neox.*`` and ``lm_head.weight``;
-            NeoX's legacy ``embed_out.weight`` is accepted too). With tied embeddings a
-            ``lm_head.weight`` entry, if present, is ignored.
+        hf_state_dict: full HF weights (see :func:`iter_native_from_hf`).
         args: from :func:`model_config_from_hf` with the same ``tp_size``.
         tp_size: tensor-parallel size.
         tp_rank: the rank whose shard to return.
@@ -394,53 +434,74 @@ def hf_to_native_state_dict(
     Raises:
         ValueError: missing, unexpected or wrongly shaped keys.
     """
-    if args.padded_vocab_size % tp_size:
+    return {k: s[tp_rank] for k, s in iter_native_from_hf(hf_state_dict, args, tp_size)}
+
+
+def _hf_layer(
+    full: dict[str, torch.Tensor], nm: dict[str, str], i: int, args: ModelArgs
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors of layer ``i`` from its full native tensors (consumed from ``full``)."""
+    pre = f"layers.{i}."
+    for native in ("input_norm", "post_attention_norm"):
+        for p in _norm_params(args):
+            yield f"{nm[native]}.{p}", full.pop(f"{pre}{native}.{p}")
+    for p in ("weight", "bias"):
+        qkv = full.pop(f"{pre}self_attention.linear_qkv.{p}", None)
+        if qkv is not None and "qkv" in nm:
+            yield f"{nm['qkv']}.{p}", qkv
+        elif qkv is not None:
+            for role, t in zip(("q", "k", "v"), _split_qkv(qkv, args), strict=True):
+                yield f"{nm[role]}.{p}", t
+        proj = full.pop(f"{pre}self_attention.linear_proj.{p}", None)
+        if proj is not None:
+            yield f"{nm['proj']}.{p}", proj
+        fc1 = full.pop(f"{pre}mlp.linear_fc1.{p}", None)
+        if fc1 is not None and args.activation == "swiglu":
+            gate, up = fc1.chunk(2)
+            yield f"{nm['gate']}.{p}", gate.contiguous()
+            yield f"{nm['up']}.{p}", up.contiguous()
+        elif fc1 is not None:
+            yield f"{nm['fc1']}.{p}", fc1
+        fc2 = full.pop(f"{pre}mlp.linear_fc2.{p}", None)
+        if fc2 is not None:
+            yield f"{nm['fc2']}.{p}", fc2
+
+
+def iter_hf_from_native(
+    rank_state_dicts: Sequence[Mapping[str, torch.Tensor]], args: ModelArgs, arch: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream ``(HF key, tensor)`` gathered from the TP shards of :class:`GPTModel`.
+
+    Reads one layer's shards at a time. The vocabulary padding is removed. With tied embeddings
+    no ``lm_head.weight`` is yielded (transformers re-ties it on load).
+
+    Args:
+        rank_state_dicts: the state dicts of TP ranks ``0 .. p-1``, in rank order (may be lazy).
+        args: the native model args (``padded_vocab_size`` as in the shards).
+        arch: HF ``model_type``: one of :data:`SUPPORTED_ARCHITECTURES`.
+
+    Raises:
+        ValueError: an unsupported ``arch``, or shards that do not match ``args``.
+    """
+    if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"padded_vocab_size {args.padded_vocab_size} is not divisible by TP {tp_size}"
+            f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    if args.num_kv_heads % tp_size:
-        # why: a row split of linear_qkv is only valid when every rank gets whole kv groups.
-        raise ValueError(f"num_kv_heads {args.num_kv_heads} is not divisible by TP {tp_size}")
-    sd = dict(hf_state_dict)
-    if "embed_out.weight" in sd:  # pre-5.0 NeoX name
-        sd["lm_head.weight"] = sd.pop("embed_out.weight")
-    names = _names(_hf_naming(sd))
-    r = _Reader(sd)
-    v, h = args.vocab_size, args.hidden_size
-    full = {"embedding.weight": _pad_vocab(r.take(names["embedding"], [v, h]), args)}
+    check_native_shards(rank_state_dicts, args)
+    names, v = _names(arch), args.vocab_size
+
+    def gather(prefix: str) -> dict[str, torch.Tensor]:
+        keys = [k for k in rank_state_dicts[0] if k.startswith(prefix)]
+        return {k: tp_gather(k, [sd[k] for sd in rank_state_dicts], args) for k in keys}
+
+    yield names["embedding"], gather("embedding.")["embedding.weight"][:v].contiguous()
     for i in range(args.num_layers):
-        full.update(_native_layer(r, names, i, args))
-    for p in ("weight", "bias") if args.norm == "layernorm" and args.norm_bias else ("weight",):
-        full[f"final_norm.{p}"] = r.take(f"{names['final_norm']}.{p}", [h])
-    if args.tie_word_embeddings:
-        r.left.pop(names["lm_head"], None)
-    else:
-        full["lm_head.weight"] = _pad_vocab(r.take(names["lm_head"], [v, h]), args)
-    r.done()
-    out = {}
-    for key, t in full.items():
-        how, parts = _shard_spec(key, args)
-        if how == "rows":
-            t = shard_rows(t, parts, tp_size, tp_rank)
-        elif how == "cols":
-            k = t.shape[1] // tp_size
-            t = t[:, tp_rank * k : (tp_rank + 1) * k]
-        out[key] = t.contiguous()
-    return out
-
-
-def _unshard(shards: Sequence[torch.Tensor], how: str, parts: list[int]) -> torch.Tensor:
-    """Inverse of the row / column split of one parameter across ``len(shards)`` ranks."""
-    if how == "cols":
-        return torch.cat(list(shards), dim=1)
-    if how == "replicated":
-        return shards[0]
-    p, blocks, start = len(shards), [], 0
-    for size in parts:
-        k = size // p
-        blocks += [s[start : start + k] for s in shards]
-        start += k
-    return torch.cat(blocks)
+        nm = {role: t.format(i=i) for role, t in names.items()}
+        yield from _hf_layer(gather(f"layers.{i}."), nm, i, args)
+    for key, t in gather("final_norm.").items():
+        yield f"{names['final_norm']}.{key.removeprefix('final_norm.')}", t
+    if not args.tie_word_embeddings:
+        yield names["lm_head"], gather("lm_head.")["lm_head.weight"][:v].contiguous()
 
 
 def native_to_hf_state_dict(
@@ -457,54 +518,28 @@ def native_to_hf_state_dict(
         The HF state dict with the vocabulary padding removed. With tied embeddings
         ``lm_head.weight`` is the embedding tensor itself, as in ``model.state_dict()``.
     """
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    full = {}
-    for key in rank_state_dicts[0]:
-        how, parts = _shard_spec(key, args)
-        full[key] = _unshard([sd[key] for sd in rank_state_dicts], how, parts)
-    names = _names(arch)
-    v = args.vocab_size
-    out = {names["embedding"]: full.pop("embedding.weight")[:v].contiguous()}
-    for i in range(args.num_layers):
-        nm = {role: t.format(i=i) for role, t in names.items()}
-        pre = f"layers.{i}."
-        for native, role in (
-            ("input_norm", "input_norm"),
-            ("post_attention_norm", "post_attention_norm"),
-        ):
-            for p in ("weight", "bias"):
-                if f"{pre}{native}.{p}" in full:
-                    out[f"{nm[role]}.{p}"] = full.pop(f"{pre}{native}.{p}")
-        for p in ("weight", "bias"):
-            qkv = full.pop(f"{pre}self_attention.linear_qkv.{p}", None)
-            if qkv is not None and "qkv" in nm:
-                out[f"{nm['qkv']}.{p}"] = qkv
-            elif qkv is not None:
-                for role, t in zip(("q", "k", "v"), _split_qkv(qkv, args), strict=True):
-                    out[f"{nm[role]}.{p}"] = t
-            proj = full.pop(f"{pre}self_attention.linear_proj.{p}", None)
-            if proj is not None:
-                out[f"{nm['proj']}.{p}"] = proj
-            fc1 = full.pop(f"{pre}mlp.linear_fc1.{p}", None)
-            if fc1 is not None and args.activation == "swiglu":
-                gate, up = fc1.chunk(2)
-                out[f"{nm['gate']}.{p}"], out[f"{nm['up']}.{p}"] = (
-                    gate.contiguous(),
-                    up.contiguous(),
-                )
-            elif fc1 is not None:
-                out[f"{nm['fc1']}.{p}"] = fc1
-            fc2 = full.pop(f"{pre}mlp.linear_fc2.{p}", None)
-            if fc2 is not None:
-                out[f"{nm['fc2']}.{p}"] = fc2
-    for p in ("weight", "bias"):
-        if f"final_norm.{p}" in full:
-            out[f"{names['final_norm']}.{p}"] = full.pop(f"final_norm.{p}")
-    head = full.pop("lm_head.weight", None)
-    out[names["lm_head"]] = out[names["embedding"]] if head is None else head[:v].contiguous()
-    if full:
-        raise ValueError(f"unexpected native keys: {sorted(full)}")
+    out = dict(iter_hf_from_native(rank_state_dicts, args, arch))
+    if args.tie_word_embeddings:
+        out[_names(arch)["lm_head"]] = out[_names(arch)["embedding"]]
     return out
+
+
+def iter_resharded(
+    rank_state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    old: ModelArgs,
+    new: ModelArgs,
+    tp_size: int,
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """Stream ``(native key, [shard of new TP rank 0 .. tp_size-1])`` from TP shards at another
+    size; the vocabulary rows are re-padded from ``old.padded_vocab_size`` to ``new``'s.
+
+    Raises:
+        ValueError: shards that do not match ``old``, or sizes ``tp_size`` does not divide.
+    """
+    check_native_shards(rank_state_dicts, old)
+    check_tp(new, tp_size)
+    for key in native_shapes(old):
+        full = tp_gather(key, [sd[key] for sd in rank_state_dicts], old)
+        if key in _VOCAB_KEYS:
+            full = _pad_vocab(full[: old.vocab_size], new)
+        yield key, tp_split(key, full, new, tp_size)

@@ -235,15 +235,16 @@ class PipelineLoss:
 
     def __init__(self, objective: Any) -> None:
         self.objective = objective
+        self.reference: Any = None  # a ReferenceProvider (cache lookups) when the run has one
         self.keys: list[str] = []
         self.metrics: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: tuple) -> torch.Tensor:
         token_logps, log_z = outputs
         batch = dict(zip(self.keys, labels, strict=True))
-        loss, metrics = self.objective.loss(
-            {"token_logps": token_logps, "log_z": log_z}, None, batch
-        )
+        ref = self.reference(batch) if self.reference is not None else None
+        policy = {"token_logps": token_logps, "log_z": log_z}
+        loss, metrics = self.objective.loss(policy, ref, batch)
         self.metrics.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
         return loss
 

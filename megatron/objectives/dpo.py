@@ -407,6 +407,10 @@ class DPO(Objective):
             return sequence_log_probs(token_logps, batch)[0]
         return ld_pair_log_probs(token_logps, batch, self.config.ld_alpha)
 
+    def reference_cache_params(self) -> dict[str, Any]:
+        """LD-DPO reduces token log-probs differently; the reference must match."""
+        return {"ld_alpha": self.config.ld_alpha}
+
     def reference_log_probs(
         self, token_logps: torch.Tensor, batch: dict[str, Any]
     ) -> dict[str, torch.Tensor]:

@@ -41,6 +41,18 @@ class Objective:
     def loss(self, policy: Any, reference: Any, batch: Any) -> tuple[Any, dict[str, Any]]:
         raise NotImplementedError
 
+    def reference_log_probs(self, token_logps: Any, batch: Any) -> dict[str, Any]:
+        """The ``reference`` argument of :meth:`loss` from reference token log-probs ``[b, s]``.
+
+        Returns a dict of per-example tensors (first dimension = examples of the micro-batch, in
+        batch order), which is also what a reference cache stores per example.
+        """
+        raise NotImplementedError(f"objective {self.name!r} does not use reference log-probs")
+
+    def reference_cache_params(self) -> dict[str, Any]:
+        """Settings of this objective that change :meth:`reference_log_probs` (cache key)."""
+        return {}
+
 
 def register_objective(name: str):
     """Class decorator registering an :class:`Objective` subclass under ``name``."""

@@ -12,6 +12,10 @@ Layout of ``checkpoint.save``::
 
 A crash at any point leaves ``latest`` naming the previous complete checkpoint, so a resume never
 sees a partial one. DeepSpeed's own ``latest`` file is not written (``save_latest=False``).
+
+``checkpoint.finetune`` loads weights only (:func:`load_weights`): from any ZeRO stage, at any TP
+size, and from the weights-only checkpoints ``tools/ckpts/`` writes (their ``client_state.json``
+says ``"weights_only": true``; a full resume of them is refused).
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.ckpt import ConversionError
+from megatron.ckpt.native import load_tp_shard
 from megatron.config import save_config
+from megatron.model import GPTModel
 from megatron.parallel.random import RNGStatesTracker
+from megatron.training.distributed import import_deepspeed
 from megatron.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, log_rank0
 
 LATEST = "latest"
@@ -140,6 +148,62 @@ def resolve_checkpoint(load: str | Path) -> tuple[Path, str]:
     )
 
 
+def _client_state(tag_dir: Path) -> dict[str, Any]:
+    path = tag_dir / "client_state.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {tag_dir} is not a complete checkpoint")
+    return json.loads(path.read_text())
+
+
+def load_weights(engine: Any, tag_dir: Path) -> None:
+    """Load only the model weights of ``tag_dir`` into ``engine`` (any ZeRO stage, any TP size).
+
+    The weights come from :func:`megatron.ckpt.native.load_tp_shard`: this rank's TP shard
+    (resharded when the checkpoint was written at another TP size; ZeRO-3 shards consolidated
+    with DeepSpeed's ``zero_to_fp32`` one TP rank at a time). Under ZeRO-3 the parameters are
+    gathered, filled and re-partitioned; the optimizer's fp32 copies are then refreshed from them,
+    as DeepSpeed's own ``load_module_only`` does.
+
+    why not ``engine.load_checkpoint(load_module_only=True)``: at ZeRO-3 it rebuilds the weights
+    with ``zero_to_fp32`` over the whole directory, which mixes the TP ranks' partitions (fails at
+    TP > 1), needs optimizer partitions (a converted checkpoint has none) and reads ``latest``
+    instead of the tag. Pipeline engines keep DeepSpeed's per-layer loading (and refuse
+    checkpoints without pipeline layer files, e.g. converted ones).
+
+    Raises:
+        CheckpointError: missing files, or weights that do not fit the model.
+    """
+    module = engine.module
+    if not isinstance(module, GPTModel):
+        if not any(tag_dir.glob("layer_*-model_*-model_states.pt")):
+            raise CheckpointError(
+                f"checkpoint.load: {tag_dir} holds no pipeline layer files "
+                "(layer_XX-model_YY-model_states.pt): it was written without pipeline "
+                "parallelism (or by tools/ckpts), and loading such weights into a pipeline run "
+                "is not supported yet; use parallel.pipeline: 1"
+            )
+        engine.load_checkpoint(
+            str(tag_dir.parent),
+            tag=tag_dir.name,
+            load_module_strict=True,
+            load_optimizer_states=False,
+            load_lr_scheduler_states=False,
+            load_module_only=True,
+        )
+        return
+    try:
+        sd = load_tp_shard(tag_dir, module.cfg, module.state.tp_size, module.state.tp_rank)
+    except ConversionError as e:
+        raise CheckpointError(f"checkpoint.load: {e}") from e
+    deepspeed = import_deepspeed()
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
+        module.load_state_dict(sd, strict=True)
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()
+
+
 def load_checkpoint(
     engine: Any, load: str | Path, finetune: bool, tracker: RNGStatesTracker
 ) -> dict[str, Any] | None:
@@ -149,22 +213,27 @@ def load_checkpoint(
         The client state for a full resume, ``None`` for ``finetune``.
     """
     root, tag = resolve_checkpoint(load)
+    if finetune:
+        load_weights(engine, root / tag)
+        log_rank0("loaded checkpoint %s (weights only)", root / tag)
+        return None
+    client = _client_state(root / tag)
+    if client.get("weights_only"):
+        raise CheckpointError(
+            f"{root / tag} holds weights only (written by tools/ckpts); it cannot be resumed: "
+            "set checkpoint.finetune: true to start a run from it"
+        )
     load_path, _ = engine.load_checkpoint(
         str(root),
         tag=tag,
         load_module_strict=True,
-        load_optimizer_states=not finetune,
+        load_optimizer_states=True,
         load_lr_scheduler_states=False,
-        load_module_only=finetune,
+        load_module_only=False,
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
-    log_rank0(
-        "loaded checkpoint %s (%s)", root / tag, "weights only" if finetune else "full resume"
-    )
-    if finetune:
-        return None
-    client = json.loads((root / tag / "client_state.json").read_text())
+    log_rank0("loaded checkpoint %s (full resume)", root / tag)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = root / tag / f"rng_state_rank{rank}.pt"
     if not rng_file.is_file():

@@ -27,15 +27,17 @@ def _layout(batch: dict[str, Any]) -> SequenceLayout | None:
 
 
 def micro_batch_loss(
-    engine: Any, objective: Any, batch: dict[str, Any]
+    engine: Any, objective: Any, batch: dict[str, Any], reference: Any = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward one micro-batch and evaluate the objective on it.
 
     Collators may attach ``batch["stats"]`` (a dict of scalar floats, e.g.
-    ``packing_efficiency``); they are reported with the objective's metrics.
+    ``packing_efficiency``); they are reported with the objective's metrics. ``reference`` is
+    a :class:`megatron.training.reference.ReferenceProvider` (or ``None``).
     """
+    ref = reference(batch) if reference is not None else None
     policy = engine(batch["tokens"], _layout(batch), batch["targets"])
-    loss, metrics = objective.loss(policy, None, batch)
+    loss, metrics = objective.loss(policy, ref, batch)
     for key, value in batch.get("stats", {}).items():
         metrics[key] = torch.as_tensor(value, dtype=torch.float32)
     return loss, metrics
@@ -111,7 +113,11 @@ def grad_norm_meter(
 
 
 def train_step(
-    engine: Any, objective: Any, micro_batches: list[dict[str, Any]], device: torch.device
+    engine: Any,
+    objective: Any,
+    micro_batches: list[dict[str, Any]],
+    device: torch.device,
+    reference: Any = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward/backward every micro-batch; the engine steps the optimizer at the boundary.
 
@@ -121,7 +127,7 @@ def train_step(
     engine.train()
     out = []
     for mb in micro_batches:
-        loss, metrics = micro_batch_loss(engine, objective, to_device(mb, device))
+        loss, metrics = micro_batch_loss(engine, objective, to_device(mb, device), reference)
         engine.backward(loss)
         engine.step()
         out.append({"loss": loss.detach(), **metrics})
@@ -130,12 +136,16 @@ def train_step(
 
 @torch.no_grad()
 def eval_step(
-    engine: Any, objective: Any, micro_batches: list[dict[str, Any]], device: torch.device
+    engine: Any,
+    objective: Any,
+    micro_batches: list[dict[str, Any]],
+    device: torch.device,
+    reference: Any = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward only, in eval mode."""
     engine.eval()
     out = []
     for mb in micro_batches:
-        loss, metrics = micro_batch_loss(engine, objective, to_device(mb, device))
+        loss, metrics = micro_batch_loss(engine, objective, to_device(mb, device), reference)
         out.append({"loss": loss.detach(), **metrics})
     return out

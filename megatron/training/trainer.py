@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from megatron.config import config_to_dict, deepspeed_config
+from megatron.config.validate import reference_source
 from megatron.data.builders import build_datasets
 from megatron.data.sampler import GlobalBatchSampler
 from megatron.model import GPTModel
@@ -26,6 +28,13 @@ from megatron.training.distributed import import_deepspeed, init_distributed
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer, learning_rate, set_learning_rate
 from megatron.training.pipeline_step import pipeline_eval_step, pipeline_train_step
+from megatron.training.reference import (
+    ReferenceCache,
+    ReferenceModel,
+    ReferenceProvider,
+    cache_key,
+    initial_weights,
+)
 from megatron.training.step import average_metrics, eval_step, grad_norm_meter, train_step
 from megatron.utils import global_rank, log_rank0
 
@@ -71,8 +80,9 @@ class Trainer:
             wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None,
             config=config_to_dict(cfg),
         )
-        if cfg.checkpoint.load:
-            self._load()
+        client = self._load() if cfg.checkpoint.load else None
+        self.reference_load: str | None = None
+        self.reference = self._build_reference(client)
         log_rank0(
             "grid tp=%d pp=%d dp=%d zero=%d | %.2fM parameters on this rank | %d train samples",
             self.state.tp_size,
@@ -91,13 +101,19 @@ class Trainer:
             self.model = build_pipeline_model(cfg.model, self.state, self.tracker, seed, loss_fn)
             mark_tied_duplicates(self.model)
             mpu = None  # the pipeline module brings its own grid
+            self._pipe_loss = loss_fn
             self._train_fn = lambda mb: pipeline_train_step(self.engine, loss_fn, mb, self.state)
             self._eval_fn = lambda mb: pipeline_eval_step(self.engine, loss_fn, mb, self.state)
         else:
             self.model = GPTModel(cfg.model, self.state, self.tracker, seed=seed)
             mpu = self.state.mpu
-            self._train_fn = lambda mb: train_step(self.engine, self.objective, mb, self.device)
-            self._eval_fn = lambda mb: eval_step(self.engine, self.objective, mb, self.device)
+            self._pipe_loss = None
+            self._train_fn = lambda mb: train_step(
+                self.engine, self.objective, mb, self.device, self.reference
+            )
+            self._eval_fn = lambda mb: eval_step(
+                self.engine, self.objective, mb, self.device, self.reference
+            )
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         deepspeed = import_deepspeed()
@@ -124,15 +140,38 @@ class Trainer:
             shuffle=shuffle,
         )
 
-    def _load(self) -> None:
+    def _load(self) -> dict[str, Any] | None:
         ck = self.cfg.checkpoint
         client = checkpointing.load_checkpoint(self.engine, ck.load, ck.finetune, self.tracker)
         if client is not None:
             self.step = int(client["step"])
             self.sampler.load_state_dict(client["sampler"])
+        return client
+
+    def _build_reference(self, client: dict[str, Any] | None) -> ReferenceProvider | None:
+        """The objective's reference log-probs (frozen model, cache or none), see reference.py."""
+        source = reference_source(self.cfg)
+        if source == "none":
+            return None
+        self.reference_load = initial_weights(self.cfg, client)
+        if source == "cache":
+            key = cache_key(self.cfg, self.objective, self.reference_load)
+            provider = ReferenceProvider(
+                self.objective, cache=ReferenceCache(self.cfg.reference.cache, key)
+            )
+        else:
+            model = ReferenceModel(self.cfg, self.state, self.device, self.reference_load)
+            provider = ReferenceProvider(self.objective, model=model)
+        if self._pipe_loss is not None:
+            self._pipe_loss.reference = provider
+        return provider
 
     def _save(self) -> None:
-        client = {"step": self.step, "sampler": self.sampler.state_dict()}
+        client = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "reference_load": self.reference_load,
+        }
         checkpointing.save_checkpoint(
             self.engine,
             self.cfg.checkpoint.save,
@@ -144,7 +183,12 @@ class Trainer:
         )
 
     def _micro_batches(self, indices: list[list[int]], dataset: Any) -> list[dict[str, Any]]:
-        return [dataset.collate([dataset[i] for i in mb]) for mb in indices]
+        out = []
+        for mb in indices:
+            batch = dataset.collate([dataset[i] for i in mb])
+            batch["example_ids"] = torch.tensor(mb, dtype=torch.long)  # reference-cache rows
+            out.append(batch)
+        return out
 
     # ---- loop ---------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
@@ -192,9 +236,13 @@ class Trainer:
         """Mean metrics over the first ``training.eval_iters`` global batches of validation data."""
         sampler = self._sampler(len(self.valid_data), shuffle=False)
         values = []
+        if self.reference is not None:
+            self.reference.split = "valid"
         for _, indices in zip(range(self.cfg.training.eval_iters), sampler, strict=False):
             micro = self._micro_batches(indices, self.valid_data)
             values += self._eval_fn(micro)
+        if self.reference is not None:
+            self.reference.split = "train"
         result = average_metrics(values, self.state.dp_group)
         self.metrics.log(self.step, result, split="valid")
         log_rank0(

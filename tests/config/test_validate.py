@@ -252,3 +252,52 @@ def test_bf16_needs_zero_1_or_more(tmp_path):
         ConfigError, match=r"training\.precision \(bf16\) needs parallel\.zero_stage >= 1"
     ):
         load(tmp_path, "training: {precision: bf16}\nparallel: {zero_stage: 0}\n")
+
+
+# ----------------------------------------------------------------------------- reference
+def test_reference_auto_resolves_from_the_objective(tmp_path):
+    from megatron.config.validate import reference_source
+
+    assert reference_source(load(tmp_path, "objective: {name: dpo}\n")) == "model"
+    assert (
+        reference_source(load(tmp_path, "objective: {name: dpo, reference_free: true}\n")) == "none"
+    )
+    assert reference_source(load(tmp_path, "objective: {name: simpo}\n")) == "none"
+    cached = load(tmp_path, "objective: {name: dpo}\nreference: {cache: refs/}\n")
+    assert reference_source(cached) == "cache"
+
+
+def test_objective_needing_a_reference_refuses_none(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"reference\.source \(none\): objective 'dpo' needs reference"
+    ):
+        load(tmp_path, "objective: {name: dpo}\nreference: {source: none}\n")
+
+
+def test_reference_for_a_reference_free_objective_is_refused(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"reference\.source \(model\): objective 'simpo' .* uses no"
+    ):
+        load(tmp_path, "objective: {name: simpo}\nreference: {source: model}\n")
+
+
+def test_reference_model_with_pipeline_is_refused(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"reference\.source \(model\) cannot be used with parallel\.pipeline \(2\)",
+    ):
+        load(tmp_path, "objective: {name: dpo}\nparallel: {pipeline: 2}\n")
+
+
+def test_reference_cache_needs_a_path(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"reference\.cache: must be set when reference\.source is 'cache'"
+    ):
+        load(tmp_path, "objective: {name: dpo}\nreference: {source: cache}\n")
+
+
+def test_reference_load_only_with_a_model(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"reference\.load is only used with reference\.source 'model'"
+    ):
+        load(tmp_path, "objective: {name: dpo}\nreference: {source: cache, cache: x, load: y}\n")

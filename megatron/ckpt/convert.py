@@ -1,0 +1,419 @@
+"""The conversions behind ``tools/ckpts/``: Hugging Face -> native, native -> Hugging Face, and
+native TP resharding. Each checks its whole input first (config, every tensor's key and shape, the
+tokenizer's vocabulary, the TP size) and writes nothing when something is wrong.
+
+A converted native checkpoint ``OUT`` is a weights-only start point for
+``checkpoint.load: OUT`` + ``checkpoint.finetune: true``::
+
+    OUT/
+      latest                          # "iter_0000000", written last
+      iter_0000000/
+        mp_rank_{r:02d}_model_states.pt   # TP rank r's GPTModel state dict (DeepSpeed layout)
+        client_state.json             # {"step": 0, "weights_only": true, "source": {...}}
+        config.yml                    # model section (derived keys included) + parallel.tensor
+      model.yml                       # the `model:` section to merge into run configs
+      hf/                             # config.json, generation_config.json, tokenizer files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron.ckpt import ConversionError
+from megatron.ckpt.hf_io import (
+    HFWeights,
+    SafetensorsWriter,
+    check_tokenizer_vocab,
+    copy_hf_extras,
+    read_hf_config,
+)
+from megatron.ckpt.native import checkpoint_tp_size, read_model_shards, write_model_states
+from megatron.model.convert_config import (
+    HF_CLASS_NAMES,
+    NEOX_ACTIVATIONS,
+    SUPPORTED_ARCHITECTURES,
+    architecture_mismatches,
+    hf_config_kwargs,
+    infer_architecture,
+    model_args_from_section,
+    model_config_from_hf,
+    model_section,
+    padded_vocab,
+)
+from megatron.model.hf_mapping import (
+    ModelArgs,
+    check_native_shards,
+    check_tp,
+    iter_hf_from_native,
+    iter_native_from_hf,
+    iter_resharded,
+    native_shapes,
+)
+from megatron.training.checkpointing import CheckpointError, resolve_checkpoint, tag_for
+from megatron.utils import atomic_write_json, atomic_write_text
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--dtype`` choices."""
+HF_DIR = "hf"
+"""Subdirectory of a converted checkpoint holding the source's config, generation config and
+tokenizer (usable as ``data.tokenizer`` and as the template of the way back)."""
+MODEL_YAML = "model.yml"
+PP_NOT_SUPPORTED = (
+    "the converters do not write DeepSpeed's pipeline layout (layer_XX-model_YY files) yet; "
+    "convert with --pp 1 and train with parallel.pipeline: 1"
+)
+# config.json keys rebuilt from the native model rather than taken from a template.
+_TEMPLATE_DROP = frozenset(
+    (
+        "model_type architectures transformers_version _name_or_path dtype torch_dtype auto_map "
+        "rope_parameters rope_scaling rope_theta rotary_pct rotary_emb_base partial_rotary_factor "
+        "layer_types use_sliding_window sliding_window max_window_layers head_dim"
+    ).split()
+)
+
+
+def _progress(items: Iterable[Any], total: int | None, desc: str, show: bool) -> Iterable[Any]:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        items, total=total, desc=desc, unit=" tensors", disable=not show, dynamic_ncols=True
+    )
+
+
+def _check_grid(tp_size: int, pp_size: int) -> None:
+    if tp_size < 1:
+        raise ConversionError(f"--tp {tp_size}: must be >= 1")
+    if pp_size != 1:
+        raise ConversionError(f"--pp {pp_size}: {PP_NOT_SUPPORTED}")
+
+
+def _fresh_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"{out} exists and is not empty; choose a new output directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _yaml(data: Any, header: str) -> str:
+    import yaml
+
+    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def _write_native(
+    out: Path,
+    items: Iterable[tuple[str, list[torch.Tensor]]],
+    args: ModelArgs,
+    tp_size: int,
+    *,
+    divisible_by: int,
+    dtype: torch.dtype | None,
+    source: dict[str, Any],
+    show_progress: bool,
+) -> Path:
+    """Collect streamed shards per TP rank and write a weights-only checkpoint; ``latest`` last."""
+    tag = tag_for(0)
+    tag_dir = out / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    rank_sds: list[OrderedDict[str, torch.Tensor]] = [OrderedDict() for _ in range(tp_size)]
+    for key, shards in _progress(items, len(native_shapes(args)), "converting", show_progress):
+        for sd, shard in zip(rank_sds, shards, strict=True):
+            shard = shard if dtype is None else shard.to(dtype)
+            # why: torch.save writes a view's whole storage (e.g. of a tensor loaded with mmap).
+            compact = shard.untyped_storage().nbytes() == shard.nbytes
+            sd[key] = shard if compact else shard.clone()
+    for rank in range(tp_size):
+        write_model_states(tag_dir, rank, tp_size, rank_sds[rank])
+        rank_sds[rank].clear()  # release this rank's tensors before saving the next
+    section = model_section(args, divisible_by)
+    resolved = {**section, "kv_channels": args.kv_channels}
+    resolved["padded_vocab_size"] = args.padded_vocab_size
+    parallel = {"tensor": tp_size, "pipeline": 1}
+    header = "# Written by megatron.ckpt.convert; weights-only checkpoint (finetune: true).\n"
+    atomic_write_text(
+        tag_dir / "config.yml", _yaml({"model": resolved, "parallel": parallel}, header)
+    )
+    client = {"step": 0, "weights_only": True, "source": source}
+    client["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "as source"
+    atomic_write_json(tag_dir / "client_state.json", client)
+    model_header = (
+        f"# Model of {source.get('path')}; merge into a run config and set parallel.tensor: "
+        f"{tp_size} with checkpoint.load: {out} and checkpoint.finetune: true.\n"
+    )
+    atomic_write_text(out / MODEL_YAML, _yaml({"model": section}, model_header))
+    atomic_write_text(out / "latest", tag + "\n")
+    return tag_dir
+
+
+def _hf_model_args(hf_dir: Path, raw: dict[str, Any], tp_size: int, divisible_by: int) -> ModelArgs:
+    arch = raw.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        names = ", ".join(raw.get("architectures") or []) or "no architectures listed"
+        raise ConversionError(
+            f"{hf_dir / 'config.json'}: architecture {arch!r} ({names}) is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    from transformers import AutoConfig
+
+    try:
+        args = model_config_from_hf(AutoConfig.from_pretrained(hf_dir), tp_size, divisible_by)
+        model_section(args, divisible_by)
+        check_tp(args, tp_size)
+    except ValueError as e:
+        raise ConversionError(f"{hf_dir}: {e}") from e
+    return args
+
+
+def convert_hf_to_native(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    dtype: str | None = None,
+    divisible_by: int = 128,
+    show_progress: bool = False,
+) -> Path:
+    """Convert a Hugging Face ``*ForCausalLM`` directory into a native weights-only checkpoint.
+
+    Args:
+        hf_dir: the Hugging Face model directory (config.json, safetensors or .bin weights).
+        out_dir: new (or empty) output directory; layout in the module docstring.
+        tp_size: tensor-parallel size to shard for.
+        pp_size: pipeline-parallel size (only 1 for now).
+        dtype: ``fp32``, ``bf16`` or ``fp16`` for the written weights; None keeps the source's.
+        divisible_by: ``model.make_vocab_size_divisible_by`` (vocabulary padding).
+        show_progress: show a progress bar on stderr.
+
+    Returns:
+        The ``iter_0000000`` directory.
+
+    Raises:
+        ConversionError: unsupported architecture, missing files, shapes or vocabulary that do
+            not match the config, or a TP size that does not divide the model.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    _check_grid(tp_size, pp_size)
+    raw = read_hf_config(hf_dir)
+    args = _hf_model_args(hf_dir, raw, tp_size, divisible_by)
+    weights = HFWeights(hf_dir)
+    check_tokenizer_vocab(hf_dir, args.vocab_size)
+    try:
+        for _ in iter_native_from_hf(weights.meta(), args, tp_size):
+            pass  # every key and shape is checked before anything is written
+    except ValueError as e:
+        raise ConversionError(f"{hf_dir}: {e}") from e
+    _fresh_dir(out_dir)
+    source = {
+        "format": "huggingface",
+        "path": str(hf_dir.resolve()),
+        "model_type": raw["model_type"],
+        "architectures": raw.get("architectures"),
+    }
+    tag_dir = _write_native(
+        out_dir,
+        iter_native_from_hf(weights, args, tp_size),
+        args,
+        tp_size,
+        divisible_by=divisible_by,
+        dtype=DTYPES[dtype] if dtype else None,
+        source=source,
+        show_progress=show_progress,
+    )
+    copy_hf_extras(hf_dir, out_dir / HF_DIR)
+    return tag_dir
+
+
+def _checkpoint(ckpt: str | Path, config: Mapping[str, Any]) -> tuple[Path, ModelArgs, int]:
+    """``(tag dir, model args at the checkpoint's TP, make_vocab_size_divisible_by)``."""
+    try:
+        root, tag = resolve_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
+    tag_dir = root / tag
+    if not isinstance(config.get("model"), Mapping):
+        raise ConversionError(f"{tag_dir / 'config.yml'}: has no 'model' section")
+    tp = checkpoint_tp_size(tag_dir)
+    try:
+        args, divisible_by = model_args_from_section(config["model"], tp)
+    except ValueError as e:
+        raise ConversionError(f"{tag_dir / 'config.yml'}: {e}") from e
+    return tag_dir, args, divisible_by
+
+
+def _read_shards(tag_dir: Path, args: ModelArgs, fp32_master: bool) -> list[dict]:
+    shards = read_model_shards(tag_dir, fp32_master)
+    try:
+        check_native_shards(shards, args)
+    except ValueError as e:
+        raise ConversionError(f"{tag_dir}: weights do not match config.yml: {e}") from e
+    return shards
+
+
+def build_hf_config(
+    args: ModelArgs,
+    arch: str,
+    template: Mapping[str, Any] | None = None,
+    divisible_by: int = 128,
+) -> Any:
+    """A transformers config for ``args`` as ``arch``, keeping a template's other fields.
+
+    Args:
+        args: the native model.
+        arch: target ``model_type``.
+        template: a ``config.json`` (e.g. the source model's) whose non-architectural fields
+            (token ids, ...) are kept when its ``model_type`` is ``arch``.
+        divisible_by: vocabulary padding rule, for the round-trip check.
+
+    Raises:
+        ConversionError: ``arch`` cannot express ``args``, or the built config would map back
+            to a different model.
+    """
+    from transformers import AutoConfig
+
+    try:
+        kw = hf_config_kwargs(args, arch)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    base = {}
+    if template and template.get("model_type") == arch:
+        base = {k: v for k, v in template.items() if k not in _TEMPLATE_DROP}
+    if NEOX_ACTIVATIONS.get(base.get("hidden_act")) == args.activation:
+        kw["hidden_act"] = base["hidden_act"]  # e.g. keep gelu_new: same function, same kernel
+    cfg = AutoConfig.for_model(arch, **{**base, **kw})
+    cfg.architectures = [HF_CLASS_NAMES[arch]]
+    back = model_config_from_hf(cfg, 1, divisible_by)
+    back = dataclasses.replace(back, padded_vocab_size=args.padded_vocab_size)
+    mismatches = architecture_mismatches(back, args)
+    if mismatches:
+        raise ConversionError(
+            f"a {arch!r} config would not describe this model: {'; '.join(mismatches)}"
+        )
+    return cfg
+
+
+def convert_native_to_hf(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    config: Mapping[str, Any],
+    arch: str | None = None,
+    extras_dir: str | Path | None = None,
+    dtype: str | None = None,
+    fp32_master: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    show_progress: bool = False,
+) -> Path:
+    """Convert a native checkpoint (any TP size, any ZeRO stage) to a Hugging Face directory.
+
+    Args:
+        ckpt: a checkpoint directory (with ``latest``) or one of its ``iter_*`` directories.
+        out_dir: new (or empty) output directory.
+        config: the checkpoint's ``config.yml`` as plain data (its ``model`` section is used).
+        arch: target ``model_type``; default the template's, else inferred
+            (:func:`~megatron.model.convert_config.infer_architecture`).
+        extras_dir: a Hugging Face directory (the source model, or a converted checkpoint's
+            ``hf/``) whose config fields, generation config and tokenizer are carried over.
+        dtype: ``fp32``, ``bf16`` or ``fp16``; None keeps the checkpoint's.
+        fp32_master: ZeRO 1-2: export the fp32 master weights (see
+            :func:`megatron.ckpt.native.read_model_shard`).
+        max_shard_bytes: safetensors shard size.
+        show_progress: show a progress bar on stderr.
+
+    Returns:
+        ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained``.
+
+    Raises:
+        ConversionError: missing files, weights that do not match ``config``, or an
+            architecture that cannot express the model.
+    """
+    out_dir = Path(out_dir)
+    tag_dir, args, divisible_by = _checkpoint(ckpt, config)
+    extras = Path(extras_dir) if extras_dir else None
+    template = read_hf_config(extras) if extras and (extras / "config.json").is_file() else None
+    arch = arch or (template or {}).get("model_type") or infer_architecture(args)
+    hf_config = build_hf_config(args, arch, template, divisible_by)
+    if extras:
+        check_tokenizer_vocab(extras, args.vocab_size)
+    shards = _read_shards(tag_dir, args, fp32_master)
+    out_dtype = DTYPES[dtype] if dtype else shards[0]["embedding.weight"].dtype
+    meta = [{k: torch.empty(t.shape, device="meta") for k, t in sd.items()} for sd in shards]
+    total = sum(1 for _ in iter_hf_from_native(meta, args, arch))
+    _fresh_dir(out_dir)
+    writer = SafetensorsWriter(out_dir, max_shard_bytes)
+    for name, t in _progress(
+        iter_hf_from_native(shards, args, arch), total, "exporting", show_progress
+    ):
+        writer.add(name, t.to(out_dtype))
+    writer.close()
+    hf_config.dtype = out_dtype
+    hf_config.save_pretrained(out_dir)
+    copied = copy_hf_extras(extras, out_dir, with_config=False) if extras else []
+    if "generation_config.json" not in copied:
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)
+    return out_dir
+
+
+def reshard(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    config: Mapping[str, Any],
+    tp_size: int,
+    pp_size: int = 1,
+    show_progress: bool = False,
+) -> Path:
+    """Write the weights of a native checkpoint at another TP size (weights only).
+
+    Args:
+        ckpt: a checkpoint directory (with ``latest``) or one of its ``iter_*`` directories.
+        out_dir: new (or empty) output directory (same layout as :func:`convert_hf_to_native`).
+        config: the checkpoint's ``config.yml`` as plain data.
+        tp_size: the new TP size.
+        pp_size: pipeline-parallel size (only 1 for now).
+        show_progress: show a progress bar on stderr.
+
+    Returns:
+        The new ``iter_0000000`` directory.
+
+    Raises:
+        ConversionError: missing files, weights that do not match ``config``, or a TP size that
+            does not divide the model.
+    """
+    _check_grid(tp_size, pp_size)
+    out_dir = Path(out_dir)
+    tag_dir, old, divisible_by = _checkpoint(ckpt, config)
+    new = dataclasses.replace(
+        old, padded_vocab_size=padded_vocab(old.vocab_size, tp_size, divisible_by)
+    )
+    try:
+        check_tp(new, tp_size)
+    except ValueError as e:
+        raise ConversionError(f"--tp {tp_size}: {e}") from e
+    shards = _read_shards(tag_dir, old, fp32_master=False)
+    client_path = tag_dir / "client_state.json"
+    step = json.loads(client_path.read_text()).get("step") if client_path.is_file() else None
+    _fresh_dir(out_dir)
+    source = {"format": "native", "path": str(tag_dir.resolve()), "tp": len(shards), "step": step}
+    new_tag = _write_native(
+        out_dir,
+        iter_resharded(shards, old, new, tp_size),
+        new,
+        tp_size,
+        divisible_by=divisible_by,
+        dtype=None,
+        source=source,
+        show_progress=show_progress,
+    )
+    if (tag_dir.parent / HF_DIR).is_dir():
+        shutil.copytree(tag_dir.parent / HF_DIR, out_dir / HF_DIR)
+    return new_tag

@@ -1,0 +1,216 @@
+"""Model files of a native checkpoint: written per TP rank, read back from any ZeRO stage.
+
+One tag directory (``DIR/iter_XXXXXXX``, see :mod:`megatron.training.checkpointing`) holds the
+model as DeepSpeed wrote it:
+
+* ZeRO 0-2, and checkpoints written by the converters: ``mp_rank_{r:02d}_model_states.pt`` whose
+  ``module`` entry is TP rank r's ``GPTModel`` state dict.
+* ZeRO-3: ``zero_pp_rank_{d}_mp_rank_{r:02d}_model_states.pt`` whose ``module`` holds empty
+  placeholders; the weights are the fp32 partitions in ``*_mp_rank_{r:02d}_optim_states.pt``.
+  They are consolidated with DeepSpeed's ``zero_to_fp32``, one TP rank at a time (given the whole
+  directory it would mix the TP ranks' partitions and refuse).
+
+:func:`load_tp_shard` returns one rank's weights at any TP size: when the checkpoint was written at
+another TP size it gathers the shards and splits them again (exact; vocabulary padding redone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import io
+import logging
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron.ckpt import ConversionError
+from megatron.model.hf_mapping import ModelArgs, check_native_shards, iter_resharded
+from megatron.utils import log_rank0
+
+logger = logging.getLogger(__name__)
+_MODEL_FILE = re.compile(r"(?:^|_)mp_rank_(\d+)_model_states\.pt$")
+
+
+def model_states_name(tp_rank: int) -> str:
+    """File name of TP rank ``tp_rank``'s model states (ZeRO 0-2 layout)."""
+    return f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def write_model_states(
+    tag_dir: str | Path, tp_rank: int, tp_size: int, state_dict: Mapping[str, torch.Tensor]
+) -> Path:
+    """Write one TP rank's weights as DeepSpeed's ZeRO 0-2 ``mp_rank_XX_model_states.pt``.
+
+    Besides ``module``, the file carries the entries DeepSpeed's ``load_checkpoint(...,
+    load_module_only=True)`` and ``zero_to_fp32`` read, so DeepSpeed itself can load it too.
+    The file is written under a temporary name and renamed.
+
+    Returns:
+        The file's path.
+    """
+    tag_dir = Path(tag_dir)
+    module = OrderedDict(state_dict)
+    payload = {
+        "module": module,
+        "buffer_names": [],
+        "param_shapes": [OrderedDict((k, v.shape) for k, v in module.items())],
+        "frozen_param_shapes": None,
+        "frozen_param_fragments": None,
+        "shared_params": {},
+        "optimizer": None,
+        "lr_scheduler": None,
+        "data_sampler": None,
+        "random_ltd": None,
+        "global_steps": 0,
+        "global_samples": 0,
+        "skipped_steps": 0,
+        "dp_world_size": 1,
+        "mp_world_size": tp_size,
+        "ds_version": importlib.metadata.version("deepspeed"),
+    }
+    path = tag_dir / model_states_name(tp_rank)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_tp_size(tag_dir: str | Path) -> int:
+    """The TP size a checkpoint was written at (from its model-state file names).
+
+    Raises:
+        ConversionError: no model files, or TP ranks missing.
+    """
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        raise ConversionError(f"{tag_dir}: no such checkpoint directory")
+    files = {int(m.group(1)): p for p in tag_dir.iterdir() if (m := _MODEL_FILE.search(p.name))}
+    if not files:
+        raise ConversionError(
+            f"{tag_dir} holds no model files (mp_rank_XX_model_states.pt or "
+            "zero_pp_rank_D_mp_rank_XX_model_states.pt)"
+        )
+    # DeepSpeed records the TP size in every model file; trust it over the files that are left.
+    first = torch.load(files[min(files)], map_location="cpu", mmap=True, weights_only=False)
+    size = int(first.get("mp_world_size") or 0) if isinstance(first, dict) else 0
+    size = max(size, max(files) + 1)
+    missing = sorted(set(range(size)) - set(files))
+    if missing:
+        raise ConversionError(
+            f"{tag_dir}: written at TP={size}, but the model files of TP ranks {missing} are missing"
+        )
+    return size
+
+
+def _zero_fp32(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of one TP rank from its ZeRO partitions, by DeepSpeed's ``zero_to_fp32``."""
+    from megatron.training.distributed import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    mp = f"mp_rank_{tp_rank:02d}"
+    files = [*tag_dir.glob(f"{mp}_model_states.pt"), *tag_dir.glob(f"*_{mp}_*_states.pt")]
+    if not any(f.name.endswith("optim_states.pt") for f in files):
+        raise ConversionError(
+            f"{tag_dir}: no ZeRO optimizer partitions (*_{mp}_optim_states.pt) to take fp32 "
+            f"weights of TP rank {tp_rank} from (fp32 master weights exist only for ZeRO >= 1)"
+        )
+    with tempfile.TemporaryDirectory() as view:
+        # why: zero_to_fp32 globs a whole directory; a view with one TP rank's files keeps it
+        # from mixing (and counting) the partitions of the other TP ranks.
+        (Path(view) / tag_dir.name).mkdir()
+        for f in files:
+            (Path(view) / tag_dir.name / f.name).symlink_to(f.resolve())
+        noise = io.StringIO()
+        with contextlib.redirect_stdout(noise):
+            sd = get_fp32_state_dict_from_zero_checkpoint(view, tag=tag_dir.name)
+        logger.debug("zero_to_fp32 for TP rank %d:\n%s", tp_rank, noise.getvalue())
+    return dict(sd)
+
+
+def read_model_shard(
+    tag_dir: str | Path, tp_rank: int, fp32_master: bool = False
+) -> dict[str, torch.Tensor]:
+    """TP rank ``tp_rank``'s weights from a checkpoint directory written at any ZeRO stage.
+
+    Args:
+        tag_dir: the ``iter_XXXXXXX`` directory.
+        tp_rank: which TP shard.
+        fp32_master: take ZeRO 1-2's fp32 master weights (from the optimizer partitions)
+            instead of the module's (bf16/fp16 when the run trained in those). ZeRO-3 always
+            uses the fp32 partitions: its module files hold no weights.
+
+    Returns:
+        The state dict (memory-mapped from disk where possible).
+
+    Raises:
+        ConversionError: the files for that rank are missing or unusable.
+    """
+    tag_dir = Path(tag_dir)
+    path = tag_dir / model_states_name(tp_rank)
+    if path.is_file() and not fp32_master:
+        states = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        module = states.get("module") if isinstance(states, dict) else None
+        if not isinstance(module, Mapping) and any(tag_dir.glob("layer_*-model_states.pt")):
+            raise ConversionError(
+                f"{tag_dir} was written by a pipeline-parallel run (per-layer files); reading "
+                "pipeline checkpoints is not supported yet"
+            )
+        if not isinstance(module, Mapping):
+            raise ConversionError(f"{path} has no 'module' state dict")
+        if all(t.numel() for t in module.values()):
+            return dict(module)
+    return _zero_fp32(tag_dir, tp_rank)
+
+
+def read_model_shards(tag_dir: str | Path, fp32_master: bool = False) -> list[dict]:
+    """Every TP rank's weights, in rank order (see :func:`read_model_shard`)."""
+    return [read_model_shard(tag_dir, r, fp32_master) for r in range(checkpoint_tp_size(tag_dir))]
+
+
+def load_tp_shard(
+    tag_dir: str | Path, args: ModelArgs, tp_size: int, tp_rank: int
+) -> dict[str, torch.Tensor]:
+    """TP rank ``tp_rank`` of ``tp_size``'s weights, resharding when the checkpoint's TP differs.
+
+    Args:
+        tag_dir: the checkpoint's ``iter_XXXXXXX`` directory.
+        args: the model config of the run (``padded_vocab_size`` for ``tp_size``); any object
+            with :class:`ModelArgs`' fields (e.g. :class:`megatron.config.ModelConfig`).
+        tp_size: the run's TP size.
+        tp_rank: this rank.
+
+    Raises:
+        ConversionError: missing files, or weights that do not fit the model config.
+    """
+    ckpt_tp = checkpoint_tp_size(tag_dir)
+    if ckpt_tp == tp_size:
+        shards = [read_model_shard(tag_dir, tp_rank)]
+        try:
+            check_native_shards(shards, args, tp_size=tp_size)
+        except ValueError as e:
+            raise ConversionError(f"{tag_dir} does not fit the run's model config: {e}") from e
+        return shards[0]
+    log_rank0("resharding %s from TP=%d to TP=%d while loading", tag_dir, ckpt_tp, tp_size)
+    shards = read_model_shards(tag_dir)
+    rows = shards[0]["embedding.weight"].shape[0] * ckpt_tp
+    old = _with_padded_vocab(args, rows)
+    try:
+        return {k: s[tp_rank] for k, s in iter_resharded(shards, old, args, tp_size)}
+    except ValueError as e:
+        raise ConversionError(f"{tag_dir} does not fit the run's model config: {e}") from e
+
+
+def _with_padded_vocab(args: Any, padded_vocab_size: int) -> Any:
+    if dataclasses.is_dataclass(args):
+        return dataclasses.replace(args, padded_vocab_size=padded_vocab_size)
+    raise TypeError(f"expected a dataclass model config, got {type(args).__name__}")

@@ -1,0 +1,458 @@
+"""Hugging Face config <-> native ``model`` section, both directions.
+
+Supported ``model_type`` values: ``llama``, ``mistral``, ``qwen2`` and ``gpt_neox``. Checked against
+transformers 5.24 (``tests/model/test_hf_parity.py``, ``tests/tools/test_ckpt_convert.py``).
+
+* :func:`model_config_from_hf`: a transformers config -> :class:`ModelArgs` (what
+  :class:`~megatron.model.gpt.GPTModel` reads).
+* :func:`hf_config_kwargs`: :class:`ModelArgs` -> keyword arguments of the transformers config
+  class, refusing anything the target architecture cannot express.
+* :func:`model_section` / :func:`model_args_from_section`: :class:`ModelArgs` <-> the ``model:``
+  YAML section (plain data) that :func:`megatron.config.load_config` reads.
+
+Everything here works on plain objects and dicts; transformers is never imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt_neox")
+_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+HF_CLASS_NAMES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+}
+"""The ``architectures`` entry written to ``config.json`` per ``model_type``."""
+NEOX_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+"""GPT-NeoX ``hidden_act`` -> native ``model.activation``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Rotary frequency scaling, as ``model.rope_scaling`` (see :mod:`megatron.model.rotary`)."""
+
+    type: str
+    """``llama3`` or ``linear``."""
+    factor: float
+    """Context extension factor."""
+    low_freq_factor: float = 1.0
+    """``llama3`` only."""
+    high_freq_factor: float = 4.0
+    """``llama3`` only."""
+    original_max_position_embeddings: int = 8192
+    """``llama3`` only: the pre-training context length."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArgs:
+    """The model fields :class:`GPTModel` reads, mirroring the ``model`` config section.
+
+    Every field of :class:`megatron.config.ModelConfig` except ``make_vocab_size_divisible_by``
+    (a test keeps the two in step).
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    kv_channels: int
+    padded_vocab_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm: str
+    norm_eps: float
+    activation: str
+    rotary_pct: float = 1.0
+    rotary_base: float = 10000.0
+    rotary_interleaved: bool = False
+    rope_scaling: RopeScaling | None = None
+    parallel_residual: bool = False
+    qkv_bias: bool = False
+    proj_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    attention_backend: str = "auto"
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    init_method_std: float = 0.02
+    activation_checkpointing: bool = False
+
+
+# Fields that change the function the model computes (compared after a config round trip).
+ARCHITECTURE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_kv_heads",
+    "ffn_hidden_size",
+    "kv_channels",
+    "vocab_size",
+    "max_position_embeddings",
+    "norm",
+    "norm_eps",
+    "activation",
+    "rotary_pct",
+    "rotary_base",
+    "rotary_interleaved",
+    "rope_scaling",
+    "parallel_residual",
+    "qkv_bias",
+    "proj_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "sliding_window",
+)
+# Derived by megatron.config.load_config; never written to a model.yml.
+_DERIVED = ("kv_channels", "padded_vocab_size")
+
+
+def padded_vocab(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
+    """``vocab_size`` rounded up to a multiple of ``divisible_by * tp_size`` (Megatron's rule)."""
+    multiple = divisible_by * tp_size
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def _unsupported(arch: Any) -> ValueError:
+    return ValueError(
+        f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+    )
+
+
+# --- Hugging Face -> native ----------------------------------------------------------------------
+
+
+def _rope(hf: Any) -> tuple[float, float, RopeScaling | None]:
+    """``(rotary_base, rotary_pct, rope_scaling)`` from ``rope_parameters`` (transformers >= 5)
+    or the older ``rope_theta`` / ``rope_scaling`` / ``rotary_pct`` / ``rotary_emb_base``."""
+    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    base = params.get("rope_theta") or getattr(hf, "rope_theta", None)
+    base = base or getattr(hf, "rotary_emb_base", None) or 10000.0
+    pct = params.get("partial_rotary_factor")
+    pct = (
+        pct or getattr(hf, "partial_rotary_factor", None) or getattr(hf, "rotary_pct", None) or 1.0
+    )
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return float(base), float(pct), None
+    if kind == "linear":
+        return float(base), float(pct), RopeScaling(type="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        scaling = RopeScaling(
+            type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+        return float(base), float(pct), scaling
+    raise ValueError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _sliding_window(hf: Any) -> int | None:
+    window = getattr(hf, "sliding_window", None)
+    if hf.model_type == "llama" or window is None:
+        return None
+    if hf.model_type == "qwen2":
+        # Qwen2 slides only in the layers marked so (those >= max_window_layers).
+        kinds = set(getattr(hf, "layer_types", None) or ["full_attention"])
+        if kinds == {"full_attention"}:
+            return None
+        if kinds != {"sliding_attention"}:
+            raise ValueError(
+                "qwen2 with sliding attention in only some layers (max_window_layers="
+                f"{hf.max_window_layers} < num_hidden_layers={hf.num_hidden_layers}) is not supported"
+            )
+    return int(window)
+
+
+def _activation(hf: Any) -> str:
+    act = hf.hidden_act
+    if hf.model_type in _LLAMA_LIKE:
+        if act != "silu":
+            raise ValueError(f"{hf.model_type}: hidden_act {act!r} is not supported (only 'silu')")
+        return "swiglu"
+    if act not in NEOX_ACTIVATIONS:
+        raise ValueError(
+            f"gpt_neox: hidden_act {act!r} is not supported (supported: {list(NEOX_ACTIVATIONS)})"
+        )
+    return NEOX_ACTIVATIONS[act]
+
+
+def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 128) -> ModelArgs:
+    """Native model args for a transformers config.
+
+    Args:
+        hf_config: a ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or ``GPTNeoXConfig``.
+        tp_size: tensor-parallel size the vocabulary padding must divide.
+        divisible_by: the padded vocabulary is a multiple of ``divisible_by * tp_size``.
+
+    Returns:
+        The matching :class:`ModelArgs`.
+
+    Raises:
+        ValueError: unsupported architecture, activation, rope type or sliding-window pattern.
+    """
+    hf = hf_config
+    arch = getattr(hf, "model_type", None)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise _unsupported(arch)
+    base, pct, scaling = _rope(hf)
+    heads = hf.num_attention_heads
+    common = dict(
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        num_attention_heads=heads,
+        ffn_hidden_size=hf.intermediate_size,
+        padded_vocab_size=padded_vocab(hf.vocab_size, tp_size, divisible_by),
+        vocab_size=hf.vocab_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        activation=_activation(hf),
+        rotary_pct=pct,
+        rotary_base=base,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+        init_method_std=float(getattr(hf, "initializer_range", 0.02)),
+    )
+    if arch == "gpt_neox":
+        return ModelArgs(
+            **common,
+            num_kv_heads=heads,
+            kv_channels=hf.hidden_size // heads,
+            norm="layernorm",
+            norm_eps=hf.layer_norm_eps,
+            norm_bias=True,
+            parallel_residual=bool(hf.use_parallel_residual),
+            qkv_bias=bool(getattr(hf, "attention_bias", True)),
+            proj_bias=bool(getattr(hf, "attention_bias", True)),
+            mlp_bias=True,
+            hidden_dropout=float(getattr(hf, "hidden_dropout", 0.0) or 0.0),
+        )
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    return ModelArgs(
+        **common,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        norm="rmsnorm",
+        norm_eps=hf.rms_norm_eps,
+        # Qwen2 always has q/k/v biases and no output-projection bias.
+        qkv_bias=True if arch == "qwen2" else attention_bias,
+        proj_bias=False if arch == "qwen2" else attention_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        sliding_window=_sliding_window(hf),
+    )
+
+
+# --- native -> Hugging Face ----------------------------------------------------------------------
+
+
+def infer_architecture(args: ModelArgs) -> str:
+    """The Hugging Face ``model_type`` a native model is exported as, when not given.
+
+    LayerNorm + GeLU -> ``gpt_neox``; otherwise (RMSNorm + SwiGLU) ``qwen2`` when q/k/v have a
+    bias and the output projection has none, ``mistral`` with a sliding window, else ``llama``.
+    """
+    if args.norm == "layernorm":
+        return "gpt_neox"
+    if args.qkv_bias and not args.proj_bias:
+        return "qwen2"
+    return "mistral" if args.sliding_window is not None else "llama"
+
+
+def _rope_kwargs(args: ModelArgs, arch: str) -> dict[str, Any]:
+    # why: the legacy names are accepted by transformers 4.x and converted by 5.x.
+    scaling = None
+    if args.rope_scaling is not None:
+        scaling = {"rope_type": args.rope_scaling.type, "factor": args.rope_scaling.factor}
+        if args.rope_scaling.type == "llama3":
+            scaling.update(
+                low_freq_factor=args.rope_scaling.low_freq_factor,
+                high_freq_factor=args.rope_scaling.high_freq_factor,
+                original_max_position_embeddings=args.rope_scaling.original_max_position_embeddings,
+            )
+    if arch == "gpt_neox":
+        out = {"rotary_pct": args.rotary_pct, "rotary_emb_base": args.rotary_base}
+        return {**out, "rope_scaling": scaling} if scaling else out
+    return {"rope_theta": args.rotary_base, "rope_scaling": scaling}
+
+
+def _require(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _neox_kwargs(args: ModelArgs, problems: list[str]) -> dict[str, Any]:
+    n, h = args.num_attention_heads, args.hidden_size
+    _require(problems, args.num_kv_heads == n, f"num_kv_heads ({args.num_kv_heads}) != heads ({n})")
+    _require(problems, args.kv_channels * n == h, "kv_channels x heads != hidden_size")
+    _require(problems, args.norm_bias, "norm_bias must be true")
+    _require(problems, args.mlp_bias, "mlp_bias must be true")
+    _require(problems, args.qkv_bias == args.proj_bias, "qkv_bias and proj_bias must agree")
+    _require(problems, args.activation != "swiglu", "activation swiglu is not supported")
+    _require(problems, args.sliding_window is None, "sliding_window is not supported")
+    act = "gelu" if args.activation == "gelu" else "gelu_pytorch_tanh"
+    return dict(
+        hidden_act=act,
+        layer_norm_eps=args.norm_eps,
+        use_parallel_residual=args.parallel_residual,
+        attention_bias=args.qkv_bias,
+        hidden_dropout=args.hidden_dropout,
+    )
+
+
+def _llama_like_kwargs(args: ModelArgs, arch: str, problems: list[str]) -> dict[str, Any]:
+    _require(problems, args.norm == "rmsnorm", f"norm {args.norm!r} (needs rmsnorm)")
+    _require(problems, args.activation == "swiglu", f"activation {args.activation!r} (swiglu)")
+    _require(problems, not args.parallel_residual, "parallel_residual is not supported")
+    out: dict[str, Any] = dict(
+        num_key_value_heads=args.num_kv_heads,
+        head_dim=args.kv_channels,
+        rms_norm_eps=args.norm_eps,
+        hidden_act="silu",
+    )
+    if arch == "llama":
+        _require(problems, args.qkv_bias == args.proj_bias, "qkv_bias and proj_bias must agree")
+        _require(problems, args.sliding_window is None, "sliding_window is not supported")
+        out.update(attention_bias=args.qkv_bias, mlp_bias=args.mlp_bias)
+    elif arch == "mistral":
+        no_bias = not (args.qkv_bias or args.proj_bias or args.mlp_bias)
+        _require(problems, no_bias, "biases are not supported")
+        out.update(sliding_window=args.sliding_window)
+    else:  # qwen2
+        _require(problems, args.qkv_bias and not args.proj_bias, "needs qkv_bias and no proj_bias")
+        _require(problems, not args.mlp_bias, "mlp_bias is not supported")
+        window = args.sliding_window
+        out.update(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=0 if window is not None else args.num_layers,
+        )
+    return out
+
+
+def hf_config_kwargs(args: ModelArgs, arch: str) -> dict[str, Any]:
+    """Keyword arguments of transformers' config class for ``arch`` that describe ``args``.
+
+    Args:
+        args: the native model.
+        arch: target ``model_type``, one of :data:`SUPPORTED_ARCHITECTURES`.
+
+    Returns:
+        Plain data for ``AutoConfig.for_model(arch, **kwargs)`` (also a valid ``config.json``
+        body once ``model_type`` and ``architectures`` are added).
+
+    Raises:
+        ValueError: ``arch`` is unsupported, or names every field the architecture cannot
+            express (e.g. a bias Mistral does not have).
+    """
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise _unsupported(arch)
+    problems: list[str] = []
+    _require(problems, not args.rotary_interleaved, "rotary_interleaved is not supported")
+    kw: dict[str, Any] = dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.ffn_hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        max_position_embeddings=args.max_position_embeddings,
+        tie_word_embeddings=args.tie_word_embeddings,
+        attention_dropout=args.attention_dropout,
+        initializer_range=args.init_method_std,
+        **_rope_kwargs(args, arch),
+    )
+    if arch == "gpt_neox":
+        kw.update(_neox_kwargs(args, problems))
+    else:
+        _require(problems, args.rotary_pct == 1.0, f"rotary_pct {args.rotary_pct} (needs 1.0)")
+        kw.update(_llama_like_kwargs(args, arch, problems))
+    if problems:
+        raise ValueError(f"the model cannot be written as {arch!r}: " + "; ".join(problems))
+    return kw
+
+
+def architecture_mismatches(a: ModelArgs, b: ModelArgs) -> list[str]:
+    """``field: a != b`` for every architectural field where two models differ."""
+    return [
+        f"{name}: {getattr(a, name)!r} != {getattr(b, name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(a, name) != getattr(b, name)
+    ]
+
+
+# --- native model section (YAML data) ------------------------------------------------------------
+
+
+def model_section(args: ModelArgs, divisible_by: int = 128) -> dict[str, Any]:
+    """The ``model:`` section for ``args`` as plain data, without derived keys.
+
+    Raises:
+        ValueError: ``args`` cannot be expressed by the config (``kv_channels`` is derived as
+            hidden_size / num_attention_heads and cannot be set yet).
+    """
+    if args.kv_channels * args.num_attention_heads != args.hidden_size:
+        raise ValueError(
+            f"head_dim ({args.kv_channels}) != hidden_size / num_attention_heads "
+            f"({args.hidden_size} / {args.num_attention_heads}): model.kv_channels is derived "
+            "from them in the native config and cannot be set yet"
+        )
+    out = {}
+    for f in dataclasses.fields(ModelArgs):
+        if f.name in _DERIVED:
+            continue
+        value = getattr(args, f.name)
+        out[f.name] = dataclasses.asdict(value) if isinstance(value, RopeScaling) else value
+        if f.name == "vocab_size":
+            out["make_vocab_size_divisible_by"] = divisible_by
+    return out
+
+
+def model_args_from_section(section: Mapping[str, Any], tp_size: int) -> tuple[ModelArgs, int]:
+    """:class:`ModelArgs` and ``make_vocab_size_divisible_by`` from a ``model:`` section.
+
+    The section goes through :class:`megatron.config.ModelConfig`, so omitted keys take the
+    trainer's defaults and its field checks apply.
+
+    Args:
+        section: the ``model`` mapping of a ``config.yml`` (resolved, as saved with every
+            checkpoint) or of a ``model.yml`` (derived keys absent).
+        tp_size: the tensor-parallel size the padded vocabulary is derived for.
+
+    Raises:
+        ValueError: an invalid section, or a key the converter does not know (so a newer config
+            is never exported silently wrong).
+    """
+    from megatron.config import ConfigError, ModelConfig
+    from megatron.config import RopeScaling as ConfigRopeScaling
+
+    names = {f.name for f in dataclasses.fields(ModelArgs)}
+    unknown = sorted(set(section) - names - {"make_vocab_size_divisible_by"})
+    if unknown:
+        raise ValueError(f"model section: keys unknown to the converter: {unknown}")
+    kw = {k: v for k, v in section.items() if k not in _DERIVED}
+    try:
+        if isinstance(kw.get("rope_scaling"), Mapping):
+            kw["rope_scaling"] = ConfigRopeScaling(**kw["rope_scaling"])
+        cfg = ModelConfig(**kw)
+        cfg = dataclasses.replace(
+            cfg,
+            padded_vocab_size=padded_vocab(
+                cfg.vocab_size, tp_size, cfg.make_vocab_size_divisible_by
+            ),
+        )
+    except (ConfigError, TypeError) as e:
+        raise ValueError(f"model section: {e}") from e
+    out = {name: getattr(cfg, name) for name in names}
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = RopeScaling(**dataclasses.asdict(cfg.rope_scaling))
+    return ModelArgs(**out), cfg.make_vocab_size_divisible_by

@@ -1,0 +1,330 @@
+"""Reference log-probabilities for objectives that compare the policy with a reference.
+
+Three sources (``reference.source``, see :func:`megatron.config.validate.reference_source`):
+
+* ``model`` — :class:`ReferenceModel`: a frozen copy of the policy's architecture on the same TP
+  layout, evaluated under ``no_grad`` on every micro-batch (no optimizer state, never trained).
+  Its weights come from ``reference.load``, else from the policy's *initial* weights: the
+  ``checkpoint.load`` of a ``finetune`` start, or the seeded initialisation. A resumed run reuses
+  what the run started from (recorded in the checkpoint), never the resumed policy weights.
+* ``cache`` — :class:`ReferenceCache`: values precomputed by ``tools/precompute_reference.py``
+  for every example of the run's train/valid data, looked up by the batch's ``example_ids``.
+  The cache records a fingerprint of everything that determines the values (reference weights,
+  tokenizer and data, the objective's reduction of token log-probs); a mismatch is an error
+  naming what differs, never a silent reuse.
+* ``none``.
+
+In each case the objective turns reference token log-probs into what its loss consumes
+(``objective.reference_log_probs(token_logps, batch)`` -> dict of ``[n]`` tensors), so the cache
+stores exactly those per-example values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron.config import config_to_dict, read_config_file
+from megatron.model import DTYPES, GPTModel, SequenceLayout
+from megatron.parallel import ParallelState
+from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
+from megatron.utils import atomic_write_json, log_rank0
+
+CACHE_VERSION = 1
+# Fields that change a model's outputs; the rest (dropout, checkpointing, backend) do not.
+_NON_ARCH = (
+    "attention_dropout",
+    "hidden_dropout",
+    "activation_checkpointing",
+    "attention_backend",
+    "init_method_std",
+    "padded_vocab_size",
+    "make_vocab_size_divisible_by",
+)
+
+
+def initial_weights(cfg: Any, client_state: dict[str, Any] | None) -> str | None:
+    """The reference checkpoint: explicit, recorded at the run's start, or the finetune source."""
+    if cfg.reference.load:
+        return cfg.reference.load
+    if client_state is not None:  # a resumed run: whatever it started from
+        return client_state.get("reference_load")
+    return cfg.checkpoint.load if cfg.checkpoint.finetune else None
+
+
+def architecture(model_cfg: Any) -> dict[str, Any]:
+    d = config_to_dict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg)
+    return {k: v for k, v in d.items() if k not in _NON_ARCH}
+
+
+def _check_architecture(tag_dir: Path, model_cfg: Any) -> None:
+    """Refuse a reference checkpoint whose recorded architecture differs from the policy's."""
+    cfg_file = tag_dir / "config.yml"
+    if not cfg_file.is_file():
+        return  # no recorded config: shapes are still checked when the weights load
+    saved = read_config_file(cfg_file).get("model")
+    if not saved:
+        return
+    want, got = architecture(model_cfg), architecture(saved)
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if diff:
+        detail = ", ".join(
+            f"model.{k}: policy {want.get(k)!r} vs reference {got.get(k)!r}" for k in diff
+        )
+        raise CheckpointError(
+            f"reference.load: {tag_dir} holds a different architecture than the policy ({detail})"
+        )
+
+
+class ReferenceModel:
+    """Frozen reference model beside the policy (same TP layout; see module docstring).
+
+    Args:
+        cfg: the run config.
+        state: the parallel grid (TP only; pipeline runs use the cache).
+        device: where to run it.
+        load: native checkpoint to read (any ZeRO stage, any TP size: resharded on load), or
+            ``None`` for the seeded initialisation of the policy.
+    """
+
+    def __init__(self, cfg: Any, state: ParallelState, device: torch.device, load: str | None):
+        dtype = DTYPES[cfg.training.precision]
+        self.model = GPTModel(cfg.model, state, seed=cfg.training.seed)
+        if load:
+            from megatron.ckpt.native import load_tp_shard
+
+            root, tag = resolve_checkpoint(load)
+            _check_architecture(root / tag, cfg.model)
+            shard = load_tp_shard(root / tag, cfg.model, state.tp_size, state.tp_rank)
+            self.model.load_state_dict(shard, strict=True)
+            log_rank0("reference model: %s", root / tag)
+        else:
+            log_rank0("reference model: the policy's seeded initialisation")
+        self.model.to(device=device, dtype=dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.load = load
+
+    @torch.no_grad()
+    def token_log_probs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``[b, s]`` fp32 reference log-probs of ``batch["targets"]``."""
+        layout = None
+        if "position_ids" in batch:
+            layout = SequenceLayout(batch["position_ids"], batch.get("segment_ids"))
+        return self.model(batch["tokens"], layout, batch["targets"])["token_logps"]
+
+
+# ---- cache ------------------------------------------------------------------------------------
+def _file_digest(path: Path, h: Any) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def weights_fingerprint(cfg: Any, load: str | None) -> str:
+    """sha256 of the reference weights' files, or of the architecture + seed when seeded."""
+    h = hashlib.sha256()
+    if load is None:
+        h.update(
+            json.dumps(
+                {"seeded": cfg.training.seed, **architecture(cfg.model)}, sort_keys=True
+            ).encode()
+        )
+        return h.hexdigest()
+    root, tag = resolve_checkpoint(load)
+    files = sorted(p for p in (root / tag).iterdir() if p.name.endswith("model_states.pt"))
+    for p in files:
+        h.update(p.name.encode())
+        _file_digest(p, h)
+    return h.hexdigest()
+
+
+def data_fingerprint(cfg: Any, split: str) -> str:
+    """sha256 over the data config and every source's meta.json (which holds source hashes)."""
+    from megatron.data.meta import read_meta
+
+    d = config_to_dict(cfg.data)
+    h = hashlib.sha256(json.dumps({"split": split, **d}, sort_keys=True, default=str).encode())
+    for key in ("train", "valid", "test"):
+        for src in d.get(key) or []:
+            h.update(json.dumps(read_meta(src["path"]), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: Any, objective: Any, load: str | None) -> dict[str, str]:
+    """What a cache's values depend on, field by field (compared one by one on load)."""
+    reduction = getattr(objective, "reference_cache_params", lambda: {})()
+    return {
+        "version": str(CACHE_VERSION),
+        "weights": weights_fingerprint(cfg, load),
+        "data": data_fingerprint(cfg, "all"),
+        "objective": json.dumps({"name": cfg.objective.name, **reduction}, sort_keys=True),
+    }
+
+
+class ReferenceCache:
+    """Per-example reference values (``SPLIT.npz``: one array per key, row = example id)."""
+
+    def __init__(self, path: str | Path, expected: dict[str, str]) -> None:
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise CheckpointError(
+                f"reference.cache: {self.path} holds no meta.json; write the cache with "
+                "tools/precompute_reference.py"
+            )
+        meta = json.loads(meta_file.read_text())
+        diff = [k for k in expected if meta.get("key", {}).get(k) != expected[k]]
+        if diff:
+            raise CheckpointError(
+                f"reference.cache: {self.path} was computed for different {', '.join(diff)} than "
+                "this run (the fingerprints differ); recompute it with tools/precompute_reference.py"
+            )
+        self.splits = {s: dict(np.load(self.path / f"{s}.npz")) for s in meta["splits"]}
+
+    def lookup(self, batch: dict[str, Any], split: str) -> dict[str, torch.Tensor]:
+        ids = batch["example_ids"].cpu().numpy()
+        device = batch["example_ids"].device
+        return {k: torch.from_numpy(v[ids]).to(device) for k, v in self.splits[split].items()}
+
+
+def write_cache(
+    path: str | Path, key: dict[str, str], splits: dict[str, dict[str, np.ndarray]]
+) -> None:
+    """Write a cache atomically enough: arrays first, ``meta.json`` (the commit point) last."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "meta.json").unlink(missing_ok=True)
+    for split, arrays in splits.items():
+        tmp = path / f".{split}.tmp.npz"
+        np.savez(tmp, **arrays)
+        tmp.replace(path / f"{split}.npz")
+    atomic_write_json(
+        path / "meta.json", {"key": key, "splits": sorted(splits), "version": CACHE_VERSION}
+    )
+
+
+@dataclasses.dataclass
+class ReferenceProvider:
+    """Gives ``objective.loss`` its ``reference`` argument for a micro-batch."""
+
+    objective: Any
+    model: ReferenceModel | None = None
+    cache: ReferenceCache | None = None
+    split: str = "train"
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        if self.cache is not None:
+            return self.cache.lookup(batch, self.split)
+        if self.model is not None:
+            return self.objective.reference_log_probs(self.model.token_log_probs(batch), batch)
+        return None
+
+
+def _rank_rows(n: int, state: ParallelState) -> np.ndarray:
+    return np.array_split(np.arange(n), state.dp_size)[state.dp_rank]
+
+
+@torch.no_grad()
+def _compute_split(
+    dataset: Any,
+    model: ReferenceModel,
+    objective: Any,
+    state: ParallelState,
+    micro: int,
+    device: torch.device,
+    progress: Any,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    rows = _rank_rows(len(dataset), state)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(rows), micro):
+        ids = rows[start : start + micro].tolist()
+        batch = dataset.collate([dataset[i] for i in ids])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch["example_ids"] = torch.tensor(ids, device=device)
+        for k, v in objective.reference_log_probs(model.token_log_probs(batch), batch).items():
+            parts.setdefault(k, []).append(v.float().cpu().numpy())
+        progress.update(len(ids))
+    return rows, {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def precompute_reference(cfg: Any) -> Path:
+    """Compute the reference cache of ``cfg``'s train/valid data into ``reference.cache``.
+
+    Collective over the launched ranks: data-parallel ranks share the examples, tensor-parallel
+    ranks share each forward; any TP x DP grid gives the same values (to fp32 round-off).
+
+    Returns:
+        The cache directory.
+    """
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from megatron.data.builders import build_datasets
+    from megatron.objectives import get_objective
+    from megatron.training.distributed import init_distributed
+    from megatron.utils import global_rank
+
+    if cfg.parallel.pipeline != 1:
+        raise ValueError("precompute the reference with parallel.pipeline=1 (any TP x DP grid)")
+    device = init_distributed()
+    state = ParallelState.build(cfg.parallel.tensor, 1)
+    objective = get_objective(cfg.objective.name)(cfg.objective.params)
+    load = initial_weights(cfg, None)
+    model = ReferenceModel(cfg, state, device, load)
+    kind = type(objective).batch_kind
+    train, valid = build_datasets(kind, cfg.data, cfg.model.vocab_size)
+    splits: dict[str, dict[str, np.ndarray]] = {}
+    for name, ds in (("train", train), ("valid", valid)):
+        if ds is None:
+            continue
+        bar = tqdm(total=len(ds), desc=f"reference {name}", disable=global_rank() != 0)
+        bar.update(0)
+        mine = _compute_split(
+            ds,
+            model,
+            objective,
+            state,
+            cfg.training.micro_batch_size,
+            device,
+            _Progress(bar, state.dp_size),
+        )
+        bar.close()
+        gathered = [mine]
+        if dist.is_initialized() and state.dp_size > 1:
+            gathered = [None] * state.dp_size
+            dist.all_gather_object(gathered, mine, group=state.dp_group)
+        keys = sorted(gathered[0][1])
+        splits[name] = {
+            k: np.concatenate([g[1][k] for g in gathered])[
+                np.argsort(np.concatenate([g[0] for g in gathered]))
+            ]
+            for k in keys
+        }
+    path = Path(cfg.reference.cache)
+    if global_rank() == 0:
+        write_cache(path, cache_key(cfg, objective, load), splits)
+        log_rank0(
+            "reference cache written to %s (%s)",
+            path,
+            ", ".join(f"{k}: {len(next(iter(v.values())))} examples" for k, v in splits.items()),
+        )
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+class _Progress:
+    """Counts this rank's examples as the whole grid's (ranks progress at the same pace)."""
+
+    def __init__(self, bar: Any, dp: int) -> None:
+        self.bar, self.dp = bar, dp
+
+    def update(self, n: int) -> None:
+        self.bar.update(n * self.dp)

@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Convert a native checkpoint (any TP size, any ZeRO stage) into a Hugging Face model directory.
+
+Example:
+    python tools/ckpts/convert_native_to_hf.py --ckpt runs/zephyr-dpo --out hf/zephyr-dpo \\
+        --hf-template ckpts/mistral-7b-sft-beta-tp2/hf
+
+Writes safetensors shards + index, config.json, generation_config.json and the tokenizer;
+`AutoModelForCausalLM.from_pretrained(OUT)` loads it. The config, generation config and tokenizer
+come from --hf-template (the source model, or a converted checkpoint's hf/); default: CKPT/hf,
+else data.tokenizer of the checkpoint's config.yml when that directory holds a config.json.
+The logic lives in megatron/ckpt/convert.py; this file only parses flags and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+
+from megatron.ckpt import ConversionError  # noqa: E402
+from megatron.ckpt.convert import DTYPES, HF_DIR, convert_native_to_hf  # noqa: E402
+from megatron.model.convert_config import SUPPORTED_ARCHITECTURES  # noqa: E402
+from megatron.training.checkpointing import CheckpointError, resolve_checkpoint  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint dir or its iter_* dir")
+    p.add_argument("--out", required=True, metavar="DIR", help="new output directory")
+    p.add_argument(
+        "--arch",
+        choices=SUPPORTED_ARCHITECTURES,
+        help="model_type; None: the template's, else inferred",
+    )
+    p.add_argument("--hf-template", metavar="DIR", help="HF dir for config fields and tokenizer")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="weights dtype; None keeps the stored one"
+    )
+    p.add_argument(
+        "--fp32-master",
+        action="store_true",
+        help="ZeRO 1-2: export the optimizer's fp32 master weights instead of the module's",
+    )
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="shard size in GiB")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p.parse_args(argv)
+
+
+def read_checkpoint_config(ckpt: str) -> tuple[Path, dict[str, Any]]:
+    """``(checkpoint root, parsed config.yml)`` of a checkpoint directory."""
+    try:
+        root, tag = resolve_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
+    path = root / tag / "config.yml"
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing: the model config cannot be known")
+    return root, yaml.safe_load(path.read_text()) or {}
+
+
+def template_dir(root: Path, config: dict[str, Any], given: str | None) -> Path | None:
+    """--hf-template, else ROOT/hf, else data.tokenizer when it holds a config.json."""
+    if given:
+        return Path(given)
+    if (root / HF_DIR).is_dir():
+        return root / HF_DIR
+    tokenizer = (config.get("data") or {}).get("tokenizer")
+    if tokenizer and (Path(tokenizer) / "config.json").is_file():
+        return Path(tokenizer)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.time()
+    try:
+        root, config = read_checkpoint_config(args.ckpt)
+        extras = template_dir(root, config, args.hf_template)
+        if extras is None:
+            print("warning: no --hf-template: writing no tokenizer files", file=sys.stderr)
+        out = convert_native_to_hf(
+            args.ckpt,
+            args.out,
+            config=config,
+            arch=args.arch,
+            extras_dir=extras,
+            dtype=args.dtype,
+            fp32_master=args.fp32_master,
+            max_shard_bytes=int(args.max_shard_size * 2**30),
+            show_progress=not args.no_progress,
+        )
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"wrote {out} in {time.time() - start:.1f} s, peak RSS {peak:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
