@@ -17,9 +17,10 @@ Sequence order (``sequence_ids``): ``sequence`` kind (sft): sample ``i`` is sequ
 right to fit ``seq_length``; ``kl_start = n``), plus ``labels [n]`` bool. ``prompt``: the prompts,
 nothing trained, plus ``prompt_lengths [n]``.
 
-Every batch holds ``tokens``, ``targets``, ``position_ids``, ``segment_ids``, ``sequence_ids``
-``[b, s]`` int64, ``loss_mask [b, s]`` float32, ``num_sequences`` (int) and
-``stats = {"packing_efficiency": real tokens / (b * s)}``. For a sequence of ``m`` tokens at
+Every batch holds ``tokens``, ``targets``, ``position_ids``, ``sequence_ids`` ``[b, s]`` int64,
+``loss_mask [b, s]`` float32, ``num_sequences`` (int) and ``stats = {"packing_efficiency": real
+tokens / (b * s), "real_tokens": real tokens}``; packed batches also hold ``segment_ids``
+(padded rows hold one right-padded sequence each, for which plain causal attention is exact). For a sequence of ``m`` tokens at
 row offset ``o``: ``targets[o + k] = x[k + 1]`` and ``loss_mask[o + k] = trained[k + 1]`` for
 ``k < m - 1``; its last position and padding have target 0 (a valid id) and mask 0. Positions
 restart at 0 per sequence; ``segment_ids`` number a row's sequences 1, 2, ... (0 = padding), so
@@ -183,6 +184,10 @@ class Collator:
             )
         where = LAYOUTS[self.layout](lengths, self.seq_length)
         batch = self._fill(seqs, where)
+        if self.layout == "padded":
+            # why: one right-padded sequence per row — plain causal attention is exact for every
+            # real token, and it lets attention use its causal kernels instead of a mask.
+            del batch["segment_ids"]
         batch.update(extra)
         return batch
 
@@ -215,7 +220,10 @@ class Collator:
             "segment_ids": torch.from_numpy(segments),
             "sequence_ids": torch.from_numpy(seq_ids),
             "num_sequences": len(seqs),
-            "stats": {"packing_efficiency": float(real / (rows * width))},
+            "stats": {
+                "packing_efficiency": float(real / (rows * width)),
+                "real_tokens": float(real),
+            },
         }
 
 

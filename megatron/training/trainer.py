@@ -205,6 +205,9 @@ class Trainer:
             start = time.time()
             micro = self._micro_batches(next(batches), self.train_data)
             values = average_metrics(self._train_fn(micro), self.state.dp_group)
+            real = values.pop("real_tokens", None)  # mean per micro-batch, from the collator
+            if real is not None:
+                tokens_per_step = real * t.gradient_accumulation_steps * self.state.dp_size
             self.step += 1
             dt = time.time() - start
             values.update(lr=lr, step_time=dt, tokens_per_s=tokens_per_step / dt)

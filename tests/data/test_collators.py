@@ -15,10 +15,15 @@ from tests.data.conftest import write_jsonl
 def _check_layout(batch: dict, seqs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """Every sequence appears contiguously with restarting positions, its targets and mask."""
     assert batch["num_sequences"] == len(seqs)
-    for key in ("tokens", "targets", "position_ids", "segment_ids", "sequence_ids"):
+    for key in ("tokens", "targets", "position_ids", "sequence_ids"):
         assert batch[key].dtype == torch.int64
     assert batch["loss_mask"].dtype == torch.float32
-    seg, pos = batch["segment_ids"], batch["position_ids"]
+    pos = batch["position_ids"]
+    seg = batch.get("segment_ids")
+    if seg is None:  # padded: one sequence per row from offset 0, no segment tensor
+        lengths = pos.max(dim=1).values + 1
+        seg = (torch.arange(pos.shape[1]) < lengths[:, None]).long()
+    assert seg.dtype == torch.int64
     found = 0
     for r in range(seg.shape[0]):
         for s in range(1, int(seg[r].max()) + 1):
@@ -102,7 +107,7 @@ def test_packed_equals_padded_log_probs():
     out = {}
     for layout in ("padded", "packed"):
         batch = Collator("pair", layout, seq_length=32, pad_to_multiple_of=4)(samples)
-        layout_obj = SequenceLayout(batch["position_ids"], batch["segment_ids"])
+        layout_obj = SequenceLayout(batch["position_ids"], batch.get("segment_ids"))
         with torch.no_grad():
             logps = model(batch["tokens"], layout_obj, batch["targets"])["token_logps"]
         out[layout] = sequence_logps(logps, batch)
