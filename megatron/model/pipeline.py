@@ -37,6 +37,9 @@ from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# Whether the last stage also returns log sum_v p_v^2 (set from the objective's policy_outputs by
+# build_pipeline_model; a one-element list so stage functions built by DeepSpeed see it).
+WITH_SUM_SQ = [False]
 
 
 def pack_segments(segment_ids: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
@@ -120,7 +123,10 @@ class _OutputWeightView(nn.Module):
 def _log_probs(weight: torch.Tensor, cfg: Any, state: ParallelState, inputs: Activations):
     hidden, _, _, targets = inputs
     view = _OutputWeightView(weight, cfg, state, 4096)
+    view.with_sum_sq = WITH_SUM_SQ[0]
     out = token_log_probs(view, hidden, targets, view.chunk)
+    if "log_sum_sq_probs" in out:
+        return out["token_logps"], out["log_z"], out["log_sum_sq_probs"]
     return out["token_logps"], out["log_z"]
 
 
@@ -190,6 +196,8 @@ def build_pipeline_model(
         The ``PipelineModule`` (layers partitioned so the transformer layers are balanced).
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    WITH_SUM_SQ[0] = "log_sum_sq_probs" in getattr(loss_fn.objective, "policy_outputs", ())
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     n = cfg.num_layers
@@ -240,10 +248,12 @@ class PipelineLoss:
         self.metrics: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: tuple) -> torch.Tensor:
-        token_logps, log_z = outputs
+        token_logps, log_z = outputs[0], outputs[1]
         batch = dict(zip(self.keys, labels, strict=True))
         ref = self.reference(batch) if self.reference is not None else None
         policy = {"token_logps": token_logps, "log_z": log_z}
+        if len(outputs) > 2:
+            policy["log_sum_sq_probs"] = outputs[2]
         loss, metrics = self.objective.loss(policy, ref, batch)
         self.metrics.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
         return loss

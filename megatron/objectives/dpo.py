@@ -385,6 +385,8 @@ class DPO(Objective):
         # why: the class attribute is the documented default; a reference-free run needs none,
         # so the trainer must read this attribute on the instance.
         self.needs_reference_model = not config.reference_free
+        if config.use_weighting:
+            self.policy_outputs = frozenset({"log_sum_sq_probs"})
 
     @classmethod
     def check_config(cls, run_config: Any) -> list[str]:

@@ -35,18 +35,24 @@ def token_log_probs(
         chunk_size: tokens per chunk of the vocabulary projection.
 
     Returns:
-        ``{"token_logps": [b, s] fp32, "log_z": [b, s] fp32}``.
+        ``{"token_logps": [b, s] fp32, "log_z": [b, s] fp32}``, plus ``log_sum_sq_probs``
+        ``[b, s]`` (``log sum_v p_v^2``, no gradient) when ``model.with_sum_sq`` is set.
     """
     b, s, h = hidden.shape
-    logps, log_z = chunked_vocab_parallel_log_probs(
+    with_sq = bool(getattr(model, "with_sum_sq", False))
+    out = chunked_vocab_parallel_log_probs(
         hidden.reshape(b * s, h),  # [b, s, h] -> [b*s, h]
         model.output_weight(),
         targets.reshape(b * s),
         model.state.tp_group,
         vocab_size=model.cfg.vocab_size,
         chunk_size=chunk_size,
+        with_sum_sq=with_sq,
     )
-    return {"token_logps": logps.view(b, s), "log_z": log_z.view(b, s)}
+    result = {"token_logps": out[0].view(b, s), "log_z": out[1].view(b, s)}
+    if with_sq:  # the model's with_sum_sq flag: objectives that weight pairs by it (WPO)
+        result["log_sum_sq_probs"] = out[2].view(b, s)
+    return result
 
 
 # ----------------------------------------------------------------------------- per-sequence

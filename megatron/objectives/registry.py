@@ -29,6 +29,8 @@ class Objective:
     Config: ClassVar[type] = object
     batch_kind: ClassVar[str] = "sequence"
     needs_reference_model: ClassVar[bool] = False
+    policy_outputs: frozenset[str] = frozenset()
+    """Extra per-token model outputs the loss reads (e.g. ``log_sum_sq_probs`` for WPO)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config

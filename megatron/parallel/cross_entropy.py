@@ -139,23 +139,28 @@ def vocab_parallel_cross_entropy(
 
 class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, group, vocab_start, vocab_size, chunk):
-        logps, log_zs = [], []
+    def forward(ctx, hidden, weight, target, group, vocab_start, vocab_size, chunk, with_sq):
+        logps, log_zs, sqs = [], [], []
         for s in range(0, hidden.shape[0], chunk):
             logits = hidden[s : s + chunk] @ weight.t()
-            _, log_z, tl = _shard_stats(
+            masked, log_z, tl = _shard_stats(
                 logits, target[s : s + chunk], vocab_start, vocab_size, group
             )
             logps.append(tl - log_z)
             log_zs.append(log_z)
+            if with_sq:  # log sum_v p_v^2 (WPO's weights): one more exp and all-reduce
+                sq = torch.exp(2.0 * (masked - log_z.unsqueeze(-1))).sum(dim=-1)
+                sqs.append(torch.log(all_reduce_no_grad(sq, group)))
         log_z = torch.cat(log_zs) if log_zs else hidden.new_zeros(0, dtype=torch.float32)
         logp = torch.cat(logps) if logps else log_z.clone()
+        log_sq = torch.cat(sqs) if sqs else torch.zeros_like(log_z)
         ctx.save_for_backward(hidden, weight, target, log_z)
         ctx.args = (vocab_start, vocab_size, chunk)
-        return logp, log_z
+        ctx.mark_non_differentiable(log_sq)
+        return logp, log_z, log_sq
 
     @staticmethod
-    def backward(ctx, g_logp, g_logz):
+    def backward(ctx, g_logp, g_logz, _g_sq):
         hidden, weight, target, log_z = ctx.saved_tensors
         vocab_start, vocab_size, chunk = ctx.args
         g_logp, g_logz = g_logp.float(), g_logz.float()
@@ -176,7 +181,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             )
             grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             grad_w += g.t() @ h.float()
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
 def chunked_vocab_parallel_log_probs(
@@ -186,7 +191,8 @@ def chunked_vocab_parallel_log_probs(
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
     chunk_size: int = 4096,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_sum_sq: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per-token log p(target) straight from hidden states through a vocab-parallel ``lm_head``.
 
     Equivalent to ``vocab_parallel_log_probs(hidden @ weight.T, target)`` but computed
@@ -200,12 +206,16 @@ def chunked_vocab_parallel_log_probs(
         group: TP group.
         vocab_size: true vocabulary size (padding rows excluded from the softmax).
         chunk_size: tokens per chunk.
+        with_sum_sq: also return ``log sum_v p_v^2`` per token (no gradient), which WPO's pair
+            weights need (arXiv:2406.11827).
 
     Returns:
-        ``(log_probs [n] fp32, log_z [n] fp32)``.
+        ``(log_probs [n] fp32, log_z [n] fp32)``, plus ``log_sum_sq_probs [n]`` fp32 with
+        ``with_sum_sq``.
     """
     hidden = copy_to_tensor_parallel_region(hidden, group)
     vocab_start = _rank(group) * weight.shape[0]
-    return _ChunkedLogProbs.apply(
-        hidden, weight, target, group, vocab_start, vocab_size, max(int(chunk_size), 1)
+    logp, log_z, log_sq = _ChunkedLogProbs.apply(
+        hidden, weight, target, group, vocab_start, vocab_size, max(int(chunk_size), 1), with_sum_sq
     )
+    return (logp, log_z, log_sq) if with_sum_sq else (logp, log_z)

@@ -106,6 +106,7 @@ class Trainer:
             self._eval_fn = lambda mb: pipeline_eval_step(self.engine, loss_fn, mb, self.state)
         else:
             self.model = GPTModel(cfg.model, self.state, self.tracker, seed=seed)
+            self.model.with_sum_sq = "log_sum_sq_probs" in self.objective.policy_outputs
             mpu = self.state.mpu
             self._pipe_loss = None
             self._train_fn = lambda mb: train_step(

@@ -184,9 +184,11 @@ def _chunked(rank, world, chunk):
     target = torch.randint(0, 50, (13,))
     state = ParallelState.build(world)
     w = weight.chunk(world, 0)[rank].clone().requires_grad_(True)
-    logp, log_z = chunked_vocab_parallel_log_probs(hidden, w, target, state.tp_group, 50, chunk)
+    logp, log_z, log_sq = chunked_vocab_parallel_log_probs(
+        hidden, w, target, state.tp_group, 50, chunk, with_sum_sq=True
+    )
     (logp.sum() + 0.3 * log_z.sum()).backward()
-    return logp.detach(), hidden.grad, w.grad
+    return logp.detach(), hidden.grad, w.grad, log_sq
 
 
 @pytest.mark.parametrize("chunk", [4, 100])
@@ -198,8 +200,10 @@ def test_chunked_log_probs_equal_full_logits(pool, chunk):
     logits = (hidden @ weight.t())[:, :50]
     ref = F.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
     (ref.sum() + 0.3 * torch.logsumexp(logits, -1).sum()).backward()
+    ref_sq = torch.log((F.softmax(logits, -1) ** 2).sum(-1)).detach()  # WPO's log sum_v p_v^2
     world = pool.world_size
-    for rank, (lp, gh, gw) in enumerate(pool.run(_chunked, chunk)):
+    for rank, (lp, gh, gw, sq) in enumerate(pool.run(_chunked, chunk)):
+        torch.testing.assert_close(sq, ref_sq, **TOL)
         torch.testing.assert_close(lp, ref.detach(), **TOL)
         torch.testing.assert_close(gh, hidden.grad, **TOL)
         torch.testing.assert_close(gw, weight.grad.chunk(world, 0)[rank], **TOL)

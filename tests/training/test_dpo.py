@@ -132,6 +132,15 @@ def test_cache_equals_coresident_reference_and_mismatch_is_refused(env):
     assert err and "different objective" in err
 
 
+def test_wpo_weights_come_from_the_engine(env):
+    """use_weighting needs log sum_v p_v^2 per token, computed inside the chunked log-probs."""
+    _, cfg, pools = env
+    hist = pools[1].run(_train, cfg, ["objective.use_weighting=true", "training.train_iters=2"])[0]
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    plain = pools[1].run(_train, cfg, ["training.train_iters=2"])[0]
+    assert hist[0]["loss"] != pytest.approx(plain[0]["loss"], abs=1e-9)  # weights < 1 scale it
+
+
 def test_packed_equals_padded(env):
     _, cfg, pools = env
     padded = pools[1].run(_train, cfg, ["data.layout=padded"])[0]
