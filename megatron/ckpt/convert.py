@@ -9,8 +9,10 @@ A converted native checkpoint ``OUT`` is a weights-only start point for
       latest                          # "iter_0000000", written last
       iter_0000000/
         mp_rank_{r:02d}_model_states.pt   # TP rank r's GPTModel state dict (DeepSpeed layout)
+        (--pp > 1: layer_{i:02d}-model_{r:02d}-model_states.pt per pipeline layer i and TP
+        rank r, and mp_rank_{k:02d}_model_states.pt without weights for the PP x TP ranks)
         client_state.json             # {"step": 0, "weights_only": true, "source": {...}}
-        config.yml                    # model section (derived keys included) + parallel.tensor
+        config.yml                    # model section (derived keys included) + parallel
       model.yml                       # the `model:` section to merge into run configs
       hf/                             # config.json, generation_config.json, tokenizer files
 """
@@ -35,7 +37,12 @@ from megatron.ckpt.hf_io import (
     copy_hf_extras,
     read_hf_config,
 )
-from megatron.ckpt.native import checkpoint_tp_size, read_model_shards, write_model_states
+from megatron.ckpt.native import (
+    checkpoint_tp_size,
+    read_model_shards,
+    write_layer_states,
+    write_model_states,
+)
 from megatron.model.convert_config import (
     HF_CLASS_NAMES,
     NEOX_ACTIVATIONS,
@@ -66,10 +73,6 @@ HF_DIR = "hf"
 """Subdirectory of a converted checkpoint holding the source's config, generation config and
 tokenizer (usable as ``data.tokenizer`` and as the template of the way back)."""
 MODEL_YAML = "model.yml"
-PP_NOT_SUPPORTED = (
-    "the converters do not write DeepSpeed's pipeline layout (layer_XX-model_YY files) yet; "
-    "convert with --pp 1 and train with parallel.pipeline: 1"
-)
 # config.json keys rebuilt from the native model rather than taken from a template.
 _TEMPLATE_DROP = frozenset(
     (
@@ -91,8 +94,16 @@ def _progress(items: Iterable[Any], total: int | None, desc: str, show: bool) ->
 def _check_grid(tp_size: int, pp_size: int) -> None:
     if tp_size < 1:
         raise ConversionError(f"--tp {tp_size}: must be >= 1")
-    if pp_size != 1:
-        raise ConversionError(f"--pp {pp_size}: {PP_NOT_SUPPORTED}")
+    if pp_size < 1:
+        raise ConversionError(f"--pp {pp_size}: must be >= 1")
+
+
+def _check_pp(args: ModelArgs, pp_size: int) -> None:
+    if pp_size > args.num_layers:
+        raise ConversionError(
+            f"--pp {pp_size}: a pipeline stage needs at least one of the model's "
+            f"{args.num_layers} transformer layers"
+        )
 
 
 def _fresh_dir(out: Path) -> None:
@@ -112,13 +123,17 @@ def _write_native(
     items: Iterable[tuple[str, list[torch.Tensor]]],
     args: ModelArgs,
     tp_size: int,
+    pp_size: int = 1,
     *,
     divisible_by: int,
     dtype: torch.dtype | None,
     source: dict[str, Any],
     show_progress: bool,
 ) -> Path:
-    """Collect streamed shards per TP rank and write a weights-only checkpoint; ``latest`` last."""
+    """Collect streamed shards per TP rank and write a weights-only checkpoint; ``latest`` last.
+
+    At ``pp_size > 1`` the weights go into DeepSpeed's per-layer pipeline files.
+    """
     tag = tag_for(0)
     tag_dir = out / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
@@ -130,12 +145,20 @@ def _write_native(
             compact = shard.untyped_storage().nbytes() == shard.nbytes
             sd[key] = shard if compact else shard.clone()
     for rank in range(tp_size):
-        write_model_states(tag_dir, rank, tp_size, rank_sds[rank])
+        if pp_size == 1:
+            write_model_states(tag_dir, rank, tp_size, rank_sds[rank])
+        else:
+            write_layer_states(tag_dir, rank, rank_sds[rank], args)
         rank_sds[rank].clear()  # release this rank's tensors before saving the next
+    if pp_size > 1:
+        # why: DeepSpeed's PipelineEngine.load_checkpoint opens one mp_rank file per model rank
+        # (PP x TP of them) and, finding module None there, reads the per-layer files.
+        for rank in range(pp_size * tp_size):
+            write_model_states(tag_dir, rank, pp_size * tp_size, None)
     section = model_section(args, divisible_by)
     resolved = {**section, "kv_channels": args.kv_channels}
     resolved["padded_vocab_size"] = args.padded_vocab_size
-    parallel = {"tensor": tp_size, "pipeline": 1}
+    parallel = {"tensor": tp_size, "pipeline": pp_size}
     header = "# Written by megatron.ckpt.convert; weights-only checkpoint (finetune: true).\n"
     atomic_write_text(
         tag_dir / "config.yml", _yaml({"model": resolved, "parallel": parallel}, header)
@@ -145,7 +168,8 @@ def _write_native(
     atomic_write_json(tag_dir / "client_state.json", client)
     model_header = (
         f"# Model of {source.get('path')}; merge into a run config and set parallel.tensor: "
-        f"{tp_size} with checkpoint.load: {out} and checkpoint.finetune: true.\n"
+        f"{tp_size}, parallel.pipeline: {pp_size} (or load at another size) with "
+        f"checkpoint.load: {out} and checkpoint.finetune: true.\n"
     )
     atomic_write_text(out / MODEL_YAML, _yaml({"model": section}, model_header))
     atomic_write_text(out / "latest", tag + "\n")
@@ -187,7 +211,8 @@ def convert_hf_to_native(
         hf_dir: the Hugging Face model directory (config.json, safetensors or .bin weights).
         out_dir: new (or empty) output directory; layout in the module docstring.
         tp_size: tensor-parallel size to shard for.
-        pp_size: pipeline-parallel size (only 1 for now).
+        pp_size: pipeline-parallel size; above 1 the weights are written in DeepSpeed's
+            per-layer pipeline layout (any PP size of the run can load it).
         dtype: ``fp32``, ``bf16`` or ``fp16`` for the written weights; None keeps the source's.
         divisible_by: ``model.make_vocab_size_divisible_by`` (vocabulary padding).
         show_progress: show a progress bar on stderr.
@@ -203,6 +228,7 @@ def convert_hf_to_native(
     _check_grid(tp_size, pp_size)
     raw = read_hf_config(hf_dir)
     args = _hf_model_args(hf_dir, raw, tp_size, divisible_by)
+    _check_pp(args, pp_size)
     weights = HFWeights(hf_dir)
     check_tokenizer_vocab(hf_dir, args.vocab_size)
     try:
@@ -222,6 +248,7 @@ def convert_hf_to_native(
         iter_native_from_hf(weights, args, tp_size),
         args,
         tp_size,
+        pp_size,
         divisible_by=divisible_by,
         dtype=DTYPES[dtype] if dtype else None,
         source=source,
@@ -311,7 +338,8 @@ def convert_native_to_hf(
     max_shard_bytes: int = 5 * 2**30,
     show_progress: bool = False,
 ) -> Path:
-    """Convert a native checkpoint (any TP size, any ZeRO stage) to a Hugging Face directory.
+    """Convert a native checkpoint (any TP and PP size, any ZeRO stage) to a Hugging Face
+    directory.
 
     Args:
         ckpt: a checkpoint directory (with ``latest``) or one of its ``iter_*`` directories.
@@ -372,14 +400,15 @@ def reshard(
     pp_size: int = 1,
     show_progress: bool = False,
 ) -> Path:
-    """Write the weights of a native checkpoint at another TP size (weights only).
+    """Write the weights of a native checkpoint (any TP and PP size) at another TP and PP size
+    (weights only).
 
     Args:
         ckpt: a checkpoint directory (with ``latest``) or one of its ``iter_*`` directories.
         out_dir: new (or empty) output directory (same layout as :func:`convert_hf_to_native`).
         config: the checkpoint's ``config.yml`` as plain data.
         tp_size: the new TP size.
-        pp_size: pipeline-parallel size (only 1 for now).
+        pp_size: the new pipeline-parallel size (above 1: DeepSpeed's per-layer layout).
         show_progress: show a progress bar on stderr.
 
     Returns:
@@ -399,6 +428,7 @@ def reshard(
         check_tp(new, tp_size)
     except ValueError as e:
         raise ConversionError(f"--tp {tp_size}: {e}") from e
+    _check_pp(new, pp_size)
     shards = _read_shards(tag_dir, old, fp32_master=False)
     client_path = tag_dir / "client_state.json"
     step = json.loads(client_path.read_text()).get("step") if client_path.is_file() else None
@@ -409,6 +439,7 @@ def reshard(
         iter_resharded(shards, old, new, tp_size),
         new,
         tp_size,
+        pp_size,
         divisible_by=divisible_by,
         dtype=None,
         source=source,

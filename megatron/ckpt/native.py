@@ -9,6 +9,12 @@ model as DeepSpeed wrote it:
   placeholders; the weights are the fp32 partitions in ``*_mp_rank_{r:02d}_optim_states.pt``.
   They are consolidated with DeepSpeed's ``zero_to_fp32``, one TP rank at a time (given the whole
   directory it would mix the TP ranks' partitions and refuse).
+* Pipeline runs (DeepSpeed's ``PipelineModule``, and the converters at ``--pp > 1``): one file per
+  pipeline layer and TP rank, ``layer_{i:02d}-model_{r:02d}-model_states.pt`` (a plain state dict
+  of that layer, keys as in :mod:`megatron.model.pipeline`; see
+  :func:`megatron.model.hf_mapping.pipeline_layer_of`), plus ``mp_rank_{k:02d}_model_states.pt``
+  for each of the PP x TP model ranks whose ``module`` is ``None``. The per-layer files do not
+  depend on the PP size, so they are read the same way at any PP.
 
 :func:`load_tp_shard` returns one rank's weights at any TP size: when the checkpoint was written at
 another TP size it gathers the shards and splits them again (exact; vocabulary padding redone).
@@ -32,11 +38,18 @@ from typing import Any
 import torch
 
 from megatron.ckpt import ConversionError
-from megatron.model.hf_mapping import ModelArgs, check_native_shards, iter_resharded
+from megatron.model.hf_mapping import (
+    ModelArgs,
+    check_native_shards,
+    iter_resharded,
+    native_key_of,
+    pipeline_layer_of,
+)
 from megatron.utils import log_rank0
 
 logger = logging.getLogger(__name__)
 _MODEL_FILE = re.compile(r"(?:^|_)mp_rank_(\d+)_model_states\.pt$")
+_LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
 def model_states_name(tp_rank: int) -> str:
@@ -44,24 +57,47 @@ def model_states_name(tp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_model_states.pt"
 
 
+def layer_states_name(layer: int, tp_rank: int) -> str:
+    """File name of pipeline layer ``layer``'s weights for TP rank ``tp_rank`` (DeepSpeed's
+    ``PipelineModule.ckpt_layer_path`` with its default ``model`` axis)."""
+    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def _save(obj: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def write_model_states(
-    tag_dir: str | Path, tp_rank: int, tp_size: int, state_dict: Mapping[str, torch.Tensor]
+    tag_dir: str | Path,
+    tp_rank: int,
+    tp_size: int,
+    state_dict: Mapping[str, torch.Tensor] | None,
 ) -> Path:
-    """Write one TP rank's weights as DeepSpeed's ZeRO 0-2 ``mp_rank_XX_model_states.pt``.
+    """Write one model rank's file as DeepSpeed's ZeRO 0-2 ``mp_rank_XX_model_states.pt``.
 
     Besides ``module``, the file carries the entries DeepSpeed's ``load_checkpoint(...,
     load_module_only=True)`` and ``zero_to_fp32`` read, so DeepSpeed itself can load it too.
     The file is written under a temporary name and renamed.
 
+    Args:
+        tag_dir: the ``iter_XXXXXXX`` directory.
+        tp_rank: the model rank (for a pipeline checkpoint: ``pp_rank * tp_size + tp_rank``).
+        tp_size: the number of model ranks (pipeline: PP x TP, DeepSpeed's ``mp_world_size``).
+        state_dict: the rank's ``GPTModel`` weights; ``None`` for a pipeline checkpoint, whose
+            weights are in the per-layer files (:func:`write_layer_states`).
+
     Returns:
         The file's path.
     """
     tag_dir = Path(tag_dir)
-    module = OrderedDict(state_dict)
+    module = OrderedDict(state_dict) if state_dict is not None else None
     payload = {
         "module": module,
         "buffer_names": [],
-        "param_shapes": [OrderedDict((k, v.shape) for k, v in module.items())],
+        "param_shapes": [OrderedDict((k, v.shape) for k, v in (module or {}).items())],
         "frozen_param_shapes": None,
         "frozen_param_fragments": None,
         "shared_params": {},
@@ -76,11 +112,86 @@ def write_model_states(
         "mp_world_size": tp_size,
         "ds_version": importlib.metadata.version("deepspeed"),
     }
-    path = tag_dir / model_states_name(tp_rank)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return _save(payload, tag_dir / model_states_name(tp_rank))
+
+
+def write_layer_states(
+    tag_dir: str | Path, tp_rank: int, state_dict: Mapping[str, torch.Tensor], args: ModelArgs
+) -> list[Path]:
+    """Write one TP rank's weights as DeepSpeed's per-layer pipeline files.
+
+    Each ``layer_XX-model_YY-model_states.pt`` is the plain state dict of one pipeline layer, as
+    ``PipelineModule.save_state_dict`` writes it and ``load_state_dir`` reads it.
+
+    Args:
+        tag_dir: the ``iter_XXXXXXX`` directory.
+        tp_rank: the TP rank.
+        state_dict: the rank's ``GPTModel`` weights (native keys).
+        args: the model (its ``num_layers`` places the final norm and ``lm_head``).
+
+    Returns:
+        The written files, in layer order.
+    """
+    layers: dict[int, OrderedDict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        layer, inner = pipeline_layer_of(key, args)
+        layers.setdefault(layer, OrderedDict())[inner] = tensor
+    tag_dir = Path(tag_dir)
+    return [_save(layers[i], tag_dir / layer_states_name(i, tp_rank)) for i in sorted(layers)]
+
+
+def _layer_files(tag_dir: Path) -> dict[int, dict[int, Path]]:
+    """``{tp_rank: {layer: path}}`` of a pipeline checkpoint's per-layer files."""
+    out: dict[int, dict[int, Path]] = {}
+    for p in tag_dir.iterdir():
+        if m := _LAYER_FILE.match(p.name):
+            out.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+    return out
+
+
+def is_pipeline_checkpoint(tag_dir: str | Path) -> bool:
+    """Whether ``tag_dir`` holds DeepSpeed pipeline layer files (``layer_XX-model_YY-...``)."""
+    tag_dir = Path(tag_dir)
+    return tag_dir.is_dir() and any(_LAYER_FILE.match(p.name) for p in tag_dir.iterdir())
+
+
+def _pipeline_tp_size(tag_dir: Path) -> int:
+    files = _layer_files(tag_dir)
+    size = max(files) + 1
+    layers = set().union(*(set(f) for f in files.values()))
+    for rank in range(size):
+        missing = sorted(set(range(max(layers) + 1)) - set(files.get(rank, {})))
+        if missing:
+            raise ConversionError(
+                f"{tag_dir}: pipeline checkpoint written at TP={size}, but the layer files "
+                f"layer_XX-model_{rank:02d}-model_states.pt of layers {missing} are missing"
+            )
+    return size
+
+
+def _read_layer_shard(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """TP rank ``tp_rank``'s weights (native keys) from a pipeline checkpoint's layer files."""
+    files = _layer_files(tag_dir).get(tp_rank)
+    if not files:
+        raise ConversionError(f"{tag_dir}: no pipeline layer files of TP rank {tp_rank}")
+    layers = {
+        i: torch.load(files[i], map_location="cpu", mmap=True, weights_only=True)
+        for i in sorted(files)
+    }
+    # why: the files do not record the layer count; the final norm is the one layer whose keys
+    # are all norm.* (the transformer layers' norms are input_norm / post_attention_norm).
+    norms = [i for i, sd in layers.items() if sd and all(k.startswith("norm.") for k in sd)]
+    if len(norms) != 1 or norms[0] < 1:
+        raise ConversionError(
+            f"{tag_dir}: cannot find the final norm's layer file (keys norm.*) among layers "
+            f"{sorted(layers)} of TP rank {tp_rank}"
+        )
+    try:
+        return {
+            native_key_of(i, k, norms[0] - 1): t for i, sd in layers.items() for k, t in sd.items()
+        }
+    except ValueError as e:
+        raise ConversionError(f"{tag_dir}: {e}") from e
 
 
 def checkpoint_tp_size(tag_dir: str | Path) -> int:
@@ -92,6 +203,8 @@ def checkpoint_tp_size(tag_dir: str | Path) -> int:
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir():
         raise ConversionError(f"{tag_dir}: no such checkpoint directory")
+    if is_pipeline_checkpoint(tag_dir):
+        return _pipeline_tp_size(tag_dir)
     files = {int(m.group(1)): p for p in tag_dir.iterdir() if (m := _MODEL_FILE.search(p.name))}
     if not files:
         raise ConversionError(
@@ -140,7 +253,8 @@ def _zero_fp32(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
 def read_model_shard(
     tag_dir: str | Path, tp_rank: int, fp32_master: bool = False
 ) -> dict[str, torch.Tensor]:
-    """TP rank ``tp_rank``'s weights from a checkpoint directory written at any ZeRO stage.
+    """TP rank ``tp_rank``'s weights (native keys) from a checkpoint directory written at any
+    ZeRO stage, with or without pipeline parallelism (any PP size).
 
     Args:
         tag_dir: the ``iter_XXXXXXX`` directory.
@@ -156,15 +270,17 @@ def read_model_shard(
         ConversionError: the files for that rank are missing or unusable.
     """
     tag_dir = Path(tag_dir)
+    if is_pipeline_checkpoint(tag_dir):
+        if fp32_master:
+            raise ConversionError(
+                f"{tag_dir} was written by a pipeline-parallel run: exporting its fp32 master "
+                "weights is not supported; export the module weights (no --fp32-master)"
+            )
+        return _read_layer_shard(tag_dir, tp_rank)
     path = tag_dir / model_states_name(tp_rank)
     if path.is_file() and not fp32_master:
         states = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         module = states.get("module") if isinstance(states, dict) else None
-        if not isinstance(module, Mapping) and any(tag_dir.glob("layer_*-model_states.pt")):
-            raise ConversionError(
-                f"{tag_dir} was written by a pipeline-parallel run (per-layer files); reading "
-                "pipeline checkpoints is not supported yet"
-            )
         if not isinstance(module, Mapping):
             raise ConversionError(f"{path} has no 'module' state dict")
         if all(t.numel() for t in module.values()):

@@ -223,6 +223,23 @@ def pipeline_layer_of(key: str, args: ModelArgs) -> tuple[int, str]:
     raise ValueError(f"not a native parameter key: {key!r}")
 
 
+def native_key_of(layer: int, key: str, num_layers: int) -> str:
+    """Inverse of :func:`pipeline_layer_of`: the native key of ``key`` in pipeline ``layer``.
+
+    Raises:
+        ValueError: ``layer`` is beyond the model's last pipeline layer.
+    """
+    if layer == 0:
+        return "embedding." + key
+    if layer <= num_layers:
+        return f"layers.{layer - 1}.{key}"
+    if layer == num_layers + 1:
+        return "final_norm." + key.removeprefix("norm.")
+    if layer == num_layers + 2:
+        return "lm_head." + key
+    raise ValueError(f"pipeline layer {layer} is beyond a {num_layers}-layer model's last (L + 2)")
+
+
 # --- Hugging Face layout ------------------------------------------------------------------------
 
 

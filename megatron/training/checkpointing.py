@@ -14,12 +14,13 @@ A crash at any point leaves ``latest`` naming the previous complete checkpoint, 
 sees a partial one. DeepSpeed's own ``latest`` file is not written (``save_latest=False``).
 
 ``checkpoint.finetune`` loads weights only (:func:`load_weights`): from any ZeRO stage, at any TP
-size, and from the weights-only checkpoints ``tools/ckpts/`` writes (their ``client_state.json``
+and PP size (pipeline and non-pipeline layouts both ways), and from the weights-only checkpoints ``tools/ckpts/`` writes (their ``client_state.json``
 says ``"weights_only": true``; a full resume of them is refused).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.ckpt import ConversionError
-from megatron.ckpt.native import load_tp_shard
+from megatron.ckpt.native import checkpoint_tp_size, load_tp_shard
 from megatron.config import save_config
 from megatron.model import GPTModel
 from megatron.parallel.random import RNGStatesTracker
@@ -155,50 +156,99 @@ def _client_state(tag_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _pipeline_state_dict(
+    module: Any, tag_dir: Path, tp_size: int, tp_rank: int
+) -> dict[str, torch.Tensor]:
+    """This pipeline stage's weights from ``tag_dir`` (any layout, TP and PP), keyed as in
+    ``module.state_dict()`` (``"{layer}.{key}"``, ``tied_modules.embedding.*``).
+
+    why the checkpoint's config.yml: a ``PipelineModule`` does not carry the run's model config;
+    the shapes the run needs are checked by the strict load instead, and the run's padded
+    vocabulary is read off this stage's vocabulary layer (if it has one).
+    """
+    import yaml
+
+    from megatron.model.convert_config import model_args_from_section, padded_vocab
+    from megatron.model.hf_mapping import pipeline_layer_of
+
+    config_path = tag_dir / "config.yml"
+    if not config_path.is_file():
+        raise CheckpointError(f"checkpoint.load: {config_path} is missing (it holds the model)")
+    try:
+        section = yaml.safe_load(config_path.read_text())["model"]
+        args, divisible_by = model_args_from_section(section, checkpoint_tp_size(tag_dir))
+    except (ConversionError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint.load: {config_path}: {e}") from e
+    own = module.state_dict()
+    n = args.num_layers
+    vocab_keys = ("0.weight", "tied_modules.embedding.weight", f"{n + 2}.weight")
+    rows = next((own[k].shape[0] for k in vocab_keys if k in own), None)
+    vocab = rows * tp_size if rows else padded_vocab(args.vocab_size, tp_size, divisible_by)
+    run_args = dataclasses.replace(args, padded_vocab_size=vocab)
+    try:
+        shard = load_tp_shard(tag_dir, run_args, tp_size, tp_rank)
+    except ConversionError as e:
+        raise CheckpointError(f"checkpoint.load: {e}") from e
+    sd: dict[str, torch.Tensor] = {}
+    for key, tensor in shard.items():
+        layer, inner = pipeline_layer_of(key, args)
+        for name in (f"{layer}.{inner}", f"tied_modules.embedding.{inner}" if layer == 0 else ""):
+            if name not in own:
+                continue
+            if own[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"checkpoint.load: {tag_dir} does not fit the run's model: {key} has shape "
+                    f"{tuple(tensor.shape)} at TP={tp_size}, the run's {name} "
+                    f"{tuple(own[name].shape)}"
+                )
+            sd[name] = tensor
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint.load: {tag_dir} does not fit the run's model: no weights for "
+            f"{missing[:5]} of this pipeline stage"
+        )
+    return sd
+
+
 def load_weights(engine: Any, tag_dir: Path) -> None:
-    """Load only the model weights of ``tag_dir`` into ``engine`` (any ZeRO stage, any TP size).
+    """Load only the model weights of ``tag_dir`` into ``engine`` (any ZeRO stage, TP and PP).
 
     The weights come from :func:`megatron.ckpt.native.load_tp_shard`: this rank's TP shard
     (resharded when the checkpoint was written at another TP size; ZeRO-3 shards consolidated
-    with DeepSpeed's ``zero_to_fp32`` one TP rank at a time). Under ZeRO-3 the parameters are
-    gathered, filled and re-partitioned; the optimizer's fp32 copies are then refreshed from them,
-    as DeepSpeed's own ``load_module_only`` does.
+    with DeepSpeed's ``zero_to_fp32`` one TP rank at a time; pipeline checkpoints read from their
+    per-layer files). A pipeline run takes its stage's layers from the same shard, so it starts
+    from pipeline and non-pipeline checkpoints alike, at any TP and PP size. Under ZeRO-3 the
+    parameters are gathered, filled and re-partitioned; the optimizer's fp32 copies are then
+    refreshed from them, as DeepSpeed's own ``load_module_only`` does.
 
     why not ``engine.load_checkpoint(load_module_only=True)``: at ZeRO-3 it rebuilds the weights
     with ``zero_to_fp32`` over the whole directory, which mixes the TP ranks' partitions (fails at
     TP > 1), needs optimizer partitions (a converted checkpoint has none) and reads ``latest``
-    instead of the tag. Pipeline engines keep DeepSpeed's per-layer loading (and refuse
-    checkpoints without pipeline layer files, e.g. converted ones).
+    instead of the tag; a pipeline engine's per-layer load needs the checkpoint's own TP size and
+    pipeline layout.
 
     Raises:
         CheckpointError: missing files, or weights that do not fit the model.
     """
     module = engine.module
-    if not isinstance(module, GPTModel):
-        if not any(tag_dir.glob("layer_*-model_*-model_states.pt")):
-            raise CheckpointError(
-                f"checkpoint.load: {tag_dir} holds no pipeline layer files "
-                "(layer_XX-model_YY-model_states.pt): it was written without pipeline "
-                "parallelism (or by tools/ckpts), and loading such weights into a pipeline run "
-                "is not supported yet; use parallel.pipeline: 1"
-            )
-        engine.load_checkpoint(
-            str(tag_dir.parent),
-            tag=tag_dir.name,
-            load_module_strict=True,
-            load_optimizer_states=False,
-            load_lr_scheduler_states=False,
-            load_module_only=True,
-        )
-        return
-    try:
-        sd = load_tp_shard(tag_dir, module.cfg, module.state.tp_size, module.state.tp_rank)
-    except ConversionError as e:
-        raise CheckpointError(f"checkpoint.load: {e}") from e
+    if isinstance(module, GPTModel):
+        try:
+            sd = load_tp_shard(tag_dir, module.cfg, module.state.tp_size, module.state.tp_rank)
+        except ConversionError as e:
+            raise CheckpointError(f"checkpoint.load: {e}") from e
+    else:
+        grid = engine.grid
+        tp_size, tp_rank = grid.get_slice_parallel_world_size(), grid.get_slice_parallel_rank()
+        sd = _pipeline_state_dict(module, tag_dir, tp_size, tp_rank)
     deepspeed = import_deepspeed()
     partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
-        module.load_state_dict(sd, strict=True)
+        try:
+            module.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            msg = f"checkpoint.load: {tag_dir} does not fit the run's model: {e}"
+            raise CheckpointError(msg) from e
     refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
     if refresh is not None:
         refresh()

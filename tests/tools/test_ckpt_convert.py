@@ -165,6 +165,51 @@ def test_reshard_equals_direct_conversion(models, converted, tmp_path):
     assert (tmp_path / "tp1" / "hf" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("case", ["llama3", "qwen2_tied"])
+def test_pipeline_layout_round_trips(case, models, converted, tmp_path):
+    """HF -> (TP=2, PP=2) writes DeepSpeed's per-layer files holding exactly the direct TP=2
+    shards; its export equals the HF model; (TP=2, PP=2) -> (TP=1, PP=1) equals a direct
+    conversion at TP=1, and back to (TP=2, PP=2) gives the same files' tensors again."""
+    ref = models[case]
+    n = ref.config.num_hidden_layers
+    pp = tmp_path / "tp2pp2"
+    convert_hf_to_native(ref.dir, pp, tp_size=2, pp_size=2)
+    tag = pp / "iter_0000000"
+    layers = n + (2 if ref.config.tie_word_embeddings else 3)  # the tied head has no file
+    names = {f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(layers) for r in (0, 1)}
+    names |= {f"mp_rank_{k:02d}_model_states.pt" for k in range(4)}
+    assert {p.name for p in tag.glob("*.pt")} == names
+    assert torch.load(tag / "mp_rank_03_model_states.pt", weights_only=False)["module"] is None
+    assert _config(pp)["parallel"] == {"tensor": 2, "pipeline": 2}
+    direct = read_model_shards(converted[case] / "iter_0000000")
+    shards = read_model_shards(tag)
+    assert len(shards) == 2
+    for sd, want in zip(shards, direct, strict=True):
+        assert sd.keys() == want.keys()
+        assert all(torch.equal(sd[k], want[k]) for k in want)
+    out = convert_native_to_hf(pp, tmp_path / "hf", config=_config(pp), extras_dir=pp / "hf")
+    back = load_hf_tensors(out)
+    expected = {k: t for k, t in ref.state_dict.items() if k in back}
+    assert len(expected) == len(back) == len(ref.state_dict) - ref.config.tie_word_embeddings
+    assert all(torch.equal(back[k], t) for k, t in expected.items())
+    tool = _tool("reshard")
+    flat = tmp_path / "tp1pp1"
+    assert tool.main(["--ckpt", str(pp), "--out", str(flat), "--tp", "1", "--no-progress"]) == 0
+    args = model_config_from_hf(ref.config, tp_size=1)
+    one = read_model_shards(flat / "iter_0000000")
+    want = hf_to_native_state_dict(ref.state_dict, args, 1, 0)
+    assert len(one) == 1 and one[0].keys() == want.keys()
+    assert all(torch.equal(one[0][k], want[k]) for k in want)
+    loaded = load_tp_shard(tag, args, 1, 0)  # a non-pipeline TP=1 run finetuning from PP=2
+    assert all(torch.equal(loaded[k], want[k]) for k in want)
+    again = tmp_path / "again"
+    argv = ["--ckpt", str(flat), "--out", str(again), "--tp", "2", "--pp", "2", "--no-progress"]
+    assert tool.main(argv) == 0
+    assert {p.name for p in (again / "iter_0000000").glob("*.pt")} == names
+    for sd, first in zip(read_model_shards(again / "iter_0000000"), shards, strict=True):
+        assert all(torch.equal(sd[k], first[k]) for k in first)
+
+
 def test_dtype_bf16_and_bin_input(models, tmp_path):
     """``--dtype bf16`` writes bf16 and the export keeps it; legacy ``pytorch_model.bin`` works."""
     ref = models["neox_parallel"]
@@ -240,7 +285,7 @@ def test_bad_hf_input_errors(models, tmp_path, tiny_tokenizer_dir):
         (tmp_path / "nowhere", {}, "no such directory"),
         (src, {"tp_size": 3}, "num_attention_heads 8 is not divisible by TP 3"),
         (src, {"tp_size": 8}, "num_kv_heads 4 is not divisible by TP 8"),
-        (src, {"pp_size": 2}, "--pp 2: the converters do not write DeepSpeed's pipeline layout"),
+        (src, {"pp_size": 3}, "--pp 3: a pipeline stage needs at least one of the model's 2 "),
         (_edit_config(src, tmp_path / "shape", intermediate_size=128), {},
          r"mlp.gate_proj.weight: shape \(96, 64\) does not match the config's \(128, 64\)"),
         (_edit_config(src, tmp_path / "vocab", vocab_size=256), {},

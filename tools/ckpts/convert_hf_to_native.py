@@ -5,7 +5,8 @@ Example:
     python tools/ckpts/convert_hf_to_native.py --hf-dir models/Meta-Llama-3-8B-Instruct \\
         --out ckpts/llama3-8b-instruct-tp2 --tp 2 --dtype bf16
 
-Writes OUT/latest, OUT/iter_0000000/ (one DeepSpeed model file per TP rank), OUT/model.yml (the
+Writes OUT/latest, OUT/iter_0000000/ (one DeepSpeed model file per TP rank; with --pp > 1
+DeepSpeed's per-layer pipeline files, layer_XX-model_YY-model_states.pt), OUT/model.yml (the
 `model:` section for run configs) and OUT/hf/ (config, generation config, tokenizer). Start a run
 from it with `checkpoint.load: OUT` and `checkpoint.finetune: true`. See tools/ckpts/README.md.
 The logic lives in megatron/ckpt/convert.py; this file only parses flags and prints.
@@ -34,7 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-dir", required=True, metavar="DIR", help="Hugging Face model directory")
     p.add_argument("--out", required=True, metavar="DIR", help="new output checkpoint directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (only 1 for now)")
+    p.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        help="pipeline-parallel size; > 1 writes DeepSpeed's per-layer pipeline layout",
+    )
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"wrote {tag_dir} (TP={args.tp}) in {time.time() - start:.1f} s, peak RSS {peak:.2f} GiB")
+    grid = f"TP={args.tp}, PP={args.pp}"
+    print(f"wrote {tag_dir} ({grid}) in {time.time() - start:.1f} s, peak RSS {peak:.2f} GiB")
     print(f"model config: {Path(args.out) / 'model.yml'}; tokenizer: {Path(args.out) / 'hf'}")
     return 0
 

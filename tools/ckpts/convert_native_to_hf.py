@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a native checkpoint (any TP size, any ZeRO stage) into a Hugging Face model directory.
+"""Convert a native checkpoint (any TP and PP size, any ZeRO stage) into a Hugging Face model
+directory.
 
 Example:
     python tools/ckpts/convert_native_to_hf.py --ckpt runs/zephyr-dpo --out hf/zephyr-dpo \\

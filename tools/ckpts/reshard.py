@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Write the weights of a native checkpoint at another tensor-parallel size.
+"""Write the weights of a native checkpoint (any TP, any PP) at another TP and PP size.
 
 Example:
     python tools/ckpts/reshard.py --ckpt runs/sft-tp2 --out ckpts/sft-tp4 --tp 4
+    python tools/ckpts/reshard.py --ckpt runs/sft-tp2pp2 --out ckpts/sft-tp1 --tp 1 --pp 1
 
 The output is a weights-only checkpoint (optimizer state is not carried over): start a run from
 it with `checkpoint.load: OUT` and `checkpoint.finetune: true`. A finetune load also reshards on
@@ -36,7 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint dir or its iter_* dir")
     p.add_argument("--out", required=True, metavar="DIR", help="new output checkpoint directory")
     p.add_argument("--tp", type=int, required=True, help="new tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (only 1 for now)")
+    p.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        help="pipeline-parallel size; > 1 writes DeepSpeed's per-layer pipeline layout",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"wrote {tag_dir} (TP={args.tp}) in {time.time() - start:.1f} s, peak RSS {peak:.2f} GiB")
+    grid = f"TP={args.tp}, PP={args.pp}"
+    print(f"wrote {tag_dir} ({grid}) in {time.time() - start:.1f} s, peak RSS {peak:.2f} GiB")
     return 0
 
 
