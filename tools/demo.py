@@ -1,9 +1,23 @@
-"""The embedded demo (``make demo``): data generation -> tokenizer -> preprocessing -> training.
+"""The embedded post-training demo (``make demo``): data -> tokenizer -> SFT -> DPO -> generation.
 
-Everything it needs ships in the repository: a deterministic generator of small checkable tasks
-(arithmetic, sorting, reversal), a byte-level BPE tokenizer trained on them, and the tiny model
-preset. It trains on CPU with 2 data-parallel ranks (ZeRO-1) through ``deepy.py`` and prints the
-learning metrics: the training loss per interval and the held-out loss before and after.
+Everything it needs ships in the repository:
+
+1. a deterministic generator of small checkable tasks on digit lists (``sort``, ``reverse``,
+   ``inc``: add one to each digit). Each example is a prompt, its correct answer and a subtly
+   corrupted answer (two neighbouring elements swapped, or one element off by one);
+2. a byte-level BPE tokenizer trained on them (:func:`megatron.tokenizer.build.build_byte_level_bpe`);
+3. ``tools/preprocess_data.py``: prompt/completion rows (``--format sft``) and
+   prompt/chosen/rejected pairs (``--format pairwise``), each with a held-out split whose prompts
+   never occur in training;
+4. SFT from scratch (``configs/demo/sft.yml``), then DPO from the SFT checkpoint
+   (``configs/demo/dpo.yml``, ``checkpoint.load=SFT checkpoint.finetune=true``; the frozen
+   reference is that same checkpoint), both on CPU through ``deepy.py``;
+5. greedy generation with the key/value cache (:func:`megatron.model.generate.greedy_generate`) on
+   held-out prompts, from the SFT and the DPO weights, scored by exact match.
+
+It prints the held-out reward accuracy and margin of DPO (the trainer's validation metrics
+``rewards/accuracies``, ``rewards/margins``) before and after DPO, and the exact-match accuracy of
+both models. ``--quick`` runs the same pipeline at a reduced size (used by the test suite).
 """
 
 from __future__ import annotations
@@ -11,40 +25,123 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = "apple river stone cloud tiger lemon piano robot candle forest window garden".split()
+TOKENIZER_VOCAB = 384  # == model.vocab_size in configs/demo/model.yml
+TASKS = ("sort", "reverse", "inc")
 
 
-def task(rng: random.Random) -> str:
-    """One line of a checkable task; the answer is a deterministic function of the question."""
-    kind = rng.randrange(4)
-    if kind == 0:
-        a, b = rng.randrange(100), rng.randrange(100)
-        return f"{a} + {b} = {a + b}"
-    if kind == 1:
-        xs = [rng.randrange(10) for _ in range(rng.randrange(3, 7))]
-        return f"sort {' '.join(map(str, xs))} -> {' '.join(map(str, sorted(xs)))}"
-    if kind == 2:
-        w = rng.choice(WORDS)
-        return f"reverse {w} -> {w[::-1]}"
-    a, b = rng.randrange(2, 10), rng.randrange(2, 10)
-    return f"{a} * {b} = {a * b}"
+@dataclass(frozen=True)
+class Example:
+    """One checkable task: ``prompt`` + ``answer`` is right, ``prompt`` + ``corrupted`` is not."""
+
+    prompt: str
+    answer: str
+    corrupted: str
 
 
-def write_corpus(path: Path, lines: int, seed: int) -> list[str]:
+@dataclass(frozen=True)
+class Sizes:
+    """How much data and how many optimizer steps one demo run uses."""
+
+    sft_rows: int
+    dpo_pairs: int
+    valid_rows: int
+    sft_iters: int
+    dpo_iters: int
+    dpo_eval_interval: int
+    generations: int
+
+
+FULL = Sizes(
+    sft_rows=24_000,
+    dpo_pairs=8_000,
+    valid_rows=256,
+    sft_iters=1500,
+    dpo_iters=300,
+    dpo_eval_interval=50,
+    generations=256,
+)
+QUICK = Sizes(
+    sft_rows=2_000,
+    dpo_pairs=1_000,
+    valid_rows=64,
+    sft_iters=60,
+    dpo_iters=30,
+    dpo_eval_interval=30,
+    generations=12,
+)
+
+
+def _digits(xs: list[int]) -> str:
+    return "".join(f" {x}" for x in xs)
+
+
+def _corrupt(answer: list[int], rng: random.Random, swap: bool) -> list[int]:
+    """``answer`` with two neighbouring unequal elements swapped, or one element off by one."""
+    bad = list(answer)
+    pairs = [i for i in range(len(bad) - 1) if bad[i] != bad[i + 1]]
+    if swap and pairs:
+        i = rng.choice(pairs)
+        bad[i], bad[i + 1] = bad[i + 1], bad[i]
+    else:
+        i = rng.randrange(len(bad))
+        bad[i] = bad[i] + 1 if bad[i] < 9 and (bad[i] == 0 or rng.random() < 0.5) else bad[i] - 1
+    return bad
+
+
+def make_example(rng: random.Random) -> Example:
+    """A random task: ``sort``/``reverse`` corrupt by a swap, ``inc`` by an off-by-one digit."""
+    kind = rng.choice(TASKS)
+    n = rng.randrange(3, 7)
+    if kind == "inc":
+        xs = [rng.randrange(9) for _ in range(n)]
+        answer = [x + 1 for x in xs]
+    else:
+        xs = [rng.randrange(10) for _ in range(n)]
+        while kind == "reverse" and xs == xs[::-1]:
+            xs = [rng.randrange(10) for _ in range(n)]
+        answer = sorted(xs) if kind == "sort" else xs[::-1]
+        if len(set(answer)) == 1:  # nothing to swap: fall back to an off-by-one
+            return Example(
+                f"{kind}{_digits(xs)}:", _digits(answer), _digits(_corrupt(answer, rng, False))
+            )
+    bad = _corrupt(answer, rng, swap=kind != "inc")
+    return Example(f"{kind}{_digits(xs)}:", _digits(answer), _digits(bad))
+
+
+def make_splits(sizes: Sizes, seed: int = 1) -> dict[str, list[Example]]:
+    """Disjoint train and held-out examples (no held-out prompt occurs in training)."""
     rng = random.Random(seed)
-    texts = [task(rng) for _ in range(lines)]
+    valid: dict[str, Example] = {}
+    while len(valid) < sizes.valid_rows:
+        ex = make_example(rng)
+        valid.setdefault(ex.prompt, ex)
+    train = []
+    while len(train) < sizes.sft_rows + sizes.dpo_pairs:
+        ex = make_example(rng)
+        if ex.prompt not in valid:
+            train.append(ex)
+    return {
+        "sft_train": train[: sizes.sft_rows],
+        "dpo_train": train[sizes.sft_rows :],
+        "valid": list(valid.values()),
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}) + "\n")
-    return texts
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def run(cmd: list[str]) -> None:
@@ -52,69 +149,190 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    ap.add_argument("--train-iters", type=int, default=None, help="override training.train_iters")
-    args = ap.parse_args()
-    out = (ROOT / args.out).resolve()
-    import shutil
+def preprocess(out: Path, name: str, fmt: str) -> None:
+    """``tools/preprocess_data.py --format FMT`` on one split, run in-process (no start-up cost)."""
+    from megatron.data.preprocess import PreprocessOptions
+    from megatron.data.preprocess import preprocess as tokenize
 
+    args = [
+        f"--format {fmt}",
+        f"--input {out / 'raw' / f'{name}.jsonl'}",
+        f"--output-prefix {out / 'data' / name}",
+        f"--tokenizer {out / 'tokenizer'}",
+        "--chat-template none",
+    ]
+    print("$ tools/preprocess_data.py " + " ".join(args), flush=True)
+    options = PreprocessOptions(data_format=fmt, chat_template="none")
+    summary = tokenize(
+        [out / "raw" / f"{name}.jsonl"], out / "data" / name, out / "tokenizer", options
+    )
+    print(summary.format().splitlines()[1], flush=True)  # "rows written N"
+
+
+def prepare_data(out: Path, sizes: Sizes) -> dict[str, list[Example]]:
+    """Generate the task rows, build the tokenizer, preprocess every split."""
     from megatron.tokenizer.build import build_byte_level_bpe
 
-    # why: the demo regenerates its own output; a stale checkpoint would (rightly) be refused.
-    shutil.rmtree(out / "ckpt", ignore_errors=True)
-    (out / "logs" / "metrics.jsonl").unlink(missing_ok=True)
-
-    texts = write_corpus(out / "raw" / "train.jsonl", 40_000, seed=1)
-    write_corpus(out / "raw" / "valid.jsonl", 2_000, seed=2)
-    build_byte_level_bpe(texts, 512, out / "tokenizer")
-    for split in ("train", "valid"):
-        run(
-            [
-                sys.executable,
-                "tools/preprocess_data.py",
-                "--format",
-                "text",
-                "--input",
-                str(out / "raw" / f"{split}.jsonl"),
-                "--output-prefix",
-                str(out / "data" / split),
-                "--tokenizer",
-                str(out / "tokenizer"),
-                "--workers",
-                "2",
-            ]
-        )
-    overrides = [
-        f"data.train=[{{path: {out / 'data' / 'train'}}}]",
-        f"data.valid=[{{path: {out / 'data' / 'valid'}}}]",
-        f"checkpoint.save={out / 'ckpt'}",
-        f"logging.dir={out / 'logs'}",
+    splits = make_splits(sizes)
+    sft = lambda exs: [{"prompt": e.prompt, "completion": e.answer} for e in exs]  # noqa: E731
+    pair = lambda exs: [  # noqa: E731
+        {"prompt": e.prompt, "chosen": e.answer, "rejected": e.corrupted} for e in exs
     ]
-    if args.train_iters:
-        overrides += [
-            f"training.train_iters={args.train_iters}",
-            f"checkpoint.save_interval={args.train_iters}",
-        ]
-    run(
-        [
-            sys.executable,
-            "deepy.py",
-            "train.py",
-            "configs/models/tiny.yml",
-            "configs/demo/lm.yml",
-            *overrides,
-        ]
-    )
-    valid = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    valid = [r for r in valid if r["split"] == "valid"]
-    if len(valid) >= 2:
+    write_jsonl(out / "raw" / "sft_train.jsonl", sft(splits["sft_train"]))
+    write_jsonl(out / "raw" / "sft_valid.jsonl", sft(splits["valid"]))
+    write_jsonl(out / "raw" / "dpo_train.jsonl", pair(splits["dpo_train"]))
+    write_jsonl(out / "raw" / "dpo_valid.jsonl", pair(splits["valid"]))
+    corpus = [e.prompt + e.answer for e in splits["sft_train"]]
+    build_byte_level_bpe(corpus, TOKENIZER_VOCAB, out / "tokenizer")
+    for name in ("sft_train", "sft_valid"):
+        preprocess(out, name, "sft")
+    for name in ("dpo_train", "dpo_valid"):
+        preprocess(out, name, "pairwise")
+    return splits
+
+
+def train_stage(out: Path, stage: str, iters: int, eval_interval: int, extra: list[str]) -> None:
+    """Launch one training stage through ``deepy.py`` with the demo's paths filled in."""
+    data = "sft" if stage == "sft" else "dpo"
+    overrides = [
+        f"data.train=[{{path: {out / 'data' / f'{data}_train'}}}]",
+        f"data.valid=[{{path: {out / 'data' / f'{data}_valid'}}}]",
+        f"data.tokenizer={out / 'tokenizer'}",
+        f"checkpoint.save={out / stage}",
+        f"logging.dir={out / stage}",
+        f"training.train_iters={iters}",
+        f"training.eval_interval={eval_interval}",
+        f"checkpoint.save_interval={iters}",
+        *extra,
+    ]
+    files = ["configs/demo/model.yml", f"configs/demo/{stage}.yml"]
+    run([sys.executable, "deepy.py", "train.py", *files, *overrides])
+
+
+def valid_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The validation records of a run's ``metrics.jsonl``, in step order."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "valid"]
+
+
+def load_policy(run_dir: Path) -> Any:
+    """The trained weights of ``run_dir`` (its ``latest`` checkpoint) in a TP=1 :class:`GPTModel`."""
+    from megatron.ckpt.native import load_tp_shard
+    from megatron.config import load_config
+    from megatron.model import GPTModel
+    from megatron.parallel import ParallelState
+    from megatron.training.checkpointing import resolve_checkpoint
+
+    root, tag = resolve_checkpoint(run_dir)
+    cfg = load_config([root / tag / "config.yml"], resolved=True).model  # the run's own config
+    model = GPTModel(cfg, ParallelState.single())
+    model.load_state_dict(load_tp_shard(root / tag, cfg, 1, 0))
+    return model.eval()
+
+
+def exact_match(run_dir: Path, tokenizer_dir: Path, examples: list[Example]) -> dict[str, Any]:
+    """Greedy (KV-cached) completions of held-out prompts and their exact-match accuracy."""
+    from megatron.model.generate import greedy_generate
+    from megatron.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    model = load_policy(run_dir)
+    outputs = []
+    for ex in examples:
+        ids = greedy_generate(model, tok.encode(ex.prompt), 24, eos_id=tok.eos_id)
+        text = tok.decode(ids, skip_special_tokens=True)
+        outputs.append({"prompt": ex.prompt, "answer": ex.answer, "output": text})
+    correct = [o["output"] == o["answer"] for o in outputs]
+    per_task = {}
+    for task in TASKS:
+        hits = [c for c, o in zip(correct, outputs, strict=True) if o["prompt"].startswith(task)]
+        per_task[task] = sum(hits) / max(len(hits), 1)
+    return {"exact_match": sum(correct) / len(outputs), "per_task": per_task, "outputs": outputs}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def report(out: Path, sft_gen: dict[str, Any], dpo_gen: dict[str, Any]) -> dict[str, Any]:
+    """Print and return the before/after numbers (also written to ``OUT/results.json``)."""
+    dpo_valid = valid_metrics(out / "dpo")
+    sft_valid = valid_metrics(out / "sft")
+    before, after = dpo_valid[0], dpo_valid[-1]
+    result = {
+        "sft_valid_nll": [(r["step"], r["sft/nll"]) for r in sft_valid],
+        "dpo_valid": [
+            {k: r[k] for k in ("step", "loss", "rewards/accuracies", "rewards/margins")}
+            for r in dpo_valid
+        ],
+        "reward_accuracy_before": before["rewards/accuracies"],
+        "reward_accuracy_after": after["rewards/accuracies"],
+        "reward_margin_before": before["rewards/margins"],
+        "reward_margin_after": after["rewards/margins"],
+        "exact_match_sft": sft_gen["exact_match"],
+        "exact_match_dpo": dpo_gen["exact_match"],
+        "exact_match_per_task": {"sft": sft_gen["per_task"], "dpo": dpo_gen["per_task"]},
+    }
+    print("\n=== held-out results ===")
+    nll = " -> ".join(f"{v:.3f} (step {s})" for s, v in result["sft_valid_nll"])
+    print(f"SFT  completion NLL: {nll}")
+    for r in result["dpo_valid"]:
         print(
-            f"\nheld-out loss: {valid[0]['loss']:.3f} at step {valid[0]['step']} -> "
-            f"{valid[-1]['loss']:.3f} at step {valid[-1]['step']}"
+            f"DPO  step {r['step']:>4}: loss {r['loss']:.4f}  rewards/accuracies "
+            f"{_pct(r['rewards/accuracies'])}  rewards/margins {r['rewards/margins']:+.4f}"
         )
-    print(f"metrics: {out / 'logs' / 'metrics.jsonl'}; checkpoint: {out / 'ckpt'}")
+    print(
+        f"reward accuracy {_pct(result['reward_accuracy_before'])} -> "
+        f"{_pct(result['reward_accuracy_after'])}, margin "
+        f"{result['reward_margin_before']:+.4f} -> {result['reward_margin_after']:+.4f}"
+    )
+    n = len(sft_gen["outputs"])
+    print(
+        f"greedy exact match on {n} held-out prompts: SFT {_pct(result['exact_match_sft'])} -> "
+        f"DPO {_pct(result['exact_match_dpo'])}"
+    )
+    for task in TASKS:
+        print(
+            f"  {task:<8} SFT {_pct(sft_gen['per_task'][task])} -> "
+            f"DPO {_pct(dpo_gen['per_task'][task])}"
+        )
+    for s, d in list(zip(sft_gen["outputs"], dpo_gen["outputs"], strict=True))[:6]:
+        mark = lambda o: "ok" if o["output"] == o["answer"] else "WRONG"  # noqa: E731
+        print(
+            f"  {s['prompt']!r:<24} want {s['answer']!r:<14} SFT {s['output']!r} "
+            f"[{mark(s)}]  DPO {d['output']!r} [{mark(d)}]"
+        )
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_demo(out: Path, sizes: Sizes, nproc: int = 2) -> dict[str, Any]:
+    """The whole pipeline into ``out`` (cleared first); returns the numbers :func:`report` prints."""
+    start = time.time()
+    # why: the demo regenerates its own output; a stale checkpoint would (rightly) be refused.
+    shutil.rmtree(out, ignore_errors=True)
+    splits = prepare_data(out, sizes)
+    launcher = [f"launcher.nproc_per_node={nproc}"]
+    train_stage(out, "sft", sizes.sft_iters, sizes.sft_iters // 2, launcher)
+    dpo_start = [f"checkpoint.load={out / 'sft'}", "checkpoint.finetune=true", *launcher]
+    train_stage(out, "dpo", sizes.dpo_iters, sizes.dpo_eval_interval, dpo_start)
+    held_out = splits["valid"][: sizes.generations]
+    sft_gen = exact_match(out / "sft", out / "tokenizer", held_out)
+    dpo_gen = exact_match(out / "dpo", out / "tokenizer", held_out)
+    result = report(out, sft_gen, dpo_gen)
+    result["wall_s"] = time.time() - start
+    print(f"\ntotal {result['wall_s']:.0f} s; outputs in {out} (results.json, sft/, dpo/)")
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    ap.add_argument("--quick", action="store_true", help="reduced size (the test suite's run)")
+    ap.add_argument("--nproc", type=int, default=2, help="data-parallel CPU ranks (default 2)")
+    args = ap.parse_args(argv)
+    run_demo((ROOT / args.out).resolve(), QUICK if args.quick else FULL, args.nproc)
     return 0
 
 

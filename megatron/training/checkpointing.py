@@ -166,8 +166,7 @@ def _pipeline_state_dict(
     the shapes the run needs are checked by the strict load instead, and the run's padded
     vocabulary is read off this stage's vocabulary layer (if it has one).
     """
-    import yaml
-
+    from megatron.config import read_config_file
     from megatron.model.convert_config import model_args_from_section, padded_vocab
     from megatron.model.hf_mapping import pipeline_layer_of
 
@@ -175,7 +174,7 @@ def _pipeline_state_dict(
     if not config_path.is_file():
         raise CheckpointError(f"checkpoint.load: {config_path} is missing (it holds the model)")
     try:
-        section = yaml.safe_load(config_path.read_text())["model"]
+        section = read_config_file(config_path)["model"]
         args, divisible_by = model_args_from_section(section, checkpoint_tp_size(tag_dir))
     except (ConversionError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint.load: {config_path}: {e}") from e
