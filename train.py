@@ -33,12 +33,11 @@ def _hang_after(step_to_hang: int):
         if step == step_to_hang:
             sys.stdout.flush()
             sys.stderr.flush()
-            open(
-                os.path.join(
-                    trainer.cfg.checkpoint.save, f".hung_rank{os.environ.get('RANK', '0')}"
-                ),
-                "w",
-            ).close()
+            rank = os.environ.get("RANK", "0")
+            marker = os.path.join(trainer.cfg.checkpoint.save, f".hung_rank{rank}")
+            with open(marker, "w") as f:
+                # why: launchers start each rank in its own session; the test kills this pid
+                f.write(str(os.getpid()))
             while True:
                 time.sleep(60)
 

@@ -44,6 +44,16 @@ def _launch(cfg_path: Path, *overrides: str, env_extra: dict | None = None) -> s
     )
 
 
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while Path(f"/proc/{pid}").exists():
+        stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+        if stat.split(")")[-1].split()[:1] == ["Z"]:  # a zombie: dead, not yet reaped
+            return
+        assert time.time() < deadline, f"rank process {pid} survived SIGKILL"
+        time.sleep(0.1)
+
+
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
@@ -82,8 +92,15 @@ def runs(tmp_path_factory):
         assert killed.poll() is None, killed.communicate()[0][-4000:]
         assert time.time() < deadline, "ranks never reached step 10"
         time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)  # a real kill of every rank, no clean exit
+    # A real kill of every rank, no clean exit. torchrun starts each rank in a session of its
+    # own, so the launcher's process group does not contain them: kill them by pid.
+    rank_pids = [int(p.read_text()) for p in ckpt.glob(".hung_rank*")]
+    for pid in rank_pids:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=60)
+    for pid in rank_pids:
+        _wait_gone(pid)
 
     resumed = tmp / "resumed"
     out = _finish(_launch(cfg_path, f"checkpoint.load={ckpt}", f"logging.dir={resumed}"))
