@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Our DPO engine vs TRL 1.16's ``DPOTrainer``: throughput, peak memory and loss curves.
+
+One run builds a random-weight tiny ``LlamaForCausalLM`` (saved with a byte-level BPE tokenizer and
+a ChatML template), converts it to a native checkpoint with
+:func:`megatron.ckpt.convert.convert_hf_to_native`, generates conversational preference pairs,
+preprocesses them with our ``pairwise`` format, and trains both sides from the same weights on the
+same pairs: same batch size (one micro-batch per step), steps, constant learning rate, AdamW
+(betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping 1.0, beta, fp32 on CPU, the
+reference being the initial policy. Each side trains in its own fresh subprocess (its
+``ru_maxrss`` is its own peak): ours as ``Trainer(load_config(...)).train()`` after
+``init_distributed()`` (single rank), TRL as ``DPOTrainer(...).train()`` with a reference model.
+
+Reported: tokens/s (prompt + completion tokens of both sequences of every pair) over the whole
+``train()`` call (set-up before it excluded; TRL's ``train()`` also builds its dataloader and
+prepares the model) and over steps 2..N only (steady state; mean tokens per step, since the two
+sides draw the pairs in different orders), peak RSS of each process, the ratios ours / TRL, and both
+loss curves; also the peak RSS reached before ``train()`` (model building and loading). The
+two sides shuffle the pairs with different generators, so per-step losses differ
+after the first step (the first step's loss is the same, ln 2); with ``--pairs`` fewer than
+``steps x batch`` the pairs repeat and both curves should fall alike.
+
+Example:
+    python tools/bench/dpo_vs_trl.py --work /tmp/dpo_vs_trl --steps 40 --batch 4 --pairs 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GIB = 2**30
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def prepare(work: Path, args: argparse.Namespace) -> dict:
+    """Write the HF model, its native conversion, the pairs and our preprocessed data."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from megatron.ckpt.convert import convert_hf_to_native
+    from megatron.data.preprocess import PreprocessOptions, preprocess
+    from megatron.tokenizer.build import build_byte_level_bpe
+    from tests.conftest import make_english_corpus
+    from tests.data.conftest import conversational_pairs, write_jsonl
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    tok_dir = build_byte_level_bpe(make_english_corpus(2000, seed=7), 512, work / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.chat_template = CHATML
+    cfg = LlamaConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(args.heads // 2, 1),
+        intermediate_size=args.hidden * 2,
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).float().save_pretrained(work / "hf")
+    tok.save_pretrained(work / "hf")
+    convert_hf_to_native(work / "hf", work / "native", tp_size=1, divisible_by=64)
+    rows = conversational_pairs(args.pairs, seed=1)
+    write_jsonl(work / "pairs.jsonl", rows)
+    (work / "chatml.jinja").write_text(CHATML)
+    options = PreprocessOptions(data_format="pairwise", chat_template=str(work / "chatml.jinja"))
+    preprocess([work / "pairs.jsonl"], work / "pairs", work / "native" / "hf", options)
+    from megatron.data.indexed import IndexedDataset
+
+    lens = {k: IndexedDataset(f"{work / 'pairs'}.{k}") for k in ("prompt", "chosen", "rejected")}
+    tokens = sum(
+        2 * len(lens["prompt"][i]) + len(lens["chosen"][i]) + len(lens["rejected"][i])
+        for i in range(len(rows))
+    )
+    # every step draws `batch` pairs; epochs repeat the dataset: mean tokens of the whole run
+    return {"pairs": len(rows), "tokens": tokens * args.steps * args.batch / len(rows)}
+
+
+def run_ours(work: Path, args: argparse.Namespace) -> dict:
+    """Train with our engine in this process (single rank)."""
+    import yaml
+
+    from megatron.config import load_config
+    from megatron.training.distributed import init_distributed
+    from megatron.training.trainer import Trainer
+
+    run = {
+        "data": {
+            "train": [{"path": str(work / "pairs")}],
+            "seq_length": 1024,
+            "tokenizer": str(work / "native" / "hf"),
+        },
+        "objective": {"name": "dpo", "beta": args.beta},
+        "checkpoint": {"load": str(work / "native"), "finetune": True},
+        "optimizer": {"lr": args.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+        "schedule": {"style": "constant"},
+        "training": {
+            "train_iters": args.steps,
+            "micro_batch_size": args.batch,
+            "global_batch_size": args.batch,
+            "seed": 1,
+            "gradient_clipping": 1.0,
+        },
+        "logging": {"log_interval": 1, "dir": str(work / "ours_logs")},
+    }
+    (work / "ours.yml").write_text(yaml.safe_dump(run))
+    init_distributed()
+    trainer = Trainer(load_config([work / "native" / "model.yml", work / "ours.yml"], [], 1))
+    setup_rss = _maxrss_bytes()
+    t0 = time.perf_counter()
+    history = trainer.train()
+    seconds = time.perf_counter() - t0
+    steps = [h["step_time"] for h in history]
+    losses = [h["loss"] for h in history]
+    return {"seconds": seconds, "steady": sum(steps[1:]), "losses": losses, "setup": setup_rss}
+
+
+def run_trl(work: Path, args: argparse.Namespace) -> dict:
+    """Train with TRL's ``DPOTrainer`` in this process."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    cols = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+    load = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    policy = AutoModelForCausalLM.from_pretrained(work / "hf", **load)
+    reference = AutoModelForCausalLM.from_pretrained(work / "hf", **load)
+    config = DPOConfig(
+        output_dir=str(work / "trl_out"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=args.beta,
+        max_length=None,
+        use_cpu=True,
+        bf16=False,  # TRL defaults to bf16 (autocast even on CPU)
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=1,
+        dataloader_num_workers=0,
+    )
+    losses: list[float] = []
+    step_times: list[float] = []
+
+    class _Losses(TrainerCallback):
+        def on_step_begin(self, _args, _state, _control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, _args, _state, _control, **kwargs):
+            step_times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, _args, _state, _control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=config,
+        train_dataset=Dataset.from_dict(cols),
+        processing_class=AutoTokenizer.from_pretrained(work / "native" / "hf"),
+        callbacks=[_Losses()],
+    )
+    setup_rss = _maxrss_bytes()
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "steady": sum(step_times[1:]), "losses": losses, "setup": setup_rss}
+
+
+def child(side: str, work: Path, args: argparse.Namespace) -> None:
+    """One side in this (fresh) process; prints its JSON result on the last line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    res = (run_ours if side == "ours" else run_trl)(work, args)
+    res["maxrss"] = _maxrss_bytes()
+    print("RESULT " + json.dumps(res))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/dpo_vs_trl"))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=4, help="pairs per step (one micro-batch)")
+    p.add_argument(
+        "--pairs", type=int, default=16, help="distinct pairs (repeated in epochs: loss falls)"
+    )
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, each side")
+    p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        child(args.side, args.work, args)
+        return
+    info = prepare(args.work, args)
+    results = {}
+    for side in ("ours", "trl"):
+        cmd = [sys.executable, __file__, "--side", side] + sys.argv[1:]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        results[side] = json.loads(lines[-1].removeprefix("RESULT "))
+    print(
+        f"tiny Llama h={args.hidden} L={args.layers} heads={args.heads}, vocab 512; "
+        f"{info['pairs']} pairs, {info['tokens']:.0f} tokens in all; {args.steps} steps x {args.batch} pairs; "
+        f"lr {args.lr}, beta {args.beta}; fp32 CPU, {args.threads} threads per side"
+    )
+    print(
+        f"{'side':<6}{'train() s':>10}{'tokens/s':>10}{'steady s':>10}{'steady tok/s':>14}"
+        f"{'peak RSS GiB':>14}{'after set-up':>14}"
+    )
+    tps, steady = {}, {}
+    later = info["tokens"] * (args.steps - 1) / args.steps  # mean tokens of steps 2..N
+    for side, r in results.items():
+        tps[side] = info["tokens"] / r["seconds"]
+        steady[side] = later / r["steady"] if r["steady"] else float("nan")
+        print(
+            f"{side:<6}{r['seconds']:>10.2f}{tps[side]:>10.0f}{r['steady']:>10.2f}"
+            f"{steady[side]:>14.0f}{r['maxrss'] / GIB:>14.3f}{r['setup'] / GIB:>14.3f}"
+        )
+    ours, trl = results["ours"], results["trl"]
+    print(
+        f"ratio ours/TRL: tokens/s {tps['ours'] / tps['trl']:.2f} (whole train()), "
+        f"{steady['ours'] / steady['trl']:.2f} (steps 2..N); "
+        f"peak RSS {ours['maxrss'] / trl['maxrss']:.2f}"
+    )
+    print("step  ours      TRL")
+    for i in range(max(len(ours["losses"]), len(trl["losses"]))):
+        a = f"{ours['losses'][i]:.4f}" if i < len(ours["losses"]) else "-"
+        b = f"{trl['losses'][i]:.4f}" if i < len(trl["losses"]) else "-"
+        print(f"{i + 1:>4}  {a:<8}  {b}")
+
+
+if __name__ == "__main__":
+    main()
