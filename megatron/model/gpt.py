@@ -111,7 +111,7 @@ class GPTModel(nn.Module):
                 )
         self.embedding_dropout = cfg.hidden_dropout
         self.activation_checkpointing = cfg.activation_checkpointing
-        self.logprob_chunk_size = 4096
+        self.logprob_chunk_size: int | None = None  # None: ~256 MiB of fp32 logits per chunk
         self.with_sum_sq = False  # also return log sum_v p_v^2 per token (objective.policy_outputs)
 
     def output_weight(self) -> torch.Tensor:

@@ -112,7 +112,7 @@ class FinalNormPipe(nn.Module):
 class _OutputWeightView(nn.Module):
     """Adapter giving :func:`token_log_probs` what it reads from a model."""
 
-    def __init__(self, weight: torch.Tensor, cfg: Any, state: ParallelState, chunk: int):
+    def __init__(self, weight: torch.Tensor, cfg: Any, state: ParallelState, chunk: int | None):
         super().__init__()
         self._weight, self.cfg, self.state, self.chunk = weight, cfg, state, chunk
 
@@ -122,7 +122,7 @@ class _OutputWeightView(nn.Module):
 
 def _log_probs(weight: torch.Tensor, cfg: Any, state: ParallelState, inputs: Activations):
     hidden, _, _, targets = inputs
-    view = _OutputWeightView(weight, cfg, state, 4096)
+    view = _OutputWeightView(weight, cfg, state, None)
     view.with_sum_sq = WITH_SUM_SQ[0]
     out = token_log_probs(view, hidden, targets, view.chunk)
     if "log_sum_sq_probs" in out:

@@ -24,7 +24,10 @@ from megatron.parallel.cross_entropy import chunked_vocab_parallel_log_probs
 
 
 def token_log_probs(
-    model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """``log p(targets)`` for every position.
 
@@ -32,7 +35,7 @@ def token_log_probs(
         model: a :class:`megatron.model.GPTModel` (for its output weight, TP group and vocab).
         hidden: ``[b, s, h]`` final hidden states.
         targets: ``[b, s]`` int64 next-token ids (any valid id where the loss mask is 0).
-        chunk_size: tokens per chunk of the vocabulary projection.
+        chunk_size: tokens per chunk of the vocabulary projection (None: ~256 MiB of fp32 logits).
 
     Returns:
         ``{"token_logps": [b, s] fp32, "log_z": [b, s] fp32}``, plus ``log_sum_sq_probs``

@@ -28,6 +28,9 @@ import torch.distributed as dist
 
 from megatron.parallel.mappings import all_reduce_no_grad, copy_to_tensor_parallel_region
 
+# Default chunk: ~256 MiB of fp32 logits (a few such temporaries exist at once in a chunk).
+_CHUNK_BYTES = 256 * 2**20
+
 
 def _rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
@@ -48,7 +51,7 @@ def _shard_stats(
         logits[:, max(vocab_size - vocab_start, 0) :] = float("-inf")
     m = logits.max(dim=-1).values
     all_reduce_no_grad(m, group, dist.ReduceOp.MAX)
-    sum_exp = torch.exp(logits - m.unsqueeze(-1)).sum(dim=-1)
+    sum_exp = (logits - m.unsqueeze(-1)).exp_().sum(dim=-1)  # one [n, v/p] temporary
     all_reduce_no_grad(sum_exp, group)
     log_z = m + torch.log(sum_exp)
     local = target - vocab_start
@@ -68,8 +71,8 @@ def _grad_logits(
     g_logz: torch.Tensor,
 ) -> torch.Tensor:
     """``g_logp * (onehot - p) + g_logz * p`` for one shard, fp32 ``[n, v/p]``."""
-    probs = torch.exp(logits - log_z.unsqueeze(-1))
-    grad = probs * (g_logz - g_logp).unsqueeze(-1)
+    grad = (logits - log_z.unsqueeze(-1)).exp_()  # probabilities, then scaled in place
+    grad.mul_((g_logz - g_logp).unsqueeze(-1))
     local = target - vocab_start
     inside = (local >= 0) & (local < logits.shape[-1])
     rows = torch.nonzero(inside).squeeze(-1)
@@ -142,14 +145,15 @@ class _ChunkedLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, target, group, vocab_start, vocab_size, chunk, with_sq):
         logps, log_zs, sqs = [], [], []
         for s in range(0, hidden.shape[0], chunk):
-            logits = hidden[s : s + chunk] @ weight.t()
+            # why: upcast in the same expression so the low-precision logits are freed at once
+            logits = (hidden[s : s + chunk] @ weight.t()).float()
             masked, log_z, tl = _shard_stats(
                 logits, target[s : s + chunk], vocab_start, vocab_size, group
             )
             logps.append(tl - log_z)
             log_zs.append(log_z)
             if with_sq:  # log sum_v p_v^2 (WPO's weights): one more exp and all-reduce
-                sq = torch.exp(2.0 * (masked - log_z.unsqueeze(-1))).sum(dim=-1)
+                sq = (masked - log_z.unsqueeze(-1)).mul_(2.0).exp_().sum(dim=-1)
                 sqs.append(torch.log(all_reduce_no_grad(sq, group)))
         log_z = torch.cat(log_zs) if log_zs else hidden.new_zeros(0, dtype=torch.float32)
         logp = torch.cat(logps) if logps else log_z.clone()
@@ -190,7 +194,7 @@ def chunked_vocab_parallel_log_probs(
     target: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     with_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token log p(target) straight from hidden states through a vocab-parallel ``lm_head``.
@@ -205,7 +209,9 @@ def chunked_vocab_parallel_log_probs(
         target: ``[n]`` int64 global token ids.
         group: TP group.
         vocab_size: true vocabulary size (padding rows excluded from the softmax).
-        chunk_size: tokens per chunk.
+        chunk_size: tokens per chunk; ``None`` sizes chunks so one fp32 chunk of logits is
+            about 256 MiB (512 tokens at a 128k vocabulary shard, the whole batch for small
+            vocabularies).
         with_sum_sq: also return ``log sum_v p_v^2`` per token (no gradient), which WPO's pair
             weights need (arXiv:2406.11827).
 
@@ -215,6 +221,8 @@ def chunked_vocab_parallel_log_probs(
     """
     hidden = copy_to_tensor_parallel_region(hidden, group)
     vocab_start = _rank(group) * weight.shape[0]
+    if chunk_size is None:
+        chunk_size = _CHUNK_BYTES // (4 * max(weight.shape[0], 1))
     logp, log_z, log_sq = _ChunkedLogProbs.apply(
         hidden, weight, target, group, vocab_start, vocab_size, max(int(chunk_size), 1), with_sum_sq
     )
