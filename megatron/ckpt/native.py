@@ -330,3 +330,25 @@ def _with_padded_vocab(args: Any, padded_vocab_size: int) -> Any:
     if dataclasses.is_dataclass(args):
         return dataclasses.replace(args, padded_vocab_size=padded_vocab_size)
     raise TypeError(f"expected a dataclass model config, got {type(args).__name__}")
+
+
+def read_checkpoint_config(ckpt: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(checkpoint root, its config.yml as plain data)`` for a run dir or an ``iter_*`` dir.
+
+    Raises:
+        ConversionError: no checkpoint there, or its ``config.yml`` is missing or unreadable.
+    """
+    from megatron.config import ConfigError, read_config_file
+    from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
+
+    try:
+        root, tag = resolve_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
+    path = root / tag / "config.yml"
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing: the model config cannot be known")
+    try:
+        return root, read_config_file(path)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from e

@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
 from megatron.ckpt import ConversionError  # noqa: E402
 from megatron.ckpt.convert import DTYPES, HF_DIR, convert_native_to_hf  # noqa: E402
+from megatron.ckpt.native import read_checkpoint_config  # noqa: E402
 from megatron.model.convert_config import SUPPORTED_ARCHITECTURES  # noqa: E402
-from megatron.training.checkpointing import CheckpointError, resolve_checkpoint  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,18 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-shard-size", type=float, default=5.0, help="shard size in GiB")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
-
-
-def read_checkpoint_config(ckpt: str) -> tuple[Path, dict[str, Any]]:
-    """``(checkpoint root, parsed config.yml)`` of a checkpoint directory."""
-    try:
-        root, tag = resolve_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from e
-    path = root / tag / "config.yml"
-    if not path.is_file():
-        raise ConversionError(f"{path} is missing: the model config cannot be known")
-    return root, yaml.safe_load(path.read_text()) or {}
 
 
 def template_dir(root: Path, config: dict[str, Any], given: str | None) -> Path | None:

@@ -18,15 +18,12 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
 from megatron.ckpt import ConversionError  # noqa: E402
 from megatron.ckpt.convert import reshard  # noqa: E402
-from megatron.training.checkpointing import CheckpointError, resolve_checkpoint  # noqa: E402
+from megatron.ckpt.native import read_checkpoint_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,24 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_checkpoint_config(ckpt: str) -> dict[str, Any]:
-    """The parsed ``config.yml`` of a checkpoint directory."""
-    try:
-        root, tag = resolve_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from e
-    path = root / tag / "config.yml"
-    if not path.is_file():
-        raise ConversionError(f"{path} is missing: the model config cannot be known")
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
     try:
-        config = read_checkpoint_config(args.ckpt)
+        _, config = read_checkpoint_config(args.ckpt)
         tag_dir = reshard(
             args.ckpt,
             args.out,
