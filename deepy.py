@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from megatron.config import ConfigError, load_config
+from megatron.config import ConfigError, load_config, split_config_args
 
 
 def _gpu_count() -> int:
@@ -80,8 +80,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    files = [a for a in rest if not ("=" in a and not a.endswith((".yml", ".yaml")))]
-    overrides = [a for a in rest if a not in files]
+    files, overrides = split_config_args(rest)
     try:
         probe = load_config(files, overrides)
         la = probe.launcher

@@ -9,20 +9,10 @@ import os
 import sys
 import time
 
-from megatron.config import ConfigError, load_config
+from megatron.config import ConfigError, load_config, split_config_args
 from megatron.utils import setup_logging
 
 FAULT_ENV = "MEGATRON_FAULT_HANG_AFTER_STEP"
-
-
-def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Config files and ``key=value`` overrides (launcher flags like ``--local_rank`` dropped)."""
-    files, overrides = [], []
-    for a in argv:
-        if a.startswith("--local_rank") or a.startswith("--local-rank"):
-            continue
-        (overrides if "=" in a and not a.endswith((".yml", ".yaml")) else files).append(a)
-    return files, overrides
 
 
 def _hang_after(step_to_hang: int):
@@ -46,7 +36,7 @@ def _hang_after(step_to_hang: int):
 
 def main(argv: list[str]) -> int:
     setup_logging()
-    files, overrides = split_args(argv)
+    files, overrides = split_config_args(argv)
     if not files:
         print(__doc__, file=sys.stderr)
         return 2

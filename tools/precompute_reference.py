@@ -20,18 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.config import ConfigError, load_config  # noqa: E402
+from megatron.config import ConfigError, load_config, split_config_args  # noqa: E402
 from megatron.utils import setup_logging  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
-    files = [
-        a
-        for a in argv
-        if not a.startswith("--local_rank") and ("=" not in a or a.endswith((".yml", ".yaml")))
-    ]
-    overrides = [a for a in argv if a not in files and not a.startswith("--local_rank")]
+    files, overrides = split_config_args(argv)
     if not files:
         print(__doc__, file=sys.stderr)
         return 2

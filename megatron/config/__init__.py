@@ -10,7 +10,7 @@ See ``configs/README.md`` (generated from the field docstrings) for every key.
 """
 
 from megatron.config.deepspeed import deepspeed_config
-from megatron.config.loader import load_config, read_config_file, save_config
+from megatron.config.loader import load_config, read_config_file, save_config, split_config_args
 from megatron.config.sections import (
     SECTIONS,
     CheckpointConfig,
@@ -54,5 +54,6 @@ __all__ = [
     "load_config",
     "read_config_file",
     "save_config",
+    "split_config_args",
     "validate_config",
 ]

@@ -604,3 +604,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if problems.lines:
         raise ConfigError(problems.lines)
     return data or {}
+
+
+def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split a command line into config files and ``dotted.key=value`` overrides.
+
+    A ``*.yml``/``*.yaml`` argument is a file even if its path contains ``=``; launcher flags
+    (``--local_rank=N`` from the DeepSpeed runner) are dropped. For ``train.py``, ``deepy.py``
+    and tools that take a run's config.
+    """
+    files, overrides = [], []
+    for a in argv:
+        if a.startswith(("--local_rank", "--local-rank")):
+            continue
+        (overrides if "=" in a and not a.endswith((".yml", ".yaml")) else files).append(a)
+    return files, overrides

@@ -611,3 +611,13 @@ def test_deepspeed_clipping_moves_to_the_trainer_in_plain_fp32(tmp_path):
     cfg = load(tmp_path, "training: {gradient_clipping: 0.7}\nparallel: {zero_stage: 0}\n")
     assert cfg.training.gradient_clipping == 0.7
     assert deepspeed_config(cfg)["gradient_clipping"] == 0.0
+
+
+def test_split_config_args():
+    from megatron.config import split_config_args
+
+    argv = ["a.yml", "--local_rank=1", "training.train_iters=5", "dir=x/run.yaml", "b.yml"]
+    assert split_config_args(argv) == (
+        ["a.yml", "dir=x/run.yaml", "b.yml"],
+        ["training.train_iters=5"],
+    )
