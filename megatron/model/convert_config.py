@@ -100,6 +100,7 @@ ARCHITECTURE_FIELDS = (
     "max_position_embeddings",
     "norm",
     "norm_eps",
+    "norm_bias",
     "activation",
     "rotary_pct",
     "rotary_base",

@@ -32,21 +32,12 @@ import torch
 
 from megatron.config import config_to_dict, read_config_file
 from megatron.model import DTYPES, GPTModel, SequenceLayout
+from megatron.model.convert_config import ARCHITECTURE_FIELDS
 from megatron.parallel import ParallelState
 from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
 from megatron.utils import atomic_write_json, log_rank0
 
 CACHE_VERSION = 1
-# Fields that change a model's outputs; the rest (dropout, checkpointing, backend) do not.
-_NON_ARCH = (
-    "attention_dropout",
-    "hidden_dropout",
-    "activation_checkpointing",
-    "attention_backend",
-    "init_method_std",
-    "padded_vocab_size",
-    "make_vocab_size_divisible_by",
-)
 
 
 def initial_weights(cfg: Any, client_state: dict[str, Any] | None) -> str | None:
@@ -59,8 +50,9 @@ def initial_weights(cfg: Any, client_state: dict[str, Any] | None) -> str | None
 
 
 def architecture(model_cfg: Any) -> dict[str, Any]:
+    """The fields of a ``model`` section (or its dict) that shape the weights and outputs."""
     d = config_to_dict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg)
-    return {k: v for k, v in d.items() if k not in _NON_ARCH}
+    return {k: d.get(k) for k in ARCHITECTURE_FIELDS}
 
 
 def _check_architecture(tag_dir: Path, model_cfg: Any) -> None:
@@ -133,7 +125,10 @@ def weights_fingerprint(cfg: Any, load: str | None) -> str:
     if load is None:
         h.update(
             json.dumps(
-                {"seeded": cfg.training.seed, **architecture(cfg.model)}, sort_keys=True
+                # every model field: the seeded weights also depend on e.g. init_method_std
+                {"seeded": cfg.training.seed, **config_to_dict(cfg.model)},
+                sort_keys=True,
+                default=str,
             ).encode()
         )
         return h.hexdigest()
