@@ -209,6 +209,8 @@ class ModelConfig:
     """Bias of LayerNorm (ignored by RMSNorm, which has none)."""
     tie_word_embeddings: bool = False
     """Share the input embedding with the output layer."""
+    head: Literal["lm", "value"] = "lm"
+    """Output head: ``lm`` (next-token log-probs) or ``value`` (a scalar per token from ``value_head``, no lm_head: reward models)."""
     sliding_window: int | None = None
     """Each token attends to at most this many previous tokens (Mistral v0.1: 4096); null: full causal attention."""
     attention_backend: Literal["auto", "sdpa", "flash"] = "auto"

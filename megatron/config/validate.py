@@ -140,7 +140,15 @@ def _evaluation(cfg: RunConfig) -> list[str]:
 def _objective(cfg: RunConfig) -> list[str]:
     from megatron.objectives.registry import get_objective
 
-    return list(get_objective(cfg.objective.name).check_config(cfg))
+    cls = get_objective(cfg.objective.name)
+    out = []
+    if cfg.model.head != cls.model_head:
+        what = {"lm": "next-token log-probs (the lm head)", "value": "a value head"}
+        out.append(
+            f"model.head: objective {cls.name!r} needs {what[cls.model_head]}; set model.head: "
+            f"{cls.model_head} (got {cfg.model.head})"
+        )
+    return out + list(cls.check_config(cfg))
 
 
 def reference_source(cfg: RunConfig) -> str:

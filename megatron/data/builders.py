@@ -73,14 +73,39 @@ def _open_blend(
     return datasets, metas
 
 
-def _collate(kind: str, datasets: list[Any], data_cfg: Any) -> Any:
+def _eos_id(metas: list[dict[str, Any]]) -> int | None:
+    ids = {(m.get("special_ids") or {}).get("eos") for m in metas}
+    return ids.pop() if len(ids) == 1 else None
+
+
+def _collate(
+    kind: str,
+    datasets: list[Any],
+    metas: list[dict[str, Any]],
+    data_cfg: Any,
+    options: dict[str, Any],
+) -> Any:
     if isinstance(datasets[0], TextDataset):
         return collate_sequences
     with_margin = all(getattr(d, "has_margin", False) for d in datasets)
     if any(getattr(d, "has_margin", False) for d in datasets) and not with_margin:
         logger.warning("pair margins ignored: not every dataset of the blend has them")
+    options = dict(options)
+    if options.get("score_token") == "eos":
+        eos = _eos_id(metas)
+        if eos is None:
+            raise DatasetError(
+                "objective.score_token: eos needs the tokenizer's EOS id, which the datasets' "
+                "meta.json (special_ids.eos) does not give; use score_token: last"
+            )
+        options["eos_id"] = eos
     return Collator(
-        kind, data_cfg.layout, data_cfg.seq_length, data_cfg.pad_to_multiple_of, with_margin
+        kind,
+        data_cfg.layout,
+        data_cfg.seq_length,
+        data_cfg.pad_to_multiple_of,
+        with_margin,
+        **options,
     )
 
 
@@ -96,16 +121,21 @@ def _with_collate(dataset: Any, collate: Any) -> Any:
     return dataset
 
 
-def build_splits(kind: str, data_cfg: Any, vocab_size: int) -> tuple[Any, Any | None, Any | None]:
+def build_splits(
+    kind: str, data_cfg: Any, vocab_size: int, collate_options: dict[str, Any] | None = None
+) -> tuple[Any, Any | None, Any | None]:
     """``(train, valid, test)`` for ``kind``: separate prefixes, or ``data.split`` of ``train``.
+
+    ``collate_options`` are the objective's :class:`~megatron.data.collators.Collator` keyword
+    arguments (``Objective.collate_options()``: e.g. ``with_kl``, ``score_token``).
 
     Raises:
         DatasetError: A dataset is missing or does not fit the run; the message starts with the
             config key (``data.train[1]: PREFIX: ...``).
     """
-    train_ds, _ = _open_blend(kind, data_cfg.train, data_cfg, vocab_size, "data.train")
+    train_ds, metas = _open_blend(kind, data_cfg.train, data_cfg, vocab_size, "data.train")
     weights = [s.weight for s in data_cfg.train]
-    collate = _collate(kind, train_ds, data_cfg)
+    collate = _collate(kind, train_ds, metas, data_cfg, collate_options or {})
     parts: list[Any] = [None, None, None]
     if data_cfg.split:
         cuts = [split_indices(len(d), data_cfg.split, data_cfg.seed) for d in train_ds]
@@ -129,10 +159,12 @@ def build_splits(kind: str, data_cfg: Any, vocab_size: int) -> tuple[Any, Any | 
     return tuple(_with_collate(p, collate) if p is not None else None for p in parts)  # type: ignore[return-value]
 
 
-def build_datasets(kind: str, data_cfg: Any, vocab_size: int) -> tuple[Any, Any | None]:
+def build_datasets(
+    kind: str, data_cfg: Any, vocab_size: int, collate_options: dict[str, Any] | None = None
+) -> tuple[Any, Any | None]:
     """``(train, valid or None)`` datasets for ``kind``; each has ``collate(samples)``.
 
     See :func:`build_splits` (this drops the test part).
     """
-    train, valid, _ = build_splits(kind, data_cfg, vocab_size)
+    train, valid, _ = build_splits(kind, data_cfg, vocab_size, collate_options)
     return train, valid

@@ -84,11 +84,14 @@ def _pair_kind(samples: list[dict[str, Any]], seq_length: int) -> tuple[list[Seq
     return chosen + rejected, extra
 
 
-def _unpaired_kind(samples: list[dict[str, Any]], seq_length: int) -> tuple[list[Seq], dict]:
+def _unpaired_kind(
+    samples: list[dict[str, Any]], seq_length: int, with_kl: bool = True
+) -> tuple[list[Seq], dict]:
     real = [_with_prompt(x["prompt"], x["completion"]) for x in samples]
     kl = [
         _with_prompt(x["prompt"], x["kl_completion"][: max(1, seq_length - x["prompt"].size)])
         for x in samples
+        if with_kl
     ]
     labels = torch.tensor([bool(x["label"]) for x in samples], dtype=torch.bool)
     return real + kl, {"labels": labels, "kl_start": len(samples)}
@@ -150,6 +153,13 @@ class Collator:
         pad_to_multiple_of: Row length is rounded up to a multiple of this (capped at
             ``seq_length``).
         with_margin: ``pair`` batches carry ``margin`` (every dataset of the blend has one).
+        with_kl: ``unpaired`` batches append the KL sequences (objectives that estimate KTO's KL
+            reference point); without them ``num_sequences`` is ``n``.
+        score_token: add ``score_index [N]`` int64, the flat index (``row * s + column``) of the
+            token each sequence is scored at (a reward model's value head): ``"last"`` = its last
+            token, ``"eos"`` = its last ``eos_id`` token (an error if it has none); ``None``: no
+            ``score_index``.
+        eos_id: the tokenizer's EOS id (``score_token="eos"``).
     """
 
     def __init__(
@@ -159,6 +169,9 @@ class Collator:
         seq_length: int,
         pad_to_multiple_of: int = 8,
         with_margin: bool = False,
+        with_kl: bool = True,
+        score_token: str | None = None,
+        eos_id: int | None = None,
     ) -> None:
         if kind not in SEQUENCE_BUILDERS:
             raise ValueError(
@@ -168,11 +181,20 @@ class Collator:
             raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
         self.kind, self.layout = kind, layout
         self.seq_length, self.multiple = int(seq_length), int(pad_to_multiple_of)
-        self.with_margin = with_margin
+        self.with_margin, self.with_kl = with_margin, with_kl
+        if score_token not in (None, "last", "eos"):
+            raise ValueError(f"score_token must be 'last', 'eos' or None, got {score_token!r}")
+        if score_token == "eos" and eos_id is None:
+            raise ValueError("score_token='eos' needs the tokenizer's eos_id")
+        self.score_token, self.eos_id = score_token, eos_id
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """Collate a micro-batch (see the module docstring for the keys and their meaning)."""
-        seqs, extra = SEQUENCE_BUILDERS[self.kind](samples, self.seq_length)
+        build = SEQUENCE_BUILDERS[self.kind]
+        if self.kind == "unpaired":
+            seqs, extra = _unpaired_kind(samples, self.seq_length, self.with_kl)
+        else:
+            seqs, extra = build(samples, self.seq_length)
         if not self.with_margin:
             extra.pop("margin", None)
         lengths = [t.size for t, _ in seqs]
@@ -184,12 +206,32 @@ class Collator:
             )
         where = LAYOUTS[self.layout](lengths, self.seq_length)
         batch = self._fill(seqs, where)
+        if self.score_token is not None:
+            batch["score_index"] = self._score_index(seqs, where, batch["tokens"].shape[1])
         if self.layout == "padded":
             # why: one right-padded sequence per row — plain causal attention is exact for every
             # real token, and it lets attention use its causal kernels instead of a mask.
             del batch["segment_ids"]
         batch.update(extra)
         return batch
+
+    def _score_index(
+        self, seqs: list[Seq], where: list[tuple[int, int]], width: int
+    ) -> torch.Tensor:
+        out = []
+        for i, ((row, o), (tok, _)) in enumerate(zip(where, seqs, strict=True)):
+            k = tok.size - 1
+            if self.score_token == "eos":
+                hits = np.flatnonzero(tok == self.eos_id)
+                if not hits.size:
+                    raise ValueError(
+                        f"sequence {i} of the micro-batch holds no EOS token (id {self.eos_id}) to "
+                        "score at; preprocess with an EOS-ending template or set "
+                        "objective.score_token: last"
+                    )
+                k = int(hits[-1])
+            out.append(row * width + o + k)
+        return torch.tensor(out, dtype=torch.int64)
 
     def _fill(self, seqs: list[Seq], where: list[tuple[int, int]]) -> dict[str, Any]:
         rows = 1 + max((r for r, _ in where), default=0)

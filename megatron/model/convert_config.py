@@ -4,7 +4,8 @@ Supported ``model_type`` values: ``llama``, ``mistral``, ``qwen2`` and ``gpt_neo
 transformers 5.24 (``tests/model/test_hf_parity.py``, ``tests/tools/test_ckpt_convert.py``).
 
 * :func:`model_config_from_hf`: a transformers config -> :class:`ModelArgs` (what
-  :class:`~megatron.model.gpt.GPTModel` reads).
+  :class:`~megatron.model.gpt.GPTModel` reads). A ``*ForSequenceClassification`` config with
+  ``num_labels: 1`` is a reward model: ``head: value``.
 * :func:`hf_config_kwargs`: :class:`ModelArgs` -> keyword arguments of the transformers config
   class, refusing anything the target architecture cannot express.
 * :func:`model_section` / :func:`model_args_from_section`: :class:`ModelArgs` <-> the ``model:``
@@ -29,7 +30,14 @@ HF_CLASS_NAMES = {
     "qwen2": "Qwen2ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
 }
-"""The ``architectures`` entry written to ``config.json`` per ``model_type``."""
+"""The ``architectures`` entry written to ``config.json`` per ``model_type`` (``model.head: lm``)."""
+HF_VALUE_CLASS_NAMES = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "gpt_neox": "GPTNeoXForSequenceClassification",
+}
+"""The ``architectures`` entry of a reward model (``model.head: value``, ``num_labels: 1``)."""
 NEOX_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 """GPT-NeoX ``hidden_act`` -> native ``model.activation``."""
 
@@ -80,6 +88,7 @@ class ModelArgs:
     mlp_bias: bool = False
     norm_bias: bool = False
     tie_word_embeddings: bool = False
+    head: str = "lm"
     sliding_window: int | None = None
     attention_backend: str = "auto"
     attention_dropout: float = 0.0
@@ -111,6 +120,7 @@ ARCHITECTURE_FIELDS = (
     "proj_bias",
     "mlp_bias",
     "tie_word_embeddings",
+    "head",
     "sliding_window",
 )
 # Derived by megatron.config.load_config; never written to a model.yml.
@@ -189,11 +199,30 @@ def _activation(hf: Any) -> str:
     return NEOX_ACTIVATIONS[act]
 
 
+def is_sequence_classifier(hf_config: Any) -> bool:
+    """Whether a transformers config's ``architectures`` names a ``*ForSequenceClassification``."""
+    names = getattr(hf_config, "architectures", None) or []
+    return any(str(n).endswith("ForSequenceClassification") for n in names)
+
+
+def _head(hf: Any) -> str:
+    if not is_sequence_classifier(hf):
+        return "lm"
+    labels = getattr(hf, "num_labels", 1)
+    if labels != 1:
+        raise ValueError(
+            f"{hf.architectures[0]} with num_labels {labels}: only a single-score sequence "
+            "classifier (num_labels: 1, a reward model) converts, to model.head: value"
+        )
+    return "value"
+
+
 def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 128) -> ModelArgs:
     """Native model args for a transformers config.
 
     Args:
-        hf_config: a ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or ``GPTNeoXConfig``.
+        hf_config: a ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or ``GPTNeoXConfig``;
+            ``architectures`` naming a ``*ForSequenceClassification`` gives ``head: value``.
         tp_size: tensor-parallel size the vocabulary padding must divide.
         divisible_by: the padded vocabulary is a multiple of ``divisible_by * tp_size``.
 
@@ -201,7 +230,8 @@ def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 1
         The matching :class:`ModelArgs`.
 
     Raises:
-        ValueError: unsupported architecture, activation, rope type or sliding-window pattern.
+        ValueError: unsupported architecture, activation, rope type or sliding-window pattern,
+            or a sequence classifier with ``num_labels != 1``.
     """
     hf = hf_config
     arch = getattr(hf, "model_type", None)
@@ -222,6 +252,7 @@ def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 1
         rotary_base=base,
         rope_scaling=scaling,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        head=_head(hf),
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf, "initializer_range", 0.02)),
     )

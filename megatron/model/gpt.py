@@ -100,7 +100,14 @@ class GPTModel(nn.Module):
         with _seeded(seed + 1 + cfg.num_layers):
             self.final_norm = build_norm(cfg, dtype)
             self.lm_head = None
-            if not cfg.tie_word_embeddings:
+            self.value_head = None
+            if getattr(cfg, "head", "lm") == "value":
+                # why: the reward-model head of Stiennon et al. (arXiv:2009.01325, App. B.2):
+                # N(0, 1/(h + 1)) weights, so the initial rewards have unit-order variance; no
+                # bias (HF's *ForSequenceClassification.score has none; Bradley-Terry ignores it).
+                self.value_head = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
+                nn.init.normal_(self.value_head.weight, std=(cfg.hidden_size + 1) ** -0.5)
+            elif not cfg.tie_word_embeddings:
                 self.lm_head = ColumnParallelLinear(
                     cfg.hidden_size,
                     cfg.padded_vocab_size,
@@ -116,6 +123,8 @@ class GPTModel(nn.Module):
 
     def output_weight(self) -> torch.Tensor:
         """This rank's ``[v/p, h]`` output-projection rows (the embedding when tied)."""
+        if self.value_head is not None:
+            raise ValueError("a model.head: value model has no output projection (no log-probs)")
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
     def _layer(self, layer: TransformerLayer, x: torch.Tensor, layout: SequenceLayout):
@@ -136,6 +145,8 @@ class GPTModel(nn.Module):
         With ``targets [b, s]`` it returns their per-token log-probs instead
         (``{"token_logps", "log_z"}``, each ``[b, s]`` fp32), computed inside the forward so that
         engines that gather parameters only during ``forward`` (ZeRO-3) see the output weight.
+        A ``model.head: value`` model returns ``{"values": [b, s] fp32}`` (the value head at
+        every position; ``targets`` unused).
         """
         if layout is None:
             layout = SequenceLayout.causal(*tokens.shape, device=tokens.device)
@@ -147,6 +158,8 @@ class GPTModel(nn.Module):
         hidden = self.final_norm(x)
         if targets is None:
             return hidden
+        if self.value_head is not None:
+            return {"values": self.value_head(hidden).squeeze(-1).float()}  # [b, s]
         return token_log_probs(self, hidden, targets, self.logprob_chunk_size)
 
     @torch.no_grad()

@@ -17,6 +17,9 @@ Layout differences handled here:
 * ``linear_fc1`` of SwiGLU is ``[gate; up]``, each half split separately across TP.
 * The embedding and the output layer are padded with zero rows from v to vp; the inverse strips
   the padding.
+* A reward model (``model.head: value``) is HF's ``*ForSequenceClassification`` with
+  ``num_labels: 1``: its ``score.weight [1, h]`` is our ``value_head.weight`` (replicated over TP
+  ranks) and it has no ``lm_head``; the base model keeps its ``model.*`` / ``gpt_neox.*`` names.
 
 The converters stream: :func:`iter_native_from_hf` and :func:`iter_hf_from_native` read one layer's
 tensors at a time from any ``Mapping`` (lazy file-backed ones included) and yield as they go, so a
@@ -93,7 +96,9 @@ def native_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         if args.mlp_bias:
             out[pre + "mlp.linear_fc2.bias"] = (h,)
     out.update({f"final_norm.{p}": (h,) for p in _norm_params(args)})
-    if not args.tie_word_embeddings:
+    if getattr(args, "head", "lm") == "value":
+        out["value_head.weight"] = (1, h)
+    elif not args.tie_word_embeddings:
         out["lm_head.weight"] = (vp, h)
     return out
 
@@ -218,8 +223,8 @@ def pipeline_layer_of(key: str, args: ModelArgs) -> tuple[int, str]:
         return 1 + int(index), rest
     if key.startswith("final_norm."):
         return n + 1, "norm." + key.removeprefix("final_norm.")
-    if key.startswith("lm_head."):
-        return n + 2, key.removeprefix("lm_head.")
+    if key.startswith(("lm_head.", "value_head.")):
+        return n + 2, key.split(".", 1)[1]
     raise ValueError(f"not a native parameter key: {key!r}")
 
 
@@ -251,6 +256,7 @@ def _names(arch: str) -> dict[str, str]:
             "embedding": "gpt_neox.embed_in.weight",
             "final_norm": "gpt_neox.final_layer_norm",
             "lm_head": "lm_head.weight",
+            "score": "score.weight",
             "input_norm": p + "input_layernorm",
             "post_attention_norm": p + "post_attention_layernorm",
             "qkv": p + "attention.query_key_value",
@@ -263,6 +269,7 @@ def _names(arch: str) -> dict[str, str]:
         "embedding": "model.embed_tokens.weight",
         "final_norm": "model.norm",
         "lm_head": "lm_head.weight",
+        "score": "score.weight",
         "input_norm": p + "input_layernorm",
         "post_attention_norm": p + "post_attention_layernorm",
         "q": p + "self_attn.q_proj",
@@ -368,7 +375,8 @@ def _hf_naming(keys: Mapping[str, torch.Tensor]) -> str:
     if "model.embed_tokens.weight" in keys:
         return "llama"
     raise ValueError(
-        "not a Hugging Face causal-LM state dict of a supported architecture "
+        "not a Hugging Face causal-LM / sequence-classification state dict of a supported "
+        "architecture "
         f"({', '.join(SUPPORTED_ARCHITECTURES)}): found neither 'model.embed_tokens.weight' "
         "nor 'gpt_neox.embed_in.weight'"
     )
@@ -397,12 +405,15 @@ def iter_native_from_hf(
     """Stream ``(native key, [shard of TP rank 0 .. p-1])`` from a Hugging Face state dict.
 
     Tensors are read from ``hf_state_dict`` one layer at a time, in model order (embedding,
-    layers, final norm, lm_head). Unexpected leftover keys raise once everything was read.
+    layers, final norm, lm_head or value_head). Unexpected leftover keys raise once everything
+    was read.
 
     Args:
         hf_state_dict: HF weights (keys ``model.*`` / ``gpt_neox.*`` and ``lm_head.weight``;
             NeoX's legacy ``embed_out.weight`` is accepted too). With tied embeddings a
-            ``lm_head.weight`` entry, if present, is ignored. May be lazy or hold ``meta`` tensors.
+            ``lm_head.weight`` entry, if present, is ignored. With ``args.head == "value"``
+            (a ``*ForSequenceClassification``) ``score.weight [1, h]`` becomes
+            ``value_head.weight``. May be lazy or hold ``meta`` tensors.
         args: from :func:`model_config_from_hf` with the same ``tp_size``.
         tp_size: tensor-parallel size.
 
@@ -426,7 +437,9 @@ def iter_native_from_hf(
         f"final_norm.{p}": r.take(f"{names['final_norm']}.{p}", [h]) for p in _norm_params(args)
     }
     yield from stage(norm)
-    if args.tie_word_embeddings:
+    if args.head == "value":
+        yield from stage({"value_head.weight": r.take(names["score"], [1, h])})
+    elif args.tie_word_embeddings:
         r.left.discard(names["lm_head"])
     else:
         yield from stage({"lm_head.weight": _pad_vocab(r.take(names["lm_head"], [v, h]), args)})
@@ -436,7 +449,8 @@ def iter_native_from_hf(
 def hf_to_native_state_dict(
     hf_state_dict: Mapping[str, torch.Tensor], args: ModelArgs, tp_size: int, tp_rank: int
 ) -> dict[str, torch.Tensor]:
-    """One TP rank's :class:`GPTModel` state dict from a Hugging Face ``*ForCausalLM`` one.
+    """One TP rank's :class:`GPTModel` state dict from a Hugging Face ``*ForCausalLM`` one (or a
+    ``*ForSequenceClassification`` one, for ``args.head == "value"``).
 
     Args:
         hf_state_dict: full HF weights (see :func:`iter_native_from_hf`).
@@ -490,7 +504,8 @@ def iter_hf_from_native(
     """Stream ``(HF key, tensor)`` gathered from the TP shards of :class:`GPTModel`.
 
     Reads one layer's shards at a time. The vocabulary padding is removed. With tied embeddings
-    no ``lm_head.weight`` is yielded (transformers re-ties it on load).
+    no ``lm_head.weight`` is yielded (transformers re-ties it on load). A ``model.head: value``
+    model yields ``score.weight`` (its ``value_head.weight``) and no ``lm_head.weight``.
 
     Args:
         rank_state_dicts: the state dicts of TP ranks ``0 .. p-1``, in rank order (may be lazy).
@@ -517,14 +532,17 @@ def iter_hf_from_native(
         yield from _hf_layer(gather(f"layers.{i}."), nm, i, args)
     for key, t in gather("final_norm.").items():
         yield f"{names['final_norm']}.{key.removeprefix('final_norm.')}", t
-    if not args.tie_word_embeddings:
+    if args.head == "value":
+        yield names["score"], gather("value_head.")["value_head.weight"]
+    elif not args.tie_word_embeddings:
         yield names["lm_head"], gather("lm_head.")["lm_head.weight"][:v].contiguous()
 
 
 def native_to_hf_state_dict(
     rank_state_dicts: Sequence[Mapping[str, torch.Tensor]], args: ModelArgs, arch: str
 ) -> dict[str, torch.Tensor]:
-    """Gather TP shards of :class:`GPTModel` back into a Hugging Face ``*ForCausalLM`` state dict.
+    """Gather TP shards of :class:`GPTModel` back into a Hugging Face ``*ForCausalLM`` state dict
+    (``*ForSequenceClassification`` for a ``model.head: value`` model).
 
     Args:
         rank_state_dicts: the state dicts of TP ranks ``0 .. p-1``, in rank order.
@@ -536,7 +554,7 @@ def native_to_hf_state_dict(
         ``lm_head.weight`` is the embedding tensor itself, as in ``model.state_dict()``.
     """
     out = dict(iter_hf_from_native(rank_state_dicts, args, arch))
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings and args.head != "value":
         out[_names(arch)["lm_head"]] = out[_names(arch)["embedding"]]
     return out
 

@@ -32,6 +32,7 @@ from megatron.model.attention import SequenceLayout
 from megatron.model.gpt import _seeded, _TrackerReplay
 from megatron.model.transformer import TransformerLayer, build_norm
 from megatron.objectives.logprobs import token_log_probs
+from megatron.objectives.registry import evaluate
 from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
@@ -244,6 +245,7 @@ class PipelineLoss:
     def __init__(self, objective: Any) -> None:
         self.objective = objective
         self.reference: Any = None  # a ReferenceProvider (cache lookups) when the run has one
+        self.dp_group: Any = None  # reduces the objective's dp_means (set by the trainer)
         self.keys: list[str] = []
         self.metrics: list[dict[str, torch.Tensor]] = []
 
@@ -254,8 +256,12 @@ class PipelineLoss:
         policy = {"token_logps": token_logps, "log_z": log_z}
         if len(outputs) > 2:
             policy["log_sum_sq_probs"] = outputs[2]
-        loss, metrics = self.objective.loss(policy, ref, batch)
-        self.metrics.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
+        loss, metrics = evaluate(self.objective, policy, ref, batch, self.dp_group)
+        detached = {
+            k: tuple(x.detach() for x in v) if isinstance(v, tuple) else v.detach()
+            for k, v in metrics.items()
+        }
+        self.metrics.append({"loss": loss.detach(), **detached})
         return loss
 
 

@@ -3,8 +3,10 @@
 from megatron.objectives import (  # noqa: F401  (each module registers its objective)
     cpo,
     dpo,
+    kto,
     lm,
     orpo,
+    reward,
     sft,
     simpo,
 )

@@ -9,7 +9,22 @@ An objective is a class registered under a name with :func:`register_objective`.
 * ``needs_reference_model``: whether reference log-probs must be provided;
 * ``check_config(run_config) -> list[str]``: cross-section constraints, as messages of the form
   ``"dotted.path: message"`` (checked when the config loads, before any rank starts);
-* ``loss(policy, reference, batch) -> (loss, metrics)``: pure tensor math.
+* ``loss(policy, reference, batch) -> (loss, metrics)``: pure tensor math. A metric is a 0-d
+  tensor (averaged over micro-batches and data-parallel ranks with equal weight) or a
+  ``(sum, count)`` pair of 0-d tensors (summed over them, then divided: a mean over examples that
+  not every micro-batch has, e.g. KTO's desirable ones; left out of a step that has none), or a
+  ``(total,)`` 1-tuple (summed over micro-batches and ranks: a count over the whole step).
+
+Optional parts of the contract:
+
+* ``model_head``: ``"lm"`` (per-token log-probs of the targets) or ``"value"`` (a scalar per
+  token from the model's ``value_head``: reward models); the run's ``model.head`` must match.
+* ``collate_options() -> dict``: keyword arguments for the
+  :class:`~megatron.data.collators.Collator` (e.g. whether unpaired batches carry KL sequences).
+* ``dp_means(policy, reference, batch) -> {name: (sum, count)}``: batch statistics the loss
+  needs averaged over the data-parallel group (KTO's KL reference point). :func:`evaluate`
+  all-reduces the sums and counts and hands the means to ``loss`` as ``batch["dp_means"]``; a
+  loss called without them (a single process, unit tests) uses the local ``sum / count``.
 
 Trainer and step code ask the registry for the class and never compare names (STYLE.md rule 5).
 """
@@ -18,6 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -29,6 +47,7 @@ class Objective:
     Config: ClassVar[type] = object
     batch_kind: ClassVar[str] = "sequence"
     needs_reference_model: ClassVar[bool] = False
+    model_head: ClassVar[str] = "lm"
     policy_outputs: frozenset[str] = frozenset()
     """Extra per-token model outputs the loss reads (e.g. ``log_sum_sq_probs`` for WPO)."""
 
@@ -54,6 +73,46 @@ class Objective:
     def reference_cache_params(self) -> dict[str, Any]:
         """Settings of this objective that change :meth:`reference_log_probs` (cache key)."""
         return {}
+
+    def collate_options(self) -> dict[str, Any]:
+        """Keyword arguments of the :class:`~megatron.data.collators.Collator` this objective needs."""
+        return {}
+
+    def dp_means(self, policy: Any, reference: Any, batch: Any) -> dict[str, tuple[Any, Any]]:
+        """``{name: (sum, count)}`` (0-d tensors) to average over the data-parallel group."""
+        return {}
+
+
+def evaluate(
+    objective: Objective,
+    policy: Any,
+    reference: Any,
+    batch: dict[str, Any],
+    dp_group: dist.ProcessGroup | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """``objective.loss`` with its :meth:`Objective.dp_means` reduced over ``dp_group`` first.
+
+    Every data-parallel rank calls this once per micro-batch, in the same order (the engines run
+    the same number of micro-batches on each), so the all-reduce pairs up across ranks. The means
+    are ``sum / max(count, 1)`` over all ranks' examples (detached) and reach the loss as
+    ``batch["dp_means"]``.
+    """
+    stats = objective.dp_means(policy, reference, batch)
+    if stats:
+        names = sorted(stats)
+        flat = torch.stack(
+            [
+                torch.stack([stats[k][0].detach().float(), stats[k][1].detach().float()])
+                for k in names
+            ]
+        )  # [k, 2]: sum, count
+        if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(flat, group=dp_group)
+        batch = {
+            **batch,
+            "dp_means": {k: flat[i, 0] / flat[i, 1].clamp(min=1.0) for i, k in enumerate(names)},
+        }
+    return objective.loss(policy, reference, batch)
 
 
 def register_objective(name: str):

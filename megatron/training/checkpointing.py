@@ -231,11 +231,27 @@ def load_weights(engine: Any, tag_dir: Path) -> None:
         CheckpointError: missing files, or weights that do not fit the model.
     """
     module = engine.module
+    fresh: list[str] = []  # parameters that keep their initialisation (a new value head)
     if isinstance(module, GPTModel):
+        args = module.cfg
+        head = checkpoint_head(tag_dir)
+        if head != args.head:
+            if args.head != "value":
+                raise CheckpointError(
+                    f"checkpoint.load: {tag_dir} is a reward model (model.head: value); a run "
+                    "with model.head: lm cannot start from it"
+                )
+            # an SFT / base model starts a reward model: its lm_head is dropped and the value
+            # head keeps its initialisation (megatron.model.gpt.GPTModel)
+            args = dataclasses.replace(args, head=head)
+            fresh = ["value_head.weight"]
         try:
-            sd = load_tp_shard(tag_dir, module.cfg, module.state.tp_size, module.state.tp_rank)
+            sd = load_tp_shard(tag_dir, args, module.state.tp_size, module.state.tp_rank)
         except ConversionError as e:
             raise CheckpointError(f"checkpoint.load: {e}") from e
+        if fresh:
+            sd.pop("lm_head.weight", None)
+            log_rank0("value head initialised N(0, 1/(h+1)); the checkpoint's lm head is unused")
     else:
         grid = engine.grid
         tp_size, tp_rank = grid.get_slice_parallel_world_size(), grid.get_slice_parallel_rank()
@@ -244,13 +260,29 @@ def load_weights(engine: Any, tag_dir: Path) -> None:
     partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
         try:
-            module.load_state_dict(sd, strict=True)
+            result = module.load_state_dict(sd, strict=not fresh)
         except RuntimeError as e:
             msg = f"checkpoint.load: {tag_dir} does not fit the run's model: {e}"
             raise CheckpointError(msg) from e
+        if fresh and (sorted(result.missing_keys) != fresh or result.unexpected_keys):
+            raise CheckpointError(
+                f"checkpoint.load: {tag_dir} does not fit the run's model (missing "
+                f"{result.missing_keys}, unexpected {result.unexpected_keys})"
+            )
     refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
     if refresh is not None:
         refresh()
+
+
+def checkpoint_head(tag_dir: Path) -> str:
+    """``model.head`` of a checkpoint, from its saved ``config.yml`` (``lm`` when unset)."""
+    from megatron.ckpt.native import read_checkpoint_config
+
+    try:
+        _, config = read_checkpoint_config(tag_dir)
+    except ConversionError as e:
+        raise CheckpointError(f"checkpoint.load: {e}") from e
+    return str((config.get("model") or {}).get("head") or "lm")
 
 
 def load_checkpoint(

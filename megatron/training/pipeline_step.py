@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron.model.pipeline import PipelineLoss, pack_segments
 from megatron.parallel.state import ParallelState
+from megatron.training.step import detach_metrics
 
 _INPUT_KEYS = ("tokens", "position_ids", "segment_ids", "targets")
 
@@ -46,7 +47,7 @@ def _collect(
     out = []
     for metrics, mb in zip(values[0], micro_batches, strict=True):
         stats = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in mb.get("stats", {}).items()}
-        out.append({**{k: v.cpu() for k, v in metrics.items()}, **stats})
+        out.append({**detach_metrics(metrics), **stats})
     loss_fn.metrics = []
     return out
 

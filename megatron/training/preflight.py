@@ -27,9 +27,11 @@ def preflight(cfg: Any) -> list[str]:
             "training.precision: fp16 needs a CUDA device (DeepSpeed's CPU accelerator refuses "
             "it); use bf16 or fp32 on CPU"
         )
-    kind = get_objective(cfg.objective.name).batch_kind
+    objective = get_objective(cfg.objective.name)(cfg.objective.params)
     try:
-        train, _ = build_datasets(kind, cfg.data, cfg.model.vocab_size)
+        train, _ = build_datasets(
+            objective.batch_kind, cfg.data, cfg.model.vocab_size, objective.collate_options()
+        )
         if len(train) < cfg.training.global_batch_size:
             problems.append(
                 f"data.train: {len(train)} samples of data.seq_length {cfg.data.seq_length} "

@@ -274,7 +274,7 @@ def precompute_reference(cfg: Any) -> Path:
     load = initial_weights(cfg, None)
     model = ReferenceModel(cfg, state, device, load)
     kind = type(objective).batch_kind
-    train, valid = build_datasets(kind, cfg.data, cfg.model.vocab_size)
+    train, valid = build_datasets(kind, cfg.data, cfg.model.vocab_size, objective.collate_options())
     splits: dict[str, dict[str, np.ndarray]] = {}
     for name, ds in (("train", train), ("valid", valid)):
         if ds is None:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.model.attention import SequenceLayout
+from megatron.objectives.registry import evaluate
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -27,35 +28,67 @@ def _layout(batch: dict[str, Any]) -> SequenceLayout | None:
 
 
 def micro_batch_loss(
-    engine: Any, objective: Any, batch: dict[str, Any], reference: Any = None
+    engine: Any,
+    objective: Any,
+    batch: dict[str, Any],
+    reference: Any = None,
+    dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward one micro-batch and evaluate the objective on it.
 
     Collators may attach ``batch["stats"]`` (a dict of scalar floats, e.g.
     ``packing_efficiency``); they are reported with the objective's metrics. ``reference`` is
-    a :class:`megatron.training.reference.ReferenceProvider` (or ``None``).
+    a :class:`megatron.training.reference.ReferenceProvider` (or ``None``); ``dp_group`` reduces
+    the objective's data-parallel means (:func:`megatron.objectives.registry.evaluate`).
     """
     ref = reference(batch) if reference is not None else None
     policy = engine(batch["tokens"], _layout(batch), batch["targets"])
-    loss, metrics = objective.loss(policy, ref, batch)
+    loss, metrics = evaluate(objective, policy, ref, batch, dp_group)
     for key, value in batch.get("stats", {}).items():
         metrics[key] = torch.as_tensor(value, dtype=torch.float32)
     return loss, metrics
 
 
+def detach_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics detached and on the CPU (a ``(sum, count)`` pair stays a pair)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, tuple):
+            out[k] = tuple(torch.as_tensor(x).detach().float().cpu() for x in v)
+        else:
+            out[k] = torch.as_tensor(v).detach().float().cpu()
+    return out
+
+
 def average_metrics(
-    values: list[dict[str, torch.Tensor]], group: dist.ProcessGroup | None
+    values: list[dict[str, Any]], group: dist.ProcessGroup | None
 ) -> dict[str, float]:
-    """Mean of each metric over micro-batches, then over the data-parallel group."""
-    keys = sorted(values[0])
-    stacked = torch.stack(
-        [torch.stack([v[k].detach().float().cpu() for k in keys]) for v in values]
-    )
-    mean = stacked.mean(dim=0)
+    """Each metric over micro-batches, then over the data-parallel group.
+
+    A 0-d value is averaged with equal weight per micro-batch; a ``(sum, count)`` pair is summed
+    everywhere and divided at the end (omitted when the count is 0 on every rank); a ``(total,)``
+    1-tuple is summed everywhere (a count over the whole step).
+    """
+    values = [detach_metrics(v) for v in values]
+    plain = sorted(k for k in values[0] if not isinstance(values[0][k], tuple))
+    summed = sorted(k for k in values[0] if isinstance(values[0][k], tuple))
+    mean = torch.stack([torch.stack([v[k] for k in plain]) for v in values]).mean(dim=0)
+    totals = torch.zeros(len(summed), 2)
+    for v in values:
+        for i, k in enumerate(summed):
+            totals[i, : len(v[k])] += torch.stack(v[k])
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(mean, group=group)
         mean /= dist.get_world_size(group)
-    return dict(zip(keys, mean.tolist(), strict=True))
+        if summed:
+            dist.all_reduce(totals, group=group)
+    out = dict(zip(plain, mean.tolist(), strict=True))
+    for i, k in enumerate(summed):
+        if len(values[0][k]) == 1:
+            out[k] = float(totals[i, 0])
+        elif totals[i, 1] > 0:
+            out[k] = float(totals[i, 0] / totals[i, 1])
+    return out
 
 
 class GradNormMeter:
@@ -118,6 +151,7 @@ def train_step(
     micro_batches: list[dict[str, Any]],
     device: torch.device,
     reference: Any = None,
+    dp_group: dist.ProcessGroup | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward/backward every micro-batch; the engine steps the optimizer at the boundary.
 
@@ -127,10 +161,12 @@ def train_step(
     engine.train()
     out = []
     for mb in micro_batches:
-        loss, metrics = micro_batch_loss(engine, objective, to_device(mb, device), reference)
+        loss, metrics = micro_batch_loss(
+            engine, objective, to_device(mb, device), reference, dp_group
+        )
         engine.backward(loss)
         engine.step()
-        out.append({"loss": loss.detach(), **metrics})
+        out.append({"loss": loss.detach(), **detach_metrics(metrics)})
     return out
 
 
@@ -141,11 +177,14 @@ def eval_step(
     micro_batches: list[dict[str, Any]],
     device: torch.device,
     reference: Any = None,
+    dp_group: dist.ProcessGroup | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward only, in eval mode."""
     engine.eval()
     out = []
     for mb in micro_batches:
-        loss, metrics = micro_batch_loss(engine, objective, to_device(mb, device), reference)
-        out.append({"loss": loss.detach(), **metrics})
+        loss, metrics = micro_batch_loss(
+            engine, objective, to_device(mb, device), reference, dp_group
+        )
+        out.append({"loss": loss.detach(), **detach_metrics(metrics)})
     return out

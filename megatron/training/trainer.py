@@ -70,7 +70,10 @@ class Trainer:
         self.objective = objective_cls(cfg.objective.params)
         self._build_engine()
         self.train_data, self.valid_data = build_datasets(
-            objective_cls.batch_kind, cfg.data, cfg.model.vocab_size
+            objective_cls.batch_kind,
+            cfg.data,
+            cfg.model.vocab_size,
+            self.objective.collate_options(),
         )
         self.sampler = self._sampler(len(self.train_data), shuffle=True)
         self.metrics = MetricsLogger(
@@ -98,6 +101,7 @@ class Trainer:
         cfg, seed = self.cfg, self.cfg.training.seed
         if self.state.pp_size > 1:
             loss_fn = PipelineLoss(self.objective)
+            loss_fn.dp_group = self.state.dp_group
             self.model = build_pipeline_model(cfg.model, self.state, self.tracker, seed, loss_fn)
             mark_tied_duplicates(self.model)
             mpu = None  # the pipeline module brings its own grid
@@ -109,11 +113,12 @@ class Trainer:
             self.model.with_sum_sq = "log_sum_sq_probs" in self.objective.policy_outputs
             mpu = self.state.mpu
             self._pipe_loss = None
+            dp = self.state.dp_group
             self._train_fn = lambda mb: train_step(
-                self.engine, self.objective, mb, self.device, self.reference
+                self.engine, self.objective, mb, self.device, self.reference, dp
             )
             self._eval_fn = lambda mb: eval_step(
-                self.engine, self.objective, mb, self.device, self.reference
+                self.engine, self.objective, mb, self.device, self.reference, dp
             )
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -229,6 +234,8 @@ class Trainer:
                 self._save()
             for hook in self.hooks:
                 hook(self, self.step)
+        if t.eval_interval and self.valid_data is not None and self.step % t.eval_interval:
+            self.evaluate()  # the final weights, when the last step was not an evaluation step
         if cfg.checkpoint.save and (
             not cfg.checkpoint.save_interval or self.step % cfg.checkpoint.save_interval
         ):

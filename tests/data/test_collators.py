@@ -178,3 +178,76 @@ def test_prompt_batches():
     batch = Collator("prompt", "padded", 16)(samples)
     assert batch["prompt_lengths"].tolist() == [5, 2] and not batch["loss_mask"].any()
     assert (batch["sequence_ids"] == -1).all() and batch["tokens"].shape == (2, 8)
+
+
+def _unpaired(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p, c, k = (rng.integers(4, 60, size=int(rng.integers(1, 8))) for _ in range(3))
+        out.append({"prompt": p, "completion": c, "kl_completion": k, "label": i % 2 == 0})
+    return out
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_unpaired_without_kl_sequences(layout):
+    samples = _unpaired(4)
+    batch = Collator("unpaired", layout, seq_length=16, with_kl=False)(samples)
+    assert batch["num_sequences"] == 4 and batch["kl_start"] == 4
+    assert batch["labels"].tolist() == [True, False, True, False]
+    assert int(batch["sequence_ids"].max()) == 3
+    seqs = []
+    for x in samples:
+        tok = np.concatenate([x["prompt"], x["completion"]])
+        seqs.append((tok, np.arange(tok.size) >= x["prompt"].size))
+    _check_layout(batch, seqs)
+    with_kl = Collator("unpaired", layout, seq_length=16)(samples)
+    assert with_kl["num_sequences"] == 8 and with_kl["kl_start"] == 4
+
+
+def _eos_pairs(n: int, eos: int, seed: int = 0) -> list[dict]:
+    """Pairs whose completions hold an EOS, sometimes followed by more tokens."""
+    out = _pairs(n, seed)
+    for i, x in enumerate(out):
+        for k, key in enumerate(("chosen", "rejected")):
+            tail = x[key][: (i + k) % 3]  # 0-2 tokens after the EOS
+            x[key] = np.concatenate([x[key], [eos], tail]).astype(np.int64)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("score_token", ["last", "eos"])
+def test_score_index_points_at_each_sequences_scored_token(layout, score_token):
+    eos = 3  # _pairs draws ids from 4 up, so the only 3s are the EOS tokens placed here
+    samples = _eos_pairs(5, eos)
+    collate = Collator(
+        "pair", layout, seq_length=32, pad_to_multiple_of=8, score_token=score_token, eos_id=eos
+    )
+    batch = collate(samples)
+    index = batch["score_index"]
+    assert index.dtype == torch.int64 and index.shape == (10,)
+    seqs = [np.concatenate([x["prompt"], x[k]]) for k in ("chosen", "rejected") for x in samples]
+    width = batch["tokens"].shape[1]
+    tokens, positions = batch["tokens"].reshape(-1), batch["position_ids"].reshape(-1)
+    for i, tok in enumerate(seqs):
+        k = tok.size - 1 if score_token == "last" else int(np.flatnonzero(tok == eos)[-1])
+        assert int(positions[index[i]]) == k and int(tokens[index[i]]) == tok[k]
+        row, col = divmod(int(index[i]), width)  # sequence i starts at column col - k of row
+        assert (batch["tokens"][row, col - k : col - k + tok.size].numpy() == tok).all()
+    if score_token == "eos":
+        assert (tokens[index] == eos).all()
+        assert any(t[-1] != eos for t in seqs)  # some EOS are not the last token
+    without = Collator("pair", layout, seq_length=32, pad_to_multiple_of=8)(samples)
+    assert "score_index" not in without
+
+
+def test_score_token_errors():
+    samples = _pairs(2)
+    with pytest.raises(
+        ValueError, match=r"sequence 0 of the micro-batch holds no EOS token \(id 3\)"
+    ):
+        Collator("pair", "packed", 32, score_token="eos", eos_id=3)(samples)
+    with pytest.raises(ValueError, match="needs the tokenizer's eos_id"):
+        Collator("pair", "padded", 32, score_token="eos")
+    with pytest.raises(ValueError, match="score_token must be 'last', 'eos' or None"):
+        Collator("pair", "padded", 32, score_token="first")

@@ -1,4 +1,4 @@
-"""Pair and sequence micro-batches built from per-sequence token log-probs, in two layouts.
+"""Pair, unpaired and sequence micro-batches from per-sequence token log-probs, in two layouts.
 
 The data layer's contract: ``loss_mask [b, s]`` float32 (1 on trained targets), ``sequence_ids
 [b, s]`` int64 (-1 where masked), ``num_sequences`` (2P for P pairs: chosen 0..P-1, rejected
@@ -51,6 +51,20 @@ def pair_batch(
     """:func:`sequence_batch` of ``chosen + rejected`` (sequence i pairs with P + i)."""
     assert len(chosen) == len(rejected)
     return sequence_batch(chosen + rejected, layout)
+
+
+def unpaired_batch(
+    examples: list[list[float]],
+    labels: list[bool],
+    kl: list[list[float]] | None = None,
+    layout: str = "padded",
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """:func:`sequence_batch` of an unpaired micro-batch: the n examples, then their n KL
+    sequences (none when ``kl`` is None), with ``labels [n]`` bool and ``kl_start = n``."""
+    assert kl is None or len(kl) == len(examples) == len(labels)
+    logps, batch = sequence_batch(examples + (kl or []), layout)
+    batch |= {"labels": torch.tensor(labels, dtype=torch.bool), "kl_start": len(examples)}
+    return logps, batch
 
 
 def reference(chosen: list[float], rejected: list[float]) -> dict[str, torch.Tensor]:

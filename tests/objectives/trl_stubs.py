@@ -9,6 +9,10 @@ the attributes those methods read. The model is a stub returning prepared output
   fused LM head returns for label -100).
 - CPO / ORPO: ``get_batch_loss_metrics`` with a stub returning fixed logits; the caller derives its
   own per-token log-probs from the same logits.
+- KTO: ``KTOTrainer._compute_loss`` with ``precompute_ref_logps=True`` (``ref_logps`` and
+  ``ref_KL_logps`` in the inputs); ``_compute_kl_logps`` is replaced on the object by one returning
+  the policy's KL-sequence sums (TRL runs it under ``no_grad``: the sums are given, not derived).
+- Reward: ``RewardTrainer.compute_loss`` with a stub model returning ``logits [2P, 1]``.
 """
 
 from __future__ import annotations
@@ -157,3 +161,94 @@ def trl_pairwise(
 
     loss, metrics = trainer_cls.get_batch_loss_metrics(trainer, model, batch)
     return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+def _metrics_of(trainer: Any) -> dict[str, float]:
+    return {k: float(v[-1]) for k, v in trainer._metrics["train"].items()}
+
+
+def trl_kto(
+    completions: list[list[float]],
+    labels: list[bool],
+    ref_logps: list[float],
+    kl_logps: list[float] | None,
+    ref_kl_logps: list[float] | None,
+    *,
+    beta: float,
+    loss_type: str,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[float, dict[str, float]]:
+    """TRL 1.16 ``KTOTrainer._compute_loss`` on these per-token log-probs: ``(loss, metrics)``.
+
+    ``kl_logps`` / ``ref_kl_logps``: per-example sums over the KL (mismatched) sequences, or None
+    for ``apo_zero_unpaired`` (TRL's ``calculate_KL`` is False there).
+    """
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    calculate_kl = kl_logps is not None
+    trainer = object.__new__(KTOTrainer)
+    attrs = {
+        "accelerator": _Accelerator(),
+        "model": types.SimpleNamespace(training=True),
+        "aux_loss_enabled": False,
+        "precompute_ref_logps": True,
+        "calculate_KL": calculate_kl,
+        "loss_type": loss_type,
+        "beta": beta,
+        "desirable_weight": desirable_weight,
+        "undesirable_weight": undesirable_weight,
+        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+        "_total_train_tokens": 0,
+        "_tp_size": 1,
+        # the KL forward, stubbed: the policy's KL-sequence sums
+        "_compute_kl_logps": lambda model, batch: torch.tensor(kl_logps) if calculate_kl else None,
+    }
+    for key, value in attrs.items():
+        setattr(trainer, key, value)
+    log_probs, completion_mask = _padded(completions)
+    zeros = torch.zeros_like(log_probs)
+    outputs = types.SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros)
+    n, width = completion_mask.shape
+    inputs = {
+        "input_ids": torch.zeros(n, width, dtype=torch.long),
+        "attention_mask": torch.ones(n, width, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "label": torch.tensor(labels, dtype=torch.bool),
+        "ref_logps": torch.tensor(ref_logps),
+    }
+    if calculate_kl:
+        inputs["ref_KL_logps"] = torch.tensor(ref_kl_logps)
+    loss = KTOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, False)
+    return float(loss), _metrics_of(trainer)
+
+
+def trl_reward(
+    chosen: list[float],
+    rejected: list[float],
+    *,
+    margin: list[float] | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> tuple[float, dict[str, float]]:
+    """TRL 1.16 ``RewardTrainer.compute_loss`` on these rewards (the stub model's logits)."""
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    trainer = object.__new__(RewardTrainer)
+    attrs = {
+        "accelerator": _Accelerator(),
+        "model": types.SimpleNamespace(training=True),
+        "args": types.SimpleNamespace(center_rewards_coefficient=center_rewards_coefficient),
+        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+        "_total_train_tokens": 0,
+        "_tp_size": 1,
+    }
+    for key, value in attrs.items():
+        setattr(trainer, key, value)
+    logits = torch.tensor(chosen + rejected).unsqueeze(-1)  # [2P, 1]
+    inputs: dict[str, Any] = {"attention_mask": torch.ones(logits.shape[0], 4, dtype=torch.long)}
+    if margin is not None:
+        inputs["margin"] = torch.tensor(margin)
+    loss = RewardTrainer.compute_loss(
+        trainer, lambda **kw: types.SimpleNamespace(logits=logits), inputs
+    )
+    return float(loss), _metrics_of(trainer)

@@ -1,0 +1,215 @@
+"""Kahneman-Tversky Optimization (``objective.name: kto``) on unpaired (prompt, completion, label) data.
+
+Paper: KTO, Ethayarajh et al., arXiv:2402.01306, Eq. 7-8. With the implicit reward
+``r(x, y) = log pi(y|x) - log pi_ref(y|x)`` (token sums over the completion) and the reference
+point ``z0 = max(0, KL_hat)``:
+
+    desirable   (label 1):  L = w_D (1 - sigma(beta (r - z0)))
+    undesirable (label 0):  L = w_U (1 - sigma(beta (z0 - r)))
+
+``L`` is averaged over the micro-batch's examples (weights inside the mean, as TRL). ``KL_hat`` is
+the mean of ``log pi(y'|x) - log pi_ref(y'|x)`` over *mismatched* pairs: each example's prompt
+with another example's completion ``y'`` (the paper, Sec. 4.1; TRL). The mismatch comes from the
+dataset (:class:`megatron.data.datasets.UnpairedDataset`: a fixed permutation cycle, so any
+micro-batch size works, 1 included — GPT-NeoX instead takes the other half of the batch's
+*matched* pairs and needs micro-batch > 1). ``KL_hat`` is detached and averaged over the
+data-parallel group (sum / count over every rank's KL sequences of the micro-batch; TRL gathers
+the per-process means, the same with equal per-rank counts), then clamped at 0.
+
+``loss_type: apo_zero_unpaired`` (APO, D'Oosterlinck et al., arXiv:2408.06266, the unpaired
+form of Eq. 7): desirable ``1 - sigma(beta r)``, undesirable ``sigma(beta r)``; it uses no KL
+term, so its batches carry no KL sequences.
+
+The KTO paper (Sec. 4.2) recommends ``desirable_weight * n_D / (undesirable_weight * n_U)`` in
+``[1, 4/3]``; each step logs the number of examples of each kind (``count/*``) to check it.
+
+Reference implementation checked: TRL 1.16.0 ``trl/trainer/kto_trainer.py``
+``KTOTrainer._compute_loss`` and ``kto_config.py``; the tests run TRL's own ``_compute_loss`` on
+the same per-token log-probs.
+
+Departures from TRL 1.16:
+
+- TRL rotates completions by one *within* each batch; here the mismatch is drawn from the whole
+  dataset (deterministic per example, so a reference cache can hold its log-probs).
+- Examples whose completion has no target token are left out of the loss and metric means.
+- ``reference_free`` (not in TRL): reference log-probs are 0.
+- The KL sequences go through the same (gradient-enabled) forward as the examples; their
+  log-probs are detached, so they add compute but no gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from megatron.objectives.logprobs import sequence_log_probs
+from megatron.objectives.pairs import masked_mean, raise_section_problems, zero_invalid
+from megatron.objectives.registry import Objective, register_objective
+
+LOSS_TYPES = ("kto", "apo_zero_unpaired")
+KL_LOSS_TYPES = frozenset(LOSS_TYPES[:1])
+"""Loss types with the KL reference point (their batches carry KL sequences)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class KTOConfig:
+    """Hyper-parameters of the ``kto`` objective (names and defaults as TRL 1.16's ``KTOConfig``)."""
+
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward ``beta * log(pi / pi_ref)``."""
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """``kto`` (paper Eq. 7-8, with the KL reference point) or ``apo_zero_unpaired`` (no KL term)."""
+    desirable_weight: float = 1.0
+    """Weight ``w_D`` of desirable (label 1) examples' losses."""
+    undesirable_weight: float = 1.0
+    """Weight ``w_U`` of undesirable (label 0) examples' losses."""
+    reference_free: bool = False
+    """Use no reference model: reference log-probs are 0."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.beta > 0:
+            problems.append(("beta", f"must be > 0 (got {self.beta})"))
+        if self.loss_type not in LOSS_TYPES:
+            problems.append(
+                ("loss_type", f"must be one of {', '.join(LOSS_TYPES)} (got {self.loss_type!r})")
+            )
+        for name in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, name) > 0:
+                problems.append((name, f"must be > 0 (got {getattr(self, name)})"))
+        raise_section_problems("KTOConfig", problems)
+
+
+@register_objective("kto")
+class KTO(Objective):
+    """KTO / unpaired APO-zero over ``unpaired`` batches (see the module docstring)."""
+
+    Config = KTOConfig
+    batch_kind = "unpaired"
+
+    def __init__(self, config: KTOConfig) -> None:
+        super().__init__(config)
+        self.needs_reference_model = not config.reference_free
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether the loss has the KL reference point (and batches carry KL sequences)."""
+        return self.config.loss_type in KL_LOSS_TYPES
+
+    def collate_options(self) -> dict[str, Any]:
+        return {"with_kl": self.uses_kl}
+
+    def reference_cache_params(self) -> dict[str, Any]:
+        """The KL sequences are part of what is cached."""
+        return {"with_kl": self.uses_kl}
+
+    def _split(
+        self, token_logps: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(completion sums [n], completion counts [n], kl sums [n], kl counts [n])``."""
+        sums, counts = sequence_log_probs(token_logps, batch)
+        n = int(batch["kl_start"])
+        if not self.uses_kl:
+            empty = sums.new_zeros(n)
+            return sums[:n], counts[:n], empty, empty
+        return sums[:n], counts[:n], sums[n : 2 * n], counts[n : 2 * n]
+
+    def reference_log_probs(
+        self, token_logps: torch.Tensor, batch: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """``{"completion_logps": [n], "kl_logps": [n]}`` fp32 reference sums (detached)."""
+        completion, _, kl, _ = self._split(token_logps.detach(), batch)
+        return {"completion_logps": completion, "kl_logps": kl}
+
+    def _reference(
+        self, reference: dict[str, torch.Tensor] | None, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.reference_free:
+            return torch.zeros_like(like), torch.zeros_like(like)
+        if reference is None:
+            raise ValueError("kto needs reference log-probs (or objective.reference_free: true)")
+        return (
+            reference["completion_logps"].to(like.dtype),
+            reference["kl_logps"].to(like.dtype),
+        )
+
+    def dp_means(
+        self,
+        policy: dict[str, torch.Tensor],
+        reference: dict[str, torch.Tensor] | None,
+        batch: dict[str, Any],
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{"kl": (sum, count)}`` of ``log pi(y'|x) - log pi_ref(y'|x)`` over the KL sequences."""
+        if not self.uses_kl:
+            return {}
+        _, _, kl, kl_counts = self._split(policy["token_logps"].detach(), batch)
+        _, ref_kl = self._reference(reference, kl)
+        valid = kl_counts > 0
+        diff = zero_invalid(kl - ref_kl, valid)
+        return {"kl": (diff.sum(), valid.sum().float())}
+
+    def loss(
+        self,
+        policy: dict[str, torch.Tensor],
+        reference: dict[str, torch.Tensor] | None,
+        batch: dict[str, Any],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean weighted KTO loss over the micro-batch's examples.
+
+        Args:
+            policy: ``{"token_logps": [b, s] fp32, ...}``.
+            reference: ``{"completion_logps": [n], "kl_logps": [n]}`` from
+                :meth:`reference_log_probs` (``None`` when ``reference_free``).
+            batch: unpaired batch: ``loss_mask``, ``sequence_ids``, ``num_sequences``,
+                ``labels [n]`` bool, ``kl_start`` (n); optionally ``dp_means["kl"]`` (0-d, the
+                data-parallel mean set by :func:`megatron.objectives.registry.evaluate`).
+
+        Returns:
+            ``(loss 0-d fp32, metrics)``: ``kl`` (the clamped reference point), and as
+            ``(sum, count)`` ratios (averaged over the examples of the whole step, as TRL):
+            ``rewards/chosen``, ``rewards/rejected`` (``beta * r`` over desirable / undesirable
+            examples), ``logps/chosen``, ``logps/rejected``; as ``(total,)``: ``count/chosen``,
+            ``count/rejected`` (examples of each kind in the step). All detached.
+        """
+        cfg = self.config
+        completion, counts, _, _ = self._split(policy["token_logps"], batch)
+        ref_completion, _ = self._reference(reference, completion)
+        labels = batch["labels"].to(device=completion.device, dtype=torch.bool)
+        valid = counts > 0
+        logratios = zero_invalid(completion - ref_completion, valid)
+        if self.uses_kl:
+            means = batch.get("dp_means")
+            if means is None:  # a single process: this micro-batch's own mean
+                total, n_kl = self.dp_means(policy, reference, batch)["kl"]
+                kl = total / n_kl.clamp(min=1.0)
+            else:
+                kl = means["kl"]
+            kl = kl.detach().to(logratios.dtype).clamp(min=0)
+            chosen_losses = 1 - torch.sigmoid(cfg.beta * (logratios - kl))
+            rejected_losses = 1 - torch.sigmoid(cfg.beta * (kl - logratios))
+        else:
+            kl = torch.zeros((), dtype=logratios.dtype, device=logratios.device)
+            chosen_losses = 1 - torch.sigmoid(cfg.beta * logratios)
+            rejected_losses = torch.sigmoid(cfg.beta * logratios)
+        losses = torch.where(
+            labels,
+            cfg.desirable_weight * chosen_losses,
+            cfg.undesirable_weight * rejected_losses,
+        )
+        loss = masked_mean(losses, valid)
+        chosen, rejected = valid & labels, valid & ~labels
+        rewards = (cfg.beta * logratios).detach()
+        logps = zero_invalid(completion.detach(), valid)
+        n_chosen, n_rejected = chosen.sum().float(), rejected.sum().float()
+        metrics = {
+            "kl": kl.detach(),
+            "rewards/chosen": (zero_invalid(rewards, chosen).sum(), n_chosen),
+            "rewards/rejected": (zero_invalid(rewards, rejected).sum(), n_rejected),
+            "logps/chosen": (zero_invalid(logps, chosen).sum(), n_chosen),
+            "logps/rejected": (zero_invalid(logps, rejected).sum(), n_rejected),
+            "count/chosen": (n_chosen,),
+            "count/rejected": (n_rejected,),
+        }
+        return loss, metrics
