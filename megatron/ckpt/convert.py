@@ -15,12 +15,17 @@ A converted native checkpoint ``OUT`` is a weights-only start point for
         config.yml                    # model section (derived keys included) + parallel
       model.yml                       # the `model:` section to merge into run configs
       hf/                             # config.json, generation_config.json, tokenizer files
+
+Reward models: a Hugging Face ``*ForSequenceClassification`` with ``num_labels: 1`` converts to a
+``model.head: value`` checkpoint (``score.weight`` -> ``value_head.weight``), and a ``head: value``
+checkpoint exports as one, with the ``pad_token_id`` chosen by :func:`reward_pad_token_id`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -45,6 +50,7 @@ from megatron.ckpt.native import (
 )
 from megatron.model.convert_config import (
     HF_CLASS_NAMES,
+    HF_VALUE_CLASS_NAMES,
     NEOX_ACTIVATIONS,
     SUPPORTED_ARCHITECTURES,
     architecture_mismatches,
@@ -67,6 +73,7 @@ from megatron.model.hf_mapping import (
 from megatron.training.checkpointing import CheckpointError, resolve_checkpoint, tag_for
 from megatron.utils import atomic_write_json, atomic_write_text
 
+logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--dtype`` choices."""
 HF_DIR = "hf"
@@ -78,7 +85,8 @@ _TEMPLATE_DROP = frozenset(
     (
         "model_type architectures transformers_version _name_or_path dtype torch_dtype auto_map "
         "rope_parameters rope_scaling rope_theta rotary_pct rotary_emb_base partial_rotary_factor "
-        "layer_types use_sliding_window sliding_window max_window_layers head_dim"
+        "layer_types use_sliding_window sliding_window max_window_layers head_dim "
+        "id2label label2id problem_type"
     ).split()
 )
 
@@ -99,6 +107,11 @@ def _check_grid(tp_size: int, pp_size: int) -> None:
 
 
 def _check_pp(args: ModelArgs, pp_size: int) -> None:
+    if pp_size > 1 and args.head == "value":
+        raise ConversionError(
+            f"--pp {pp_size}: a reward model (model.head: value) cannot be written in the "
+            "pipeline layout (reward models do not support pipeline parallelism); use --pp 1"
+        )
     if pp_size > args.num_layers:
         raise ConversionError(
             f"--pp {pp_size}: a pipeline stage needs at least one of the model's "
@@ -207,6 +220,9 @@ def convert_hf_to_native(
 ) -> Path:
     """Convert a Hugging Face ``*ForCausalLM`` directory into a native weights-only checkpoint.
 
+    A ``*ForSequenceClassification`` with ``num_labels: 1`` (a reward model) gives a
+    ``model.head: value`` checkpoint, its ``score.weight`` as ``value_head.weight``.
+
     Args:
         hf_dir: the Hugging Face model directory (config.json, safetensors or .bin weights).
         out_dir: new (or empty) output directory; layout in the module docstring.
@@ -222,7 +238,8 @@ def convert_hf_to_native(
 
     Raises:
         ConversionError: unsupported architecture, missing files, shapes or vocabulary that do
-            not match the config, or a TP size that does not divide the model.
+            not match the config, a TP size that does not divide the model, or a sequence
+            classifier with ``num_labels != 1``.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     _check_grid(tp_size, pp_size)
@@ -289,8 +306,12 @@ def build_hf_config(
     arch: str,
     template: Mapping[str, Any] | None = None,
     divisible_by: int = 128,
+    pad_token_id: int | None = None,
 ) -> Any:
     """A transformers config for ``args`` as ``arch``, keeping a template's other fields.
+
+    A ``model.head: value`` model gets ``architectures: [<Arch>ForSequenceClassification]``,
+    ``num_labels: 1`` and ``pad_token_id`` (see :func:`reward_pad_token_id`).
 
     Args:
         args: the native model.
@@ -298,6 +319,7 @@ def build_hf_config(
         template: a ``config.json`` (e.g. the source model's) whose non-architectural fields
             (token ids, ...) are kept when its ``model_type`` is ``arch``.
         divisible_by: vocabulary padding rule, for the round-trip check.
+        pad_token_id: a reward model's ``pad_token_id`` (None: none is written).
 
     Raises:
         ConversionError: ``arch`` cannot express ``args``, or the built config would map back
@@ -314,8 +336,11 @@ def build_hf_config(
         base = {k: v for k, v in template.items() if k not in _TEMPLATE_DROP}
     if NEOX_ACTIVATIONS.get(base.get("hidden_act")) == args.activation:
         kw["hidden_act"] = base["hidden_act"]  # e.g. keep gelu_new: same function, same kernel
+    if args.head == "value":
+        kw.update(num_labels=1, pad_token_id=pad_token_id)
     cfg = AutoConfig.for_model(arch, **{**base, **kw})
-    cfg.architectures = [HF_CLASS_NAMES[arch]]
+    names = HF_VALUE_CLASS_NAMES if args.head == "value" else HF_CLASS_NAMES
+    cfg.architectures = [names[arch]]
     back = model_config_from_hf(cfg, 1, divisible_by)
     back = dataclasses.replace(back, padded_vocab_size=args.padded_vocab_size)
     mismatches = architecture_mismatches(back, args)
@@ -324,6 +349,87 @@ def build_hf_config(
             f"a {arch!r} config would not describe this model: {'; '.join(mismatches)}"
         )
     return cfg
+
+
+def _token_ids(value: Any) -> set[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {value}
+    if isinstance(value, list | tuple):
+        return {v for v in value if isinstance(v, int) and not isinstance(v, bool)}
+    return set()
+
+
+def _tokenizer_pad_eos(tokenizer_dir: Path | None) -> tuple[int | None, set[int]]:
+    """``(pad id or None, eos ids)`` of the Hugging Face tokenizer in ``tokenizer_dir``."""
+    if tokenizer_dir is None or not any(
+        (tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None, set()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; the pad is optional
+        logger.warning("%s: cannot load the tokenizer for its pad token (%s)", tokenizer_dir, e)
+        return None, set()
+    return tok.pad_token_id, _token_ids(tok.eos_token_id)
+
+
+def reward_pad_token_id(
+    explicit: int | None,
+    tokenizer_dir: Path | None,
+    template: Mapping[str, Any] | None,
+    vocab_size: int,
+) -> int | None:
+    """The ``pad_token_id`` a reward model's ``config.json`` gets, and why.
+
+    Hugging Face's ``*ForSequenceClassification`` scores each row at its last token that is not
+    ``pad_token_id`` (so right- and left-padded batches both work); our value head scores a
+    sequence at its last token (``objective.score_token: last``). The two agree only when the pad
+    id never ends a real sequence. The pad id is, first found: ``explicit``; the tokenizer's pad
+    token (in ``tokenizer_dir``); the template's ``pad_token_id``. Without one, none is written
+    and transformers scores only one unpadded row per batch (it refuses larger batches).
+
+    A pad id equal to an EOS id is written but warned about: string rows end with EOS (the data
+    pipeline appends it), so HF would score such rows one token early.
+
+    Raises:
+        ConversionError: a pad id outside the vocabulary.
+    """
+    tok_pad, eos = _tokenizer_pad_eos(tokenizer_dir)
+    template = template or {}
+    eos |= _token_ids(template.get("eos_token_id"))
+    candidates = [
+        (explicit, "--pad-token-id"),
+        (tok_pad, f"the pad token of {tokenizer_dir}"),
+        (template.get("pad_token_id"), "pad_token_id of the template config.json"),
+    ]
+    found = [(pad, source) for pad, source in candidates if pad is not None]
+    if not found:
+        logger.warning(
+            "reward model export: no pad token id (none given, the tokenizer has no pad token "
+            "and the template config none); config.json gets pad_token_id: null, so "
+            "transformers scores only batches of one unpadded row. Pass --pad-token-id ID with "
+            "an id that never ends a real sequence (e.g. an unused special token)"
+        )
+        return None
+    pad, source = found[0]
+    if not isinstance(pad, int) or not 0 <= pad < vocab_size:
+        raise ConversionError(
+            f"{source}: pad token id {pad!r} is not in the model's vocabulary [0, {vocab_size})"
+        )
+    if pad in eos:
+        logger.warning(
+            "reward model export: pad_token_id %d (from %s) is an EOS id. Transformers scores "
+            "each row at its last token that is not the pad id, so every sequence ending with "
+            "EOS (all string prompt/completion rows: EOS is appended) is scored one token early "
+            "and disagrees with training. Pass --pad-token-id with an id that never ends a "
+            "real sequence",
+            pad,
+            source,
+        )
+    logger.info("reward model export: pad_token_id %d from %s", pad, source)
+    return pad
 
 
 def convert_native_to_hf(
@@ -336,10 +442,15 @@ def convert_native_to_hf(
     dtype: str | None = None,
     fp32_master: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    pad_token_id: int | None = None,
     show_progress: bool = False,
 ) -> Path:
     """Convert a native checkpoint (any TP and PP size, any ZeRO stage) to a Hugging Face
     directory.
+
+    A reward model (``model.head: value``) is written as ``<Arch>ForSequenceClassification``
+    (``num_labels: 1``, ``score.weight`` = ``value_head.weight``, no ``lm_head``, and a
+    ``pad_token_id`` from :func:`reward_pad_token_id`); no generation config is made for it.
 
     Args:
         ckpt: a checkpoint directory (with ``latest``) or one of its ``iter_*`` directories.
@@ -353,21 +464,27 @@ def convert_native_to_hf(
         fp32_master: ZeRO 1-2: export the fp32 master weights (see
             :func:`megatron.ckpt.native.read_model_shard`).
         max_shard_bytes: safetensors shard size.
+        pad_token_id: reward models: the ``pad_token_id`` to write (None: the tokenizer's, else
+            the template's; see :func:`reward_pad_token_id`).
         show_progress: show a progress bar on stderr.
 
     Returns:
-        ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained``.
+        ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained`` (reward models:
+        ``AutoModelForSequenceClassification``).
 
     Raises:
-        ConversionError: missing files, weights that do not match ``config``, or an
-            architecture that cannot express the model.
+        ConversionError: missing files, weights that do not match ``config``, an architecture
+            that cannot express the model, or a pad id outside the vocabulary.
     """
     out_dir = Path(out_dir)
     tag_dir, args, divisible_by = _checkpoint(ckpt, config)
     extras = Path(extras_dir) if extras_dir else None
     template = read_hf_config(extras) if extras and (extras / "config.json").is_file() else None
     arch = arch or (template or {}).get("model_type") or infer_architecture(args)
-    hf_config = build_hf_config(args, arch, template, divisible_by)
+    pad = None
+    if args.head == "value":
+        pad = reward_pad_token_id(pad_token_id, extras, template, args.vocab_size)
+    hf_config = build_hf_config(args, arch, template, divisible_by, pad_token_id=pad)
     if extras:
         check_tokenizer_vocab(extras, args.vocab_size)
     shards = _read_shards(tag_dir, args, fp32_master)
@@ -384,7 +501,7 @@ def convert_native_to_hf(
     hf_config.dtype = out_dtype
     hf_config.save_pretrained(out_dir)
     copied = copy_hf_extras(extras, out_dir, with_config=False) if extras else []
-    if "generation_config.json" not in copied:
+    if "generation_config.json" not in copied and args.head != "value":
         from transformers import GenerationConfig
 
         GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)

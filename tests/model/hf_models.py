@@ -120,3 +120,16 @@ def load_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     for path in sorted(hf_dir.glob("*.safetensors")):
         out.update(load_file(path))
     return out
+
+
+def save_random_classifier(config: Any, out: Path, seed: int = 0) -> Any:
+    """A random fp32 ``*ForSequenceClassification`` (a reward model when ``num_labels`` is 1)
+    built from ``config`` and saved to ``out``; returns the model (eval mode, eager attention)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
+    _redraw(model)
+    model.save_pretrained(out)
+    return model

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-NeoX) into a native checkpoint.
+"""Convert a Hugging Face causal LM or reward model (Llama, Mistral, Qwen2, GPT-NeoX) into a native
+checkpoint.
 
 Example:
     python tools/ckpts/convert_hf_to_native.py --hf-dir models/Meta-Llama-3-8B-Instruct \\
@@ -8,7 +9,9 @@ Example:
 Writes OUT/latest, OUT/iter_0000000/ (one DeepSpeed model file per TP rank; with --pp > 1
 DeepSpeed's per-layer pipeline files, layer_XX-model_YY-model_states.pt), OUT/model.yml (the
 `model:` section for run configs) and OUT/hf/ (config, generation config, tokenizer). Start a run
-from it with `checkpoint.load: OUT` and `checkpoint.finetune: true`. See tools/ckpts/README.md.
+from it with `checkpoint.load: OUT` and `checkpoint.finetune: true`. A *ForSequenceClassification
+with num_labels 1 (a reward model) becomes a `model.head: value` checkpoint (score.weight ->
+value_head.weight). See tools/ckpts/README.md.
 The logic lives in megatron/ckpt/convert.py; this file only parses flags and prints.
 """
 

@@ -7,7 +7,10 @@ Example:
         --hf-template ckpts/mistral-7b-sft-beta-tp2/hf
 
 Writes safetensors shards + index, config.json, generation_config.json and the tokenizer;
-`AutoModelForCausalLM.from_pretrained(OUT)` loads it. The config, generation config and tokenizer
+`AutoModelForCausalLM.from_pretrained(OUT)` loads it. A reward model (model.head: value) is
+written as <Arch>ForSequenceClassification (num_labels 1, score.weight, no lm_head; load it with
+`AutoModelForSequenceClassification`) with pad_token_id from --pad-token-id, else the
+tokenizer's pad token, else the template's (see megatron.ckpt.convert.reward_pad_token_id). The config, generation config and tokenizer
 come from --hf-template (the source model, or a converted checkpoint's hf/); default: CKPT/hf,
 else data.tokenizer of the checkpoint's config.yml when that directory holds a config.json.
 The logic lives in megatron/ckpt/convert.py; this file only parses flags and prints.
@@ -53,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ZeRO 1-2: export the optimizer's fp32 master weights instead of the module's",
     )
     p.add_argument("--max-shard-size", type=float, default=5.0, help="shard size in GiB")
+    p.add_argument(
+        "--pad-token-id",
+        type=int,
+        metavar="ID",
+        help="reward models: config.json pad_token_id (HF scores each row at its last non-pad "
+        "token, so it must never end a real sequence); None: the tokenizer's pad token",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
@@ -87,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             fp32_master=args.fp32_master,
             max_shard_bytes=int(args.max_shard_size * 2**30),
+            pad_token_id=args.pad_token_id,
             show_progress=not args.no_progress,
         )
     except ConversionError as exc:
