@@ -1,6 +1,7 @@
-"""``make demo`` at a reduced size: SFT then DPO on the generated task, metrics printed and rising.
+"""``make demo`` at a reduced size: SFT, then DPO, KTO and a reward model from it, on the generated
+task; metrics printed and moving the right way.
 
-Runs ``tools/demo.py --quick --nproc 1`` (one CPU rank per stage, about 30 s on 2 cores).
+Runs ``tools/demo.py --quick --nproc 1`` (one CPU rank per stage, about 60 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ def test_quick_demo_pipeline(tmp_path):
     cmd = [sys.executable, "tools/demo.py", "--quick", "--nproc", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for line in ("=== held-out results ===", "rewards/accuracies", "greedy exact match"):
+    for line in (
+        "=== held-out results ===",
+        "rewards/accuracies",
+        "greedy exact match",
+        "KTO  step",
+        "reward model held-out accuracy",
+    ):
         assert line in proc.stdout
     res = json.loads((out / "results.json").read_text())
     # step 0: the policy is its own reference, so every reward is 0 (ties count as wrong)
@@ -30,3 +37,12 @@ def test_quick_demo_pipeline(tmp_path):
     assert sft_nll[-1] < sft_nll[0]  # SFT from scratch learned something
     # the DPO policy was loaded from its checkpoint and decoded: outputs are recorded
     assert (out / "dpo" / "latest").is_file() and (out / "sft" / "latest").is_file()
+    # KTO: at step 0 the policy is its reference (zero rewards, zero KL); then it moves
+    kto = res["kto_valid"]
+    assert kto[0]["kl"] == 0.0 and kto[0]["rewards/chosen"] == 0.0
+    assert kto[-1]["rewards/chosen"] > kto[-1]["rewards/rejected"]
+    assert 0.0 <= res["exact_match_kto"] <= 1.0
+    # the reward model (value head, no lm head) trained and was evaluated before and after
+    assert res["rm_valid"][0]["step"] == 0 and res["rm_valid"][-1]["step"] > 0
+    assert res["rm_valid"][-1]["loss"] < res["rm_valid"][0]["loss"]
+    assert (out / "rm" / "latest").is_file()

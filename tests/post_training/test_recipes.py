@@ -24,6 +24,8 @@ spec.loader.exec_module(hf_to_jsonl)
         ("mistral-7b", "zephyr/dpo.yml", "dpo"),
         ("llama3-8b", "llama3/sft.yml", "sft"),
         ("llama3-8b", "llama3/dpo.yml", "dpo"),
+        ("llama3-8b", "llama3/kto.yml", "kto"),
+        ("llama3-8b", "llama3/rm.yml", "reward"),
     ],
 )
 def test_recipe_configs_load_on_one_node_of_8(model, recipe, objective):
