@@ -413,12 +413,19 @@ def hf_config_kwargs(args: ModelArgs, arch: str) -> dict[str, Any]:
     return kw
 
 
+def _effective(args: Any, name: str) -> Any:
+    if name == "norm_bias" and args.norm != "layernorm":
+        return None  # RMSNorm has no bias: the flag does not change the model
+    return getattr(args, name)
+
+
 def architecture_mismatches(a: ModelArgs, b: ModelArgs) -> list[str]:
-    """``field: a != b`` for every architectural field where two models differ."""
+    """``field: a != b`` for every architectural field where two models differ (``norm_bias``
+    only counts for LayerNorm)."""
     return [
         f"{name}: {getattr(a, name)!r} != {getattr(b, name)!r}"
         for name in ARCHITECTURE_FIELDS
-        if getattr(a, name) != getattr(b, name)
+        if _effective(a, name) != _effective(b, name)
     ]
 
 

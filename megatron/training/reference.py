@@ -52,7 +52,11 @@ def initial_weights(cfg: Any, client_state: dict[str, Any] | None) -> str | None
 def architecture(model_cfg: Any) -> dict[str, Any]:
     """The fields of a ``model`` section (or its dict) that shape the weights and outputs."""
     d = config_to_dict(model_cfg) if not isinstance(model_cfg, dict) else dict(model_cfg)
-    return {k: d.get(k) for k in ARCHITECTURE_FIELDS}
+    out = {k: d.get(k) for k in ARCHITECTURE_FIELDS}
+    out["head"] = out["head"] or "lm"  # configs saved before model.head existed
+    if out["norm"] != "layernorm":
+        out["norm_bias"] = None  # RMSNorm has no bias: the flag does not change the model
+    return out
 
 
 def _check_architecture(tag_dir: Path, model_cfg: Any) -> None:

@@ -251,6 +251,31 @@ def test_model_args_mirror_the_model_config():
     assert mine == theirs - {"make_vocab_size_divisible_by"}
 
 
+def test_norm_bias_only_counts_for_layernorm():
+    """RMSNorm has no bias: ``norm_bias`` (default true in the model section) must not make an
+    RMSNorm model differ from its HF round trip or from a reference checkpoint's config."""
+    from megatron.model.convert_config import architecture_mismatches
+    from megatron.training.reference import architecture
+
+    rms = model_config_from_hf(hf_config("llama3"))
+    assert rms.norm == "rmsnorm"
+    flipped = dataclasses.replace(rms, norm_bias=not rms.norm_bias)
+    assert architecture_mismatches(rms, flipped) == []
+    assert architecture(config_as_dict(rms)) == architecture(config_as_dict(flipped))
+    ln = model_config_from_hf(hf_config("neox_parallel"))
+    assert ln.norm == "layernorm"
+    ln_flipped = dataclasses.replace(ln, norm_bias=not ln.norm_bias)
+    assert [m.split(":")[0] for m in architecture_mismatches(ln, ln_flipped)] == ["norm_bias"]
+    assert architecture(config_as_dict(ln)) != architecture(config_as_dict(ln_flipped))
+    # a config saved before model.head existed reads as an lm-head model
+    old = {k: v for k, v in config_as_dict(rms).items() if k != "head"}
+    assert architecture(old) == architecture(config_as_dict(rms))
+
+
+def config_as_dict(args):
+    return dataclasses.asdict(args)
+
+
 @pytest.mark.parametrize("case", ["qwen2_tied", "neox_parallel"])
 def test_native_shapes_and_pipeline_layers(case):
     args = model_config_from_hf(hf_config(case))
