@@ -14,7 +14,8 @@ Sequence order (``sequence_ids``): ``sequence`` kind (sft): sample ``i`` is sequ
 ``pair``: chosen ``0..P-1`` then rejected ``P..2P-1`` (``prompt + chosen/rejected``; chosen
 ``i`` pairs with rejected ``P+i``), plus ``margin [P]`` when the data has one. ``unpaired``: the
 ``n`` examples then their KL sequences ``n..2n-1`` (``prompt_i + kl_completion_i``, cut on the
-right to fit ``seq_length``; ``kl_start = n``), plus ``labels [n]`` bool. ``prompt``: the prompts,
+right to fit ``seq_length``; ``kl_start = n``) — or, with ``separate_kl``, the KL sequences as a
+sub-batch ``kl`` of their own — plus ``labels [n]`` bool. ``prompt``: the prompts,
 nothing trained, plus ``prompt_lengths [n]``.
 
 Every batch holds ``tokens``, ``targets``, ``position_ids``, ``sequence_ids`` ``[b, s]`` int64,
@@ -155,6 +156,9 @@ class Collator:
         with_margin: ``pair`` batches carry ``margin`` (every dataset of the blend has one).
         with_kl: ``unpaired`` batches append the KL sequences (objectives that estimate KTO's KL
             reference point); without them ``num_sequences`` is ``n``.
+        separate_kl: lay the KL sequences out as their own sub-batch ``batch["kl"]`` (same keys
+            as a batch, ``num_sequences = n``; the main batch then holds the ``n`` examples),
+            which the step forwards without gradient; otherwise they follow the examples.
         score_token: add ``score_index [N]`` int64, the flat index (``row * s + column``) of the
             token each sequence is scored at (a reward model's value head): ``"last"`` = its last
             token, ``"eos"`` = its last ``eos_id`` token (an error if it has none); ``None``: no
@@ -170,6 +174,7 @@ class Collator:
         pad_to_multiple_of: int = 8,
         with_margin: bool = False,
         with_kl: bool = True,
+        separate_kl: bool = False,
         score_token: str | None = None,
         eos_id: int | None = None,
     ) -> None:
@@ -181,7 +186,7 @@ class Collator:
             raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
         self.kind, self.layout = kind, layout
         self.seq_length, self.multiple = int(seq_length), int(pad_to_multiple_of)
-        self.with_margin, self.with_kl = with_margin, with_kl
+        self.with_margin, self.with_kl, self.separate_kl = with_margin, with_kl, separate_kl
         if score_token not in (None, "last", "eos"):
             raise ValueError(f"score_token must be 'last', 'eos' or None, got {score_token!r}")
         if score_token == "eos" and eos_id is None:
@@ -190,13 +195,23 @@ class Collator:
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """Collate a micro-batch (see the module docstring for the keys and their meaning)."""
-        build = SEQUENCE_BUILDERS[self.kind]
         if self.kind == "unpaired":
             seqs, extra = _unpaired_kind(samples, self.seq_length, self.with_kl)
         else:
-            seqs, extra = build(samples, self.seq_length)
+            seqs, extra = SEQUENCE_BUILDERS[self.kind](samples, self.seq_length)
         if not self.with_margin:
             extra.pop("margin", None)
+        side = None
+        if self.kind == "unpaired" and self.with_kl and self.separate_kl:
+            seqs, side = seqs[: len(samples)], seqs[len(samples) :]
+        batch = self._layout(seqs)
+        if side is not None:
+            batch["kl"] = self._layout(side)
+            batch["stats"]["real_tokens"] += batch["kl"].pop("stats")["real_tokens"]
+        batch.update(extra)
+        return batch
+
+    def _layout(self, seqs: list[Seq]) -> dict[str, Any]:
         lengths = [t.size for t, _ in seqs]
         too_long = [i for i, n in enumerate(lengths) if n > self.seq_length]
         if too_long:
@@ -212,7 +227,6 @@ class Collator:
             # why: one right-padded sequence per row — plain causal attention is exact for every
             # real token, and it lets attention use its causal kernels instead of a mask.
             del batch["segment_ids"]
-        batch.update(extra)
         return batch
 
     def _score_index(

@@ -33,8 +33,9 @@ Departures from TRL 1.16:
   dataset (deterministic per example, so a reference cache can hold its log-probs).
 - Examples whose completion has no target token are left out of the loss and metric means.
 - ``reference_free`` (not in TRL): reference log-probs are 0.
-- The KL sequences go through the same (gradient-enabled) forward as the examples; their
-  log-probs are detached, so they add compute but no gradient.
+- The KL sequences are forwarded without gradient as a sub-batch of their own (TRL: a separate
+  ``no_grad`` forward too); under pipeline parallelism they share the examples' forward (and its
+  backward, contributing no gradient), since that engine forwards one batch per micro-batch.
 """
 
 from __future__ import annotations
@@ -98,29 +99,59 @@ class KTO(Objective):
         """Whether the loss has the KL reference point (and batches carry KL sequences)."""
         return self.config.loss_type in KL_LOSS_TYPES
 
-    def collate_options(self) -> dict[str, Any]:
-        return {"with_kl": self.uses_kl}
+    @property
+    def side_batches(self) -> tuple[str, ...]:
+        """The KL sequences' sub-batch, forwarded without gradient (see the registry)."""
+        return ("kl",) if self.uses_kl else ()
+
+    def collate_options(self, pipeline: bool = False) -> dict[str, Any]:
+        """KL sequences only for ``kto``; their own sub-batch except under pipeline parallelism
+        (whose engine forwards one batch per micro-batch: they follow the examples there)."""
+        return {"with_kl": self.uses_kl, "separate_kl": self.uses_kl and not pipeline}
 
     def reference_cache_params(self) -> dict[str, Any]:
         """The KL sequences are part of what is cached."""
         return {"with_kl": self.uses_kl}
 
     def _split(
-        self, token_logps: torch.Tensor, batch: dict[str, Any]
+        self,
+        token_logps: torch.Tensor,
+        batch: dict[str, Any],
+        kl_token_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(completion sums [n], completion counts [n], kl sums [n], kl counts [n])``."""
+        """``(completion sums [n], completion counts [n], kl sums [n], kl counts [n])``.
+
+        The KL sequences come from ``kl_token_logps`` over ``batch["kl"]`` when the batch has that
+        sub-batch, else from the sequences ``n .. 2n-1`` of the batch itself.
+        """
         sums, counts = sequence_log_probs(token_logps, batch)
         n = int(batch["kl_start"])
         if not self.uses_kl:
             empty = sums.new_zeros(n)
             return sums[:n], counts[:n], empty, empty
+        if "kl" in batch:
+            if kl_token_logps is None:
+                raise ValueError("the batch's KL sub-batch 'kl' was not forwarded")
+            kl, kl_counts = sequence_log_probs(kl_token_logps, batch["kl"])
+            return sums[:n], counts[:n], kl, kl_counts
         return sums[:n], counts[:n], sums[n : 2 * n], counts[n : 2 * n]
 
+    @staticmethod
+    def _kl_tokens(outputs: dict[str, Any] | None) -> torch.Tensor | None:
+        kl = (outputs or {}).get("kl")
+        return None if kl is None else kl["token_logps"].detach()
+
     def reference_log_probs(
-        self, token_logps: torch.Tensor, batch: dict[str, Any]
+        self,
+        token_logps: torch.Tensor,
+        batch: dict[str, Any],
+        side: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``{"completion_logps": [n], "kl_logps": [n]}`` fp32 reference sums (detached)."""
-        completion, _, kl, _ = self._split(token_logps.detach(), batch)
+        """``{"completion_logps": [n], "kl_logps": [n]}`` fp32 reference sums (detached).
+
+        ``side["kl"]`` holds ``{"token_logps": ...}`` of ``batch["kl"]`` when the batch has it.
+        """
+        completion, _, kl, _ = self._split(token_logps.detach(), batch, self._kl_tokens(side))
         return {"completion_logps": completion, "kl_logps": kl}
 
     def _reference(
@@ -144,7 +175,9 @@ class KTO(Objective):
         """``{"kl": (sum, count)}`` of ``log pi(y'|x) - log pi_ref(y'|x)`` over the KL sequences."""
         if not self.uses_kl:
             return {}
-        _, _, kl, kl_counts = self._split(policy["token_logps"].detach(), batch)
+        _, _, kl, kl_counts = self._split(
+            policy["token_logps"].detach(), batch, self._kl_tokens(policy)
+        )
         _, ref_kl = self._reference(reference, kl)
         valid = kl_counts > 0
         diff = zero_invalid(kl - ref_kl, valid)
@@ -159,7 +192,8 @@ class KTO(Objective):
         """Mean weighted KTO loss over the micro-batch's examples.
 
         Args:
-            policy: ``{"token_logps": [b, s] fp32, ...}``.
+            policy: ``{"token_logps": [b, s] fp32, ...}``, plus ``"kl": {"token_logps": ...}`` of
+                ``batch["kl"]`` when the batch has that sub-batch.
             reference: ``{"completion_logps": [n], "kl_logps": [n]}`` from
                 :meth:`reference_log_probs` (``None`` when ``reference_free``).
             batch: unpaired batch: ``loss_mask``, ``sequence_ids``, ``num_sequences``,
@@ -174,7 +208,9 @@ class KTO(Objective):
             ``count/rejected`` (examples of each kind in the step). All detached.
         """
         cfg = self.config
-        completion, counts, _, _ = self._split(policy["token_logps"], batch)
+        completion, counts, _, _ = self._split(
+            policy["token_logps"], batch, self._kl_tokens(policy)
+        )
         ref_completion, _ = self._reference(reference, completion)
         labels = batch["labels"].to(device=completion.device, dtype=torch.bool)
         valid = counts > 0

@@ -19,8 +19,13 @@ Optional parts of the contract:
 
 * ``model_head``: ``"lm"`` (per-token log-probs of the targets) or ``"value"`` (a scalar per
   token from the model's ``value_head``: reward models); the run's ``model.head`` must match.
-* ``collate_options() -> dict``: keyword arguments for the
-  :class:`~megatron.data.collators.Collator` (e.g. whether unpaired batches carry KL sequences).
+* ``collate_options(pipeline) -> dict``: keyword arguments for the
+  :class:`~megatron.data.collators.Collator` (e.g. whether unpaired batches carry KL sequences);
+  ``pipeline`` tells whether the run is pipeline-parallel.
+* ``side_batches``: keys of sub-batches (``batch[key]``, same keys as a batch) that the step
+  forwards *without gradient* through the policy (``policy[key]`` = the model's output dict) and
+  the reference model (``reference_log_probs(token_logps, batch, side={key: output})``); KTO's
+  KL sequences. Ignored where the batch has no such key.
 * ``dp_means(policy, reference, batch) -> {name: (sum, count)}``: batch statistics the loss
   needs averaged over the data-parallel group (KTO's KL reference point). :func:`evaluate`
   all-reduces the sums and counts and hands the means to ``loss`` as ``batch["dp_means"]``; a
@@ -74,7 +79,10 @@ class Objective:
         """Settings of this objective that change :meth:`reference_log_probs` (cache key)."""
         return {}
 
-    def collate_options(self) -> dict[str, Any]:
+    side_batches: tuple[str, ...] = ()
+    """Sub-batch keys forwarded without gradient (see the module docstring)."""
+
+    def collate_options(self, pipeline: bool = False) -> dict[str, Any]:
         """Keyword arguments of the :class:`~megatron.data.collators.Collator` this objective needs."""
         return {}
 

@@ -83,7 +83,7 @@ class Reward(Objective):
     batch_kind = "pair"
     model_head = "value"
 
-    def collate_options(self) -> dict[str, Any]:
+    def collate_options(self, pipeline: bool = False) -> dict[str, Any]:
         return {"score_token": self.config.score_token}
 
     @classmethod

@@ -30,7 +30,10 @@ def preflight(cfg: Any) -> list[str]:
     objective = get_objective(cfg.objective.name)(cfg.objective.params)
     try:
         train, _ = build_datasets(
-            objective.batch_kind, cfg.data, cfg.model.vocab_size, objective.collate_options()
+            objective.batch_kind,
+            cfg.data,
+            cfg.model.vocab_size,
+            objective.collate_options(pipeline=cfg.parallel.pipeline > 1),
         )
         if len(train) < cfg.training.global_batch_size:
             problems.append(

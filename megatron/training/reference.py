@@ -35,6 +35,7 @@ from megatron.model import DTYPES, GPTModel, SequenceLayout
 from megatron.model.convert_config import ARCHITECTURE_FIELDS
 from megatron.parallel import ParallelState
 from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
+from megatron.training.step import to_device
 from megatron.utils import atomic_write_json, log_rank0
 
 CACHE_VERSION = 1
@@ -222,8 +223,24 @@ class ReferenceProvider:
         if self.cache is not None:
             return self.cache.lookup(batch, self.split)
         if self.model is not None:
-            return self.objective.reference_log_probs(self.model.token_log_probs(batch), batch)
+            return reference_values(self.model, self.objective, batch)
         return None
+
+
+def reference_values(
+    model: ReferenceModel, objective: Any, batch: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """``objective.reference_log_probs`` of a batch through the reference model, its side
+    sub-batches (``objective.side_batches``) included."""
+    token_logps = model.token_log_probs(batch)
+    side = {
+        key: {"token_logps": model.token_log_probs(batch[key])}
+        for key in objective.side_batches
+        if key in batch
+    }
+    if side:
+        return objective.reference_log_probs(token_logps, batch, side=side)
+    return objective.reference_log_probs(token_logps, batch)
 
 
 def _rank_rows(n: int, state: ParallelState) -> np.ndarray:
@@ -244,10 +261,9 @@ def _compute_split(
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(rows), micro):
         ids = rows[start : start + micro].tolist()
-        batch = dataset.collate([dataset[i] for i in ids])
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(dataset.collate([dataset[i] for i in ids]), device)
         batch["example_ids"] = torch.tensor(ids, device=device)
-        for k, v in objective.reference_log_probs(model.token_log_probs(batch), batch).items():
+        for k, v in reference_values(model, objective, batch).items():
             parts.setdefault(k, []).append(v.float().cpu().numpy())
         progress.update(len(ids))
     return rows, {k: np.concatenate(v) for k, v in parts.items()}
@@ -278,7 +294,9 @@ def precompute_reference(cfg: Any) -> Path:
     load = initial_weights(cfg, None)
     model = ReferenceModel(cfg, state, device, load)
     kind = type(objective).batch_kind
-    train, valid = build_datasets(kind, cfg.data, cfg.model.vocab_size, objective.collate_options())
+    train, valid = build_datasets(
+        kind, cfg.data, cfg.model.vocab_size, objective.collate_options(pipeline=False)
+    )
     splits: dict[str, dict[str, np.ndarray]] = {}
     for name, ds in (("train", train), ("valid", valid)):
         if ds is None:

@@ -16,9 +16,26 @@ from megatron.objectives.registry import evaluate
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-    }
+    """Tensors of ``batch`` (and of its sub-batches) moved to ``device``."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+        elif isinstance(v, dict) and "tokens" in v:  # a sub-batch (Objective.side_batches)
+            v = to_device(v, device)
+        out[k] = v
+    return out
+
+
+def side_outputs(model: Any, objective: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """``{key: model output}`` of the batch's side sub-batches, forwarded without gradient."""
+    out = {}
+    for key in objective.side_batches:
+        sub = batch.get(key)
+        if sub is not None:
+            with torch.no_grad():
+                out[key] = model(sub["tokens"], _layout(sub), sub["targets"])
+    return out
 
 
 def _layout(batch: dict[str, Any]) -> SequenceLayout | None:
@@ -42,7 +59,8 @@ def micro_batch_loss(
     the objective's data-parallel means (:func:`megatron.objectives.registry.evaluate`).
     """
     ref = reference(batch) if reference is not None else None
-    policy = engine(batch["tokens"], _layout(batch), batch["targets"])
+    side = side_outputs(engine, objective, batch)  # e.g. KTO's KL sequences, no gradient
+    policy = {**engine(batch["tokens"], _layout(batch), batch["targets"]), **side}
     loss, metrics = evaluate(objective, policy, ref, batch, dp_group)
     for key, value in batch.get("stats", {}).items():
         metrics[key] = torch.as_tensor(value, dtype=torch.float32)

@@ -73,7 +73,7 @@ class Trainer:
             objective_cls.batch_kind,
             cfg.data,
             cfg.model.vocab_size,
-            self.objective.collate_options(),
+            self.objective.collate_options(pipeline=self.state.pp_size > 1),
         )
         self.sampler = self._sampler(len(self.train_data), shuffle=True)
         self.metrics = MetricsLogger(

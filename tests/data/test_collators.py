@@ -150,6 +150,28 @@ def test_unpaired_kl_mismatch_rule_and_batches(unpaired_prefix, tokenizer):
     assert kl_text == tokenizer.decode(ds[int(ds.partner[0])]["completion"]) != " the answer 0"
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_unpaired_kl_as_a_separate_sub_batch(unpaired_prefix, layout):
+    """``separate_kl``: the KL sequences become ``batch["kl"]`` (same layout rules), the main
+    batch holds the examples only; the sequences themselves are those of the appended form."""
+    ds = UnpairedDataset(unpaired_prefix, seq_length=64, seed=5)
+    samples = [ds[i] for i in (0, 4, 7)]
+    joint = Collator("unpaired", layout, seq_length=64)(samples)
+    split = Collator("unpaired", layout, seq_length=64, separate_kl=True)(samples)
+    assert split["num_sequences"] == 3 and split["kl_start"] == 3
+    assert split["kl"]["num_sequences"] == 3 and "labels" not in split["kl"]
+    examples, kl = [], []
+    for key, out in (("completion", examples), ("kl_completion", kl)):
+        for x in samples:
+            tok = np.concatenate([x["prompt"], x[key]])
+            out.append((tok, np.arange(tok.size) >= x["prompt"].size))
+    _check_layout(split, examples)
+    _check_layout(split["kl"], kl)
+    _check_layout(joint, examples + kl)
+    assert split["stats"]["real_tokens"] == joint["stats"]["real_tokens"]
+    assert (layout == "padded") == ("segment_ids" not in split["kl"])
+
+
 def test_sft_dataset_and_seq_length_check(tmp_path, tiny_tokenizer_dir, chatml, pairwise_prefix):
     rows = [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},

@@ -60,9 +60,13 @@ def close(actual, expected: float) -> None:
 
 def test_registered_with_its_batch_kind_and_collate_options():
     assert get_objective("kto") is KTO and KTO.batch_kind == "unpaired"
-    assert KTO(KTOConfig()).collate_options() == {"with_kl": True}
+    kto = KTO(KTOConfig())
+    assert kto.collate_options() == {"with_kl": True, "separate_kl": True}
+    assert kto.collate_options(pipeline=True) == {"with_kl": True, "separate_kl": False}
+    assert kto.side_batches == ("kl",)
     apo = KTO(KTOConfig(loss_type="apo_zero_unpaired"))
-    assert apo.collate_options() == {"with_kl": False} == apo.reference_cache_params()
+    assert apo.collate_options() == {"with_kl": False, "separate_kl": False}
+    assert apo.reference_cache_params() == {"with_kl": False} and apo.side_batches == ()
     assert KTO(KTOConfig()).needs_reference_model
     assert not KTO(KTOConfig(reference_free=True)).needs_reference_model
 
@@ -244,6 +248,42 @@ def test_reference_log_probs_split_examples_and_kl_sequences():
     torch.testing.assert_close(ref["completion_logps"], torch.tensor([-3.0, -4.0, -0.5]))
     torch.testing.assert_close(ref["kl_logps"], torch.tensor([-2.0, -3.0, -3.0]))
     assert not any(v.requires_grad for v in ref.values())
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_kl_sub_batch_equals_appended_kl_sequences(layout):
+    """The step's form (``batch["kl"]`` forwarded on its own, ``policy["kl"]``) gives the loss,
+    metrics, reference values and example gradients of the appended form."""
+    objective, policy, ref, batch, logps = make(layout)
+    loss, metrics = objective.loss(policy, ref, batch)
+    loss.backward()
+    ex_logps, ex_batch = unpaired_batch(EXAMPLES, LABELS, None, layout)
+    kl_logps, kl_batch = unpaired_batch(KL, LABELS, None, layout)
+    kl_batch = {k: kl_batch[k] for k in ("loss_mask", "sequence_ids", "num_sequences")}
+    ex_batch["kl"] = kl_batch
+    side_policy = {"token_logps": ex_logps, "kl": {"token_logps": kl_logps}}
+    side_loss, side_metrics = objective.loss(side_policy, ref, ex_batch)
+    side_loss.backward()
+    close(side_loss.detach(), float(loss.detach()))
+    for k, v in metrics.items():
+        got = side_metrics[k]
+        pair = (got, v) if isinstance(v, tuple) else ((got,), (v,))
+        for a, b in zip(*pair, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+    assert kl_logps.grad is None or not kl_logps.grad.any()  # the KL forward carries no gradient
+    ids = batch["sequence_ids"]
+    want = torch.where(ids < 3, logps.grad, 0.0)  # the examples' part of the appended form
+    for i in range(3):
+        torch.testing.assert_close(
+            ex_logps.grad[ex_batch["sequence_ids"] == i].sum(), want[ids == i].sum(), **TOL
+        )
+    side_ref = objective.reference_log_probs(
+        ex_logps, ex_batch, side={"kl": {"token_logps": kl_logps}}
+    )
+    for k, v in objective.reference_log_probs(logps, batch).items():
+        torch.testing.assert_close(side_ref[k], v, **TOL)
+    with pytest.raises(ValueError, match="KL sub-batch 'kl' was not forwarded"):
+        objective.loss({"token_logps": ex_logps}, ref, ex_batch)
 
 
 # ----------------------------------------------------------------------------- real model
