@@ -290,7 +290,12 @@ def finish_dataset(
     summary.field_tokens = {k: writer.num_tokens[k] for k in token_fields}
     summary.num_tokens = sum(summary.field_tokens.values())
     summary.lengths = {k: length_stats(v) for k, v in writer.stats.items()}
-    summary.tokenization = "pieces" if options.split_special_tokens else "whole"
+    summary.tokenization = "whole"
+    if options.split_special_tokens:
+        from megatron.data.formats.chat import PieceEncoder
+
+        words = PieceEncoder(tokenizer).word_cache
+        summary.tokenization = "pieces, word cache" if words else "pieces"
     if options.on_error == "skip" or summary.dropped:
         errors_path = Path(prefix + ".errors.jsonl")
         _write_errors(errors_path, errors)

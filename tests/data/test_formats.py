@@ -46,7 +46,8 @@ def test_pairwise_round_trip_meta_and_margin(pairwise_prefix, tokenizer, tiny_to
     meta = read_meta(pairwise_prefix)
     assert meta["format"] == "pairwise" and meta["num_documents"] == 64
     assert meta["scalars"] == ["margin"] and meta["chat_template"]["sha256"]
-    assert meta["rows"]["boundary_adjusted"] == 0 and meta["options"]["tokenization"] == "pieces"
+    assert meta["rows"]["boundary_adjusted"] == 0
+    assert meta["options"]["tokenization"] == "pieces, word cache"
     assert meta["num_tokens"] == sum(f["num_tokens"] for f in meta["fields"].values())
     assert meta["tokenizer"]["vocab_hash"] == tokenizer.vocab_hash()
 
@@ -302,6 +303,104 @@ def test_conversations_need_a_template(tmp_path, tiny_tokenizer_dir):
     src = write_jsonl(tmp_path / "c.jsonl", conversational_pairs(2))
     with pytest.raises(DatasetError, match="has no chat template; pass --chat-template"):
         preprocess([src], tmp_path / "o", tiny_tokenizer_dir, PreprocessOptions(data_format="pairwise"))  # fmt: skip
+
+
+# ---- word cache: pre-token by pre-token tokenization (see megatron/data/formats/chat.py) ------
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _variant(src: Path, dst: Path, edit) -> Path:
+    """A copy of a tokenizer directory with ``edit(spec)`` applied to its tokenizer.json."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    edit(spec)
+    (dst / "tokenizer.json").write_text(json.dumps(spec))
+    return dst
+
+
+def _split_then_bytes(pattern: str):
+    def edit(spec):
+        spec["pre_tokenizer"] = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+                 "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                 "use_regex": False},
+            ],
+        }  # fmt: skip
+
+    return edit
+
+
+def _fuzz_texts(n: int, seed: int) -> list[str]:
+    """Texts mixing words, digits runs, contractions, whitespace runs, control characters,
+    accented, CJK, emoji and unusual Unicode spaces, and special tokens."""
+    import random
+
+    rng = random.Random(seed)
+    chars = [chr(c) for c in [*range(0x80), *range(0x80, 0x3000, 7)]]
+    chars += ["\U0001f600", "\U00020000", "\ufeff", "\u200b", "\u3000", "\u2028", "\x85", "\xa0"]
+    pieces = ["the", " quick", "'s", "'LL", "don't", " 123", "45678", "\n\n", "  ", "\t", " \n ",
+              "café", "日本語", "\r\n", "...", "<|im_start|>", "<|im_end|>\n", "<|pad|>"]  # fmt: skip
+    out = []
+    for _ in range(n):
+        parts = [
+            rng.choice(pieces)
+            if rng.random() < 0.5
+            else "".join(rng.choice(chars) for _ in range(rng.randrange(1, 6)))
+            for _ in range(rng.randrange(1, 30))
+        ]
+        out.append("".join(parts))
+    return out
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2"])
+def test_word_cache_equals_whole_text_tokenization(style, tmp_path, tiny_tokenizer_dir):
+    from megatron.tokenizer import load_tokenizer
+
+    directory = tiny_tokenizer_dir
+    if style != "gpt2":
+        pattern = LLAMA3_SPLIT if style == "llama3" else QWEN2_SPLIT
+        directory = _variant(tiny_tokenizer_dir, tmp_path / style, _split_then_bytes(pattern))
+    enc = PieceEncoder(load_tokenizer(str(directory)), word_cache_size=50)  # cleared often
+    assert enc.word_cache
+    texts = _fuzz_texts(600, seed=len(style))
+    whole = enc.encode_whole(texts)
+    for _ in range(2):  # cold, then warm memo
+        assert [t.flat() for t in enc.encode(texts)] == whole
+
+
+def test_word_cache_only_for_byte_level_bpe(tmp_path, tiny_tokenizer_dir):
+    from megatron.tokenizer import load_tokenizer
+
+    def with_normalizer(spec):
+        spec["normalizer"] = {"type": "NFC"}
+
+    def prefix_space(spec):
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+
+    def plain_added_token(spec):
+        spec["added_tokens"].append(
+            {"id": spec["added_tokens"][-1]["id"] + 1, "content": "<x>", "single_word": False,
+             "lstrip": False, "rstrip": False, "normalized": False, "special": False}
+        )  # fmt: skip
+
+    plain = PieceEncoder(load_tokenizer(str(tiny_tokenizer_dir)))
+    assert plain.word_cache
+    assert not PieceEncoder(load_tokenizer(str(tiny_tokenizer_dir)), split_special=False).word_cache
+    for i, edit in enumerate((with_normalizer, prefix_space, plain_added_token)):
+        directory = _variant(tiny_tokenizer_dir, tmp_path / str(i), edit)
+        enc = PieceEncoder(load_tokenizer(str(directory)))
+        assert not enc.word_cache, edit.__name__
+        texts = _fuzz_texts(50, seed=i)
+        assert [t.flat() for t in enc.encode(texts)] == enc.encode_whole(texts)
 
 
 def test_pieces_equal_whole_texts_and_workers_agree(

@@ -6,7 +6,8 @@ real English prose — the sentences of the Python standard library's docstrings
 machine (a stand-in for a GPT-2-class fast tokenizer on chat data: no download is possible here) —
 writes ``--pairs`` conversational pairs of about ``--tokens`` tokens each
 (prompt with a system turn, chosen and rejected of about a third each, ChatML template), and runs
-the one-pass pairwise preprocessing with ``--workers`` processes. Prints pairs/s over the
+the one-pass pairwise preprocessing with ``--workers`` processes (special-token pieces and, for
+this byte-level BPE, the pre-token memo of ``megatron/data/formats/chat.py``). Prints pairs/s over the
 pipeline's wall time and over its CPU time (all processes), plus the machine's load average —
 the figure is only comparable between runs on an otherwise idle machine.
 

@@ -25,11 +25,19 @@ deduplicated within a batch and cached, so a pair's shared prompt is tokenized o
 turn's boundary costs only its last piece. Only special tokens with ``lstrip``, ``single_word``
 and ``normalized`` all false are cut points; the driver verifies the rule against whole-text
 tokenization on the first rows of every run and falls back to whole texts if they ever differ.
+
+**Word cache** (speed): a byte-level BPE (GPT-2 / Llama-3 / Qwen2 style: no normaliser, a
+pre-tokenizer that is ``ByteLevel`` with its regex, or a regex ``Split`` then ``ByteLevel``
+without one) tokenizes every pre-token on its own, so a piece's ids are the concatenation of its
+pre-tokens' ids. The pre-tokens are found with the same regex in Python and each distinct one is
+tokenized once and memoised: about 3x faster than ``encode_batch`` on English text. It is part
+of the piecewise rule, so the same first-rows check covers it (and turns it off when it differs).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -341,16 +349,75 @@ def _cut_regex(backend: Any) -> re.Pattern[str] | None:
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
+GPT2_PRETOKENIZE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""The regex of ``tokenizers``' ``ByteLevel(use_regex=True)`` pre-tokenizer (GPT-2's)."""
+
+
+def _word_regex(backend: Any) -> Any:
+    """The pre-tokenization regex of a byte-level BPE whose pieces may go word by word, or None.
+
+    Accepted: no normaliser, a BPE model, every added token a cut point (special, no
+    ``lstrip``/``rstrip``/``single_word``/``normalized``), and a pre-tokenizer that is
+    ``ByteLevel(use_regex=True, add_prefix_space=False)`` or ``Sequence[Split(Regex, Isolated),
+    ByteLevel(use_regex=False, add_prefix_space=False)]``.
+    """
+    try:
+        import regex  # the ``regex`` module: \p{L} classes and possessive quantifiers
+    except ImportError:
+        return None
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    if spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE":
+        return None
+    if any(
+        not t.special or t.lstrip or t.rstrip or t.single_word or t.normalized
+        for t in backend.get_added_tokens_decoder().values()
+    ):
+        return None
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    byte_level = steps[-1] if steps else {}
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space"):
+        return None
+    if len(steps) == 1 and byte_level.get("use_regex", True):
+        pattern = GPT2_PRETOKENIZE
+    elif len(steps) == 2 and not byte_level.get("use_regex", True):
+        split = steps[0]
+        if (
+            split.get("type") != "Split"
+            or split.get("behavior") != "Isolated"
+            or split.get("invert")
+            or "Regex" not in (split.get("pattern") or {})
+        ):
+            return None
+        pattern = split["pattern"]["Regex"]
+    else:
+        return None
+    try:
+        return regex.compile(pattern)
+    except regex.error:
+        return None
+
+
 class PieceEncoder:
     """Batched, cached tokenization of texts as special-token pieces (see module docstring).
 
     Args:
         tokenizer: A tokenizer; piecewise splitting needs a fast (``tokenizers``) backend.
-        split_special: Cut texts at special tokens (False: every text is one piece).
+        split_special: Cut texts at special tokens (False: every text is one piece, and no word
+            cache).
         cache_size: Pieces kept between batches (the cache is cleared when full).
+        word_cache_size: Distinct pre-tokens memoised (the memo is cleared when full).
     """
 
-    def __init__(self, tokenizer: Tokenizer, split_special: bool = True, cache_size: int = 1 << 16):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        split_special: bool = True,
+        cache_size: int = 1 << 16,
+        word_cache_size: int = 1 << 18,
+    ):
         hf = tokenizer.hf
         self._backend = getattr(hf, "_tokenizer", None) if getattr(hf, "is_fast", False) else None
         self._hf = hf
@@ -362,6 +429,44 @@ class PieceEncoder:
             self._backend.no_truncation()
         if self._backend is not None and self._backend.padding is not None:
             self._backend.no_padding()
+        self._words = _word_regex(self._backend) if self._cut is not None else None
+        self._word_ids: dict[str, list[int]] = {}
+        self._word_cache_size = word_cache_size
+
+    @property
+    def word_cache(self) -> bool:
+        """Whether pieces are tokenized pre-token by pre-token through the memo."""
+        return self._words is not None
+
+    def _encode_by_words(self, texts: list[str]) -> list[list[int]]:
+        """Pieces (each optionally starting with a special token) through the pre-token memo."""
+        heads: list[list[int]] = []
+        words: list[list[str]] = []
+        for text in texts:
+            special = self._cut.match(text)
+            if special is None:
+                heads.append([])
+            else:
+                heads.append([self._backend.token_to_id(special.group())])
+                text = text[special.end() :]
+            words.append(self._words.findall(text))
+        memo = self._word_ids
+        if len(memo) > self._word_cache_size:
+            memo.clear()
+        missing = list(dict.fromkeys(w for ws in words for w in ws if w not in memo))
+        if missing:
+            memo.update(zip(missing, self._encode_batch(missing), strict=True))
+        out = []
+        for head, ws in zip(heads, words, strict=True):
+            for w in ws:
+                head += memo[w]
+            out.append(head)
+        return out
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._fast:
+            return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
 
     @property
     def piecewise(self) -> bool:
@@ -380,9 +485,9 @@ class PieceEncoder:
     def _encode_raw(self, texts: list[str]) -> list[list[int]]:
         if self._backend is None:
             return [list(x) for x in self._hf(texts, add_special_tokens=False)["input_ids"]]
-        if self._fast:
-            return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        if self._words is not None:
+            return self._encode_by_words(texts)
+        return self._encode_batch(texts)
 
     def encode(self, texts: Iterable[str]) -> list[Tokenized]:
         """Tokenize texts (special tokens in the text are parsed, none are added)."""
@@ -398,7 +503,11 @@ class PieceEncoder:
 
     def encode_whole(self, texts: list[str]) -> list[list[int]]:
         """Reference: each text tokenized in one call (no pieces, no cache)."""
-        return self._encode_raw(list(texts)) if texts else []
+        if not texts:
+            return []
+        if self._backend is None:
+            return self._encode_raw(list(texts))
+        return self._encode_batch(list(texts))
 
 
 def disable_rust_threads_for_fork() -> None:
