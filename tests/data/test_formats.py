@@ -362,8 +362,13 @@ def _fuzz_texts(n: int, seed: int) -> list[str]:
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2"])
-def test_word_cache_equals_whole_text_tokenization(style, tmp_path, tiny_tokenizer_dir):
+def test_word_cache_equals_whole_text_tokenization(
+    style, tmp_path, tiny_tokenizer_dir, monkeypatch
+):
+    from megatron.data.formats import chat
     from megatron.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(chat, "WORD_MAX_MISS_RATE", 1.0)  # always through the memo
 
     directory = tiny_tokenizer_dir
     if style != "gpt2":
@@ -375,6 +380,35 @@ def test_word_cache_equals_whole_text_tokenization(style, tmp_path, tiny_tokeniz
     whole = enc.encode_whole(texts)
     for _ in range(2):  # cold, then warm memo
         assert [t.flat() for t in enc.encode(texts)] == whole
+
+
+def test_word_cache_steps_aside_for_text_with_few_repeated_words(tiny_tokenizer_dir, monkeypatch):
+    """A batch of mostly new words is slower through the memo: the next batches go whole, and
+    every WORD_PROBE-th batch tries the memo again; the ids are the same either way."""
+    import random
+
+    from megatron.data.formats import chat
+    from megatron.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(chat, "WORD_PROBE", 3)
+    enc = PieceEncoder(load_tokenizer(str(tiny_tokenizer_dir)), cache_size=1)
+    through_memo = []
+    plain = enc._encode_by_words
+    monkeypatch.setattr(enc, "_encode_by_words", lambda t: through_memo.append(1) or plain(t))
+    rng = random.Random(0)
+
+    def fresh(n):  # words never seen before
+        return [" ".join("".join(rng.choice("xyzqk") for _ in range(9)) for _ in range(20))
+                for _ in range(n)]  # fmt: skip
+
+    for _ in range(6):
+        texts = fresh(4)
+        assert [t.flat() for t in enc.encode(texts)] == enc.encode_whole(texts)
+        assert enc._miss_rate > chat.WORD_MAX_MISS_RATE
+    assert len(through_memo) == 3  # the first batch, then the probes of batches 3 and 6
+    repeated = ["the river and the model"] * 4
+    enc.encode(repeated)  # not a probe: goes whole, the estimate stays
+    assert len(through_memo) == 3
 
 
 def test_word_cache_only_for_byte_level_bpe(tmp_path, tiny_tokenizer_dir):

@@ -353,6 +353,12 @@ GPT2_PRETOKENIZE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N
 """The regex of ``tokenizers``' ``ByteLevel(use_regex=True)`` pre-tokenizer (GPT-2's)."""
 
 
+WORD_MAX_MISS_RATE = 0.15
+"""Above this share of new words per batch the memo is slower than whole pieces (measured: the
+break-even is near 0.3 on the 2-core machine); such batches are tokenized whole."""
+WORD_PROBE = 64
+
+
 def _word_regex(backend: Any) -> Any:
     """The pre-tokenization regex of a byte-level BPE whose pieces may go word by word, or None.
 
@@ -432,6 +438,8 @@ class PieceEncoder:
         self._words = _word_regex(self._backend) if self._cut is not None else None
         self._word_ids: dict[str, list[int]] = {}
         self._word_cache_size = word_cache_size
+        self._miss_rate = 0.0  # new distinct words / words, in the last batch through the memo
+        self._batches = 0
 
     @property
     def word_cache(self) -> bool:
@@ -454,6 +462,7 @@ class PieceEncoder:
         if len(memo) > self._word_cache_size:
             memo.clear()
         missing = list(dict.fromkeys(w for ws in words for w in ws if w not in memo))
+        self._miss_rate = len(missing) / max(1, sum(map(len, words)))
         if missing:
             memo.update(zip(missing, self._encode_batch(missing), strict=True))
         out = []
@@ -486,7 +495,12 @@ class PieceEncoder:
         if self._backend is None:
             return [list(x) for x in self._hf(texts, add_special_tokens=False)["input_ids"]]
         if self._words is not None:
-            return self._encode_by_words(texts)
+            self._batches += 1
+            # why: each new word costs one tiny encode (~3x a word inside a long text), so text
+            # with few repeated words (code, identifiers, rare scripts) goes whole; every
+            # WORD_PROBE-th batch tries the memo again in case the text changed.
+            if self._miss_rate <= WORD_MAX_MISS_RATE or self._batches % WORD_PROBE == 0:
+                return self._encode_by_words(texts)
         return self._encode_batch(texts)
 
     def encode(self, texts: Iterable[str]) -> list[Tokenized]:
