@@ -107,11 +107,6 @@ def _check_grid(tp_size: int, pp_size: int) -> None:
 
 
 def _check_pp(args: ModelArgs, pp_size: int) -> None:
-    if pp_size > 1 and args.head == "value":
-        raise ConversionError(
-            f"--pp {pp_size}: a reward model (model.head: value) cannot be written in the "
-            "pipeline layout (reward models do not support pipeline parallelism); use --pp 1"
-        )
     if pp_size > args.num_layers:
         raise ConversionError(
             f"--pp {pp_size}: a pipeline stage needs at least one of the model's "

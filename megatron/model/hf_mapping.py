@@ -212,7 +212,8 @@ def pipeline_layer_of(key: str, args: ModelArgs) -> tuple[int, str]:
     """``(DeepSpeed pipeline layer index, key inside that layer)`` of a native key.
 
     Layer 0 is the embedding, ``1 + i`` transformer layer i, ``L + 1`` the final norm (its module
-    keys are ``norm.*``) and ``L + 2`` the untied ``lm_head`` (see
+    keys are ``norm.*``) and ``L + 2`` the untied ``lm_head`` or the ``value_head`` (keys
+    ``value.*``) (see
     :mod:`megatron.model.pipeline`). A PP checkpoint writer groups keys by this index.
     """
     n = args.num_layers
@@ -223,8 +224,10 @@ def pipeline_layer_of(key: str, args: ModelArgs) -> tuple[int, str]:
         return 1 + int(index), rest
     if key.startswith("final_norm."):
         return n + 1, "norm." + key.removeprefix("final_norm.")
-    if key.startswith(("lm_head.", "value_head.")):
-        return n + 2, key.split(".", 1)[1]
+    if key.startswith("lm_head."):
+        return n + 2, key.removeprefix("lm_head.")
+    if key.startswith("value_head."):  # ValueHeadPipe keeps it as its ``value`` submodule
+        return n + 2, "value." + key.removeprefix("value_head.")
     raise ValueError(f"not a native parameter key: {key!r}")
 
 
@@ -241,6 +244,8 @@ def native_key_of(layer: int, key: str, num_layers: int) -> str:
     if layer == num_layers + 1:
         return "final_norm." + key.removeprefix("norm.")
     if layer == num_layers + 2:
+        if key.startswith("value."):
+            return "value_head." + key.removeprefix("value.")
         return "lm_head." + key
     raise ValueError(f"pipeline layer {layer} is beyond a {num_layers}-layer model's last (L + 2)")
 

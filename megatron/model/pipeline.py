@@ -17,7 +17,8 @@ other fields.
 Each stage module subclasses the corresponding module of :class:`~megatron.model.gpt.GPTModel`
 and is initialised with the same per-stage seed, so a pipelined model holds exactly the weights of
 the unpipelined one and its per-layer state dicts use the same keys (``layer_00`` = embedding,
-``layer_01 + i`` = transformer layer i, then final norm and lm_head).
+``layer_01 + i`` = transformer layer i, then final norm and lm_head — or, for a reward model, the
+value head, :class:`ValueHeadPipe`, whose stage returns ``values [b, s]`` instead).
 """
 
 from __future__ import annotations
@@ -152,6 +153,23 @@ class LMHeadPipe(ColumnParallelLinear):
         return _log_probs(self.weight, self.cfg, self.state, inputs)
 
 
+class ValueHeadPipe(nn.Module):
+    """Last stage of a reward model (``model.head: value``): hidden states -> ``values [b, s]`` fp32.
+
+    Initialised as :class:`~megatron.model.gpt.GPTModel`'s ``value_head`` (same seed, same draws).
+    """
+
+    def __init__(self, cfg: Any, seed: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        with _seeded(seed):
+            self.value = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
+            nn.init.normal_(self.value.weight, std=(cfg.hidden_size + 1) ** -0.5)
+
+    def forward(self, inputs: Activations) -> torch.Tensor:
+        hidden = inputs[0]
+        return self.value(hidden).squeeze(-1).float()
+
+
 def tied_head_forward(module: EmbeddingPipe, inputs: Activations):
     """Last-stage use of the tied embedding: its rows project hidden states to log-probs."""
     return _log_probs(module.weight, module.cfg_for_head, module.state_for_head, inputs)
@@ -202,7 +220,10 @@ def build_pipeline_model(
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     n = cfg.num_layers
-    if cfg.tie_word_embeddings:
+    if getattr(cfg, "head", "lm") == "value":  # a reward model: no output projection to tie
+        first = LayerSpec(EmbeddingPipe, cfg, state, seed, dtype)
+        last = LayerSpec(ValueHeadPipe, cfg, seed + 1 + n, dtype)
+    elif cfg.tie_word_embeddings:
         first = TiedLayerSpec("embedding", TiedEmbeddingPipe, cfg, state, seed, dtype)
         last = TiedLayerSpec(
             "embedding", TiedEmbeddingPipe, cfg, state, seed, dtype, forward_fn=tied_head_forward
@@ -222,7 +243,7 @@ def build_pipeline_model(
     topology = PipeModelDataParallelTopology(
         num_pp=state.pp_size, num_mp=state.tp_size, num_dp=state.dp_size
     )
-    return PipelineModule(
+    module = PipelineModule(
         layers=specs,
         topology=topology,
         loss_fn=loss_fn,
@@ -232,6 +253,8 @@ def build_pipeline_model(
         checkpointable_layers=["TransformerLayerPipe"],
         dynamic_shape=True,
     )
+    module.model_head = getattr(cfg, "head", "lm")  # read when loading weights (head swaps)
+    return module
 
 
 class PipelineLoss:
@@ -250,12 +273,14 @@ class PipelineLoss:
         self.metrics: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: tuple) -> torch.Tensor:
-        token_logps, log_z = outputs[0], outputs[1]
         batch = dict(zip(self.keys, labels, strict=True))
         ref = self.reference(batch) if self.reference is not None else None
-        policy = {"token_logps": token_logps, "log_z": log_z}
-        if len(outputs) > 2:
-            policy["log_sum_sq_probs"] = outputs[2]
+        if torch.is_tensor(outputs):  # ValueHeadPipe
+            policy = {"values": outputs}
+        else:
+            policy = {"token_logps": outputs[0], "log_z": outputs[1]}
+            if len(outputs) > 2:
+                policy["log_sum_sq_probs"] = outputs[2]
         loss, metrics = evaluate(self.objective, policy, ref, batch, self.dp_group)
         detached = {
             k: tuple(x.detach() for x in v) if isinstance(v, tuple) else v.detach()

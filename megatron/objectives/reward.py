@@ -86,16 +86,6 @@ class Reward(Objective):
     def collate_options(self, pipeline: bool = False) -> dict[str, Any]:
         return {"score_token": self.config.score_token}
 
-    @classmethod
-    def check_config(cls, run_config: Any) -> list[str]:
-        out = []
-        if run_config.parallel.pipeline > 1:
-            out.append(
-                "parallel.pipeline: reward models do not support pipeline parallelism yet; use "
-                "tensor and data parallelism (parallel.pipeline: 1)"
-            )
-        return out
-
     def loss(
         self,
         policy: dict[str, torch.Tensor],

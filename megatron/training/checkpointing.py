@@ -157,10 +157,11 @@ def _client_state(tag_dir: Path) -> dict[str, Any]:
 
 
 def _pipeline_state_dict(
-    module: Any, tag_dir: Path, tp_size: int, tp_rank: int
+    module: Any, tag_dir: Path, tp_size: int, tp_rank: int, fresh_value_head: bool = False
 ) -> dict[str, torch.Tensor]:
     """This pipeline stage's weights from ``tag_dir`` (any layout, TP and PP), keyed as in
     ``module.state_dict()`` (``"{layer}.{key}"``, ``tied_modules.embedding.*``).
+    ``fresh_value_head``: the run's value head is not in the (lm-head) checkpoint.
 
     why the checkpoint's config.yml: a ``PipelineModule`` does not carry the run's model config;
     the shapes the run needs are checked by the strict load instead, and the run's padded
@@ -202,6 +203,8 @@ def _pipeline_state_dict(
                 )
             sd[name] = tensor
     missing = sorted(set(own) - set(sd))
+    if fresh_value_head:
+        missing = [k for k in missing if k != f"{n + 2}.value.weight"]
     if missing:
         raise CheckpointError(
             f"checkpoint.load: {tag_dir} does not fit the run's model: no weights for "
@@ -231,31 +234,32 @@ def load_weights(engine: Any, tag_dir: Path) -> None:
         CheckpointError: missing files, or weights that do not fit the model.
     """
     module = engine.module
-    fresh: list[str] = []  # parameters that keep their initialisation (a new value head)
-    if isinstance(module, GPTModel):
-        args = module.cfg
-        head = checkpoint_head(tag_dir)
-        if head != args.head:
-            if args.head != "value":
-                raise CheckpointError(
-                    f"checkpoint.load: {tag_dir} is a reward model (model.head: value); a run "
-                    "with model.head: lm cannot start from it"
-                )
-            # an SFT / base model starts a reward model: its lm_head is dropped and the value
-            # head keeps its initialisation (megatron.model.gpt.GPTModel)
-            args = dataclasses.replace(args, head=head)
-            fresh = ["value_head.weight"]
+    pipelined = not isinstance(module, GPTModel)
+    run_head = getattr(module, "model_head", "lm") if pipelined else module.cfg.head
+    swap = checkpoint_head(tag_dir) != run_head
+    if swap and run_head != "value":
+        raise CheckpointError(
+            f"checkpoint.load: {tag_dir} is a reward model (model.head: value); a run with "
+            "model.head: lm cannot start from it"
+        )
+    if swap:
+        # an SFT / base model starts a reward model: its lm_head is dropped and the value head
+        # keeps its initialisation (GPTModel / ValueHeadPipe)
+        log_rank0("value head initialised N(0, 1/(h+1)); the checkpoint's lm head is unused")
+    if not pipelined:
+        args = dataclasses.replace(module.cfg, head="lm") if swap else module.cfg
         try:
             sd = load_tp_shard(tag_dir, args, module.state.tp_size, module.state.tp_rank)
         except ConversionError as e:
             raise CheckpointError(f"checkpoint.load: {e}") from e
-        if fresh:
+        if swap:
             sd.pop("lm_head.weight", None)
-            log_rank0("value head initialised N(0, 1/(h+1)); the checkpoint's lm head is unused")
     else:
         grid = engine.grid
         tp_size, tp_rank = grid.get_slice_parallel_world_size(), grid.get_slice_parallel_rank()
-        sd = _pipeline_state_dict(module, tag_dir, tp_size, tp_rank)
+        sd = _pipeline_state_dict(module, tag_dir, tp_size, tp_rank, fresh_value_head=swap)
+    # the value head's key on this rank, if it keeps its initialisation
+    fresh = sorted(k for k in module.state_dict() if swap and k not in sd)
     deepspeed = import_deepspeed()
     partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
@@ -264,7 +268,7 @@ def load_weights(engine: Any, tag_dir: Path) -> None:
         except RuntimeError as e:
             msg = f"checkpoint.load: {tag_dir} does not fit the run's model: {e}"
             raise CheckpointError(msg) from e
-        if fresh and (sorted(result.missing_keys) != fresh or result.unexpected_keys):
+        if sorted(result.missing_keys) != fresh or result.unexpected_keys:
             raise CheckpointError(
                 f"checkpoint.load: {tag_dir} does not fit the run's model (missing "
                 f"{result.missing_keys}, unexpected {result.unexpected_keys})"

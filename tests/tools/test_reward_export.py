@@ -184,12 +184,43 @@ def test_reward_conversion_errors(rms, tmp_path):
     (three / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="MistralForSequenceClassification with num_labels 3"):
         convert_hf_to_native(three, tmp_path / "o1")
-    with pytest.raises(ConversionError, match="--pp 2: a reward model .* use --pp 1"):
-        convert_hf_to_native(src, tmp_path / "o2", pp_size=2)
     ckpt = rms["mistral"]["native"][1]
     with pytest.raises(ConversionError, match=r"--pad-token-id: pad token id 300 is not in"):
         convert_native_to_hf(ckpt, tmp_path / "o3", config=_config(ckpt), pad_token_id=300)
-    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 3))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_pipeline_layout_holds_the_value_head(arch, rms, tmp_path):
+    """A PP=2 conversion writes the value head in the last stage's layer file (``value.weight``)
+    and reads back (and exports) exactly like the non-pipeline checkpoint."""
+    from megatron.ckpt.native import is_pipeline_checkpoint, read_model_shard
+    from megatron.training.checkpointing import resolve_checkpoint
+
+    out = tmp_path / "pp2"
+    convert_hf_to_native(rms[arch]["hf"], out, tp_size=2, pp_size=2)
+    root, tag = resolve_checkpoint(out)
+    assert is_pipeline_checkpoint(root / tag)
+    flat_root, flat_tag = resolve_checkpoint(rms[arch]["native"][2])
+    for rank in (0, 1):
+        piped, flat = (
+            read_model_shard(root / tag, rank),
+            read_model_shard(flat_root / flat_tag, rank),
+        )
+        assert sorted(piped) == sorted(flat) and "value_head.weight" in piped
+        assert all(torch.equal(piped[k], flat[k]) for k in flat)
+    convert_native_to_hf(out, tmp_path / "hf", config=_config(out))
+    back = load_file_weights(tmp_path / "hf")
+    assert torch.equal(back["score.weight"], rms[arch]["sd"]["score.weight"])
+
+
+def load_file_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 def test_pad_token_id_sources(tiny_tokenizer_dir, caplog):
