@@ -1,5 +1,12 @@
 #!/usr/bin/env python
-"""Our DPO engine vs TRL 1.16's ``DPOTrainer``: throughput, peak memory and loss curves.
+"""Our engine vs TRL 1.16's trainers (DPO, KTO, reward model): throughput, peak memory, losses.
+
+``--objective dpo`` (default) compares with ``DPOTrainer``, ``kto`` with ``KTOTrainer`` (each pair
+gives a desirable and an undesirable example: ``--format unpaired --from-pairwise`` on our side),
+``reward`` with ``RewardTrainer`` (a random ``LlamaForSequenceClassification``, converted to our
+``model.head: value``; no reference model). What is said below of DPO holds for the others with
+their own batches: ``--batch`` pairs per step (DPO, reward) or ``--batch`` examples (KTO, each
+with its KL sequence, which neither side trains through).
 
 One run builds a random-weight tiny ``LlamaForCausalLM`` (saved with a byte-level BPE tokenizer and
 a ChatML template), converts it to a native checkpoint with
@@ -34,6 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout
@@ -80,7 +88,13 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
         bos_token_id=None,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).float().save_pretrained(work / "hf")
+    if args.objective == "reward":
+        from transformers import LlamaForSequenceClassification
+
+        cfg.num_labels = 1
+        LlamaForSequenceClassification(cfg).float().save_pretrained(work / "hf")
+    else:
+        LlamaForCausalLM(cfg).float().save_pretrained(work / "hf")
     tok.save_pretrained(work / "hf")
     convert_hf_to_native(work / "hf", work / "native", tp_size=1, divisible_by=64)
     rows = conversational_pairs(args.pairs, seed=1)
@@ -88,6 +102,11 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     (work / "chatml.jinja").write_text(CHATML)
     options = PreprocessOptions(data_format="pairwise", chat_template=str(work / "chatml.jinja"))
     preprocess([work / "pairs.jsonl"], work / "pairs", work / "native" / "hf", options)
+    if args.objective == "kto":
+        unpaired = PreprocessOptions(
+            data_format="unpaired", chat_template=str(work / "chatml.jinja"), from_pairwise=True
+        )
+        preprocess([work / "pairs.jsonl"], work / "unpaired", work / "native" / "hf", unpaired)
     from megatron.data.indexed import IndexedDataset
 
     lens = {k: IndexedDataset(f"{work / 'pairs'}.{k}") for k in ("prompt", "chosen", "rejected")}
@@ -95,8 +114,17 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
         2 * len(lens["prompt"][i]) + len(lens["chosen"][i]) + len(lens["rejected"][i])
         for i in range(len(rows))
     )
-    # every step draws `batch` pairs; epochs repeat the dataset: mean tokens of the whole run
-    return {"pairs": len(rows), "tokens": tokens * args.steps * args.batch / len(rows)}
+    # every step draws `batch` pairs (KTO: `batch` examples, two per pair); epochs repeat the
+    # dataset: mean tokens of the whole run
+    pairs_per_step = args.batch / 2 if args.objective == "kto" else args.batch
+    return {"pairs": len(rows), "tokens": tokens * args.steps * pairs_per_step / len(rows)}
+
+
+OBJECTIVES = {
+    "dpo": lambda a: {"name": "dpo", "beta": a.beta},
+    "kto": lambda a: {"name": "kto", "beta": a.beta},
+    "reward": lambda a: {"name": "reward", "use_margin": False},  # TRL gets no margins here
+}
 
 
 def run_ours(work: Path, args: argparse.Namespace) -> dict:
@@ -109,11 +137,11 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
 
     run = {
         "data": {
-            "train": [{"path": str(work / "pairs")}],
+            "train": [{"path": str(work / ("unpaired" if args.objective == "kto" else "pairs"))}],
             "seq_length": 1024,
             "tokenizer": str(work / "native" / "hf"),
         },
-        "objective": {"name": "dpo", "beta": args.beta},
+        "objective": OBJECTIVES[args.objective](args),
         "checkpoint": {"load": str(work / "native"), "finetune": True},
         "optimizer": {"lr": args.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
         "schedule": {"style": "constant"},
@@ -138,19 +166,64 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "steady": sum(steps[1:]), "losses": losses, "setup": setup_rss}
 
 
-def run_trl(work: Path, args: argparse.Namespace) -> dict:
-    """Train with TRL's ``DPOTrainer`` in this process."""
+def _trl_trainer(work: Path, args: argparse.Namespace, common: dict, callbacks: list) -> Any:
+    """TRL's trainer for ``args.objective`` on the same rows, models and settings."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
-    cols = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
     load = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    tokenizer = AutoTokenizer.from_pretrained(work / "native" / "hf")
+    if args.objective == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        cols = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+        model = AutoModelForSequenceClassification.from_pretrained(work / "hf", **load)
+        return RewardTrainer(
+            model=model,
+            args=RewardConfig(**common, max_length=None),
+            train_dataset=Dataset.from_dict(cols),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     policy = AutoModelForCausalLM.from_pretrained(work / "hf", **load)
     reference = AutoModelForCausalLM.from_pretrained(work / "hf", **load)
-    config = DPOConfig(
+    if args.objective == "kto":
+        from trl.experimental.kto import KTOConfig, KTOTrainer
+
+        examples = [
+            {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in rows
+            for side in ("chosen", "rejected")
+        ]
+        cols = {k: [e[k] for e in examples] for k in ("prompt", "completion", "label")}
+        return KTOTrainer(
+            model=policy,
+            ref_model=reference,
+            args=KTOConfig(**common, beta=args.beta, max_length=None),
+            train_dataset=Dataset.from_dict(cols),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    from trl import DPOConfig, DPOTrainer
+
+    cols = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+    return DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=DPOConfig(**common, beta=args.beta, max_length=None),
+        train_dataset=Dataset.from_dict(cols),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def run_trl(work: Path, args: argparse.Namespace) -> dict:
+    """Train with TRL's trainer for ``args.objective`` in this process."""
+    from transformers import TrainerCallback
+
+    common = dict(
         output_dir=str(work / "trl_out"),
         per_device_train_batch_size=args.batch,
         max_steps=args.steps,
@@ -158,8 +231,6 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
         lr_scheduler_type="constant",
         weight_decay=0.0,
         max_grad_norm=1.0,
-        beta=args.beta,
-        max_length=None,
         use_cpu=True,
         bf16=False,  # TRL defaults to bf16 (autocast even on CPU)
         logging_steps=1,
@@ -182,14 +253,7 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    trainer = DPOTrainer(
-        model=policy,
-        ref_model=reference,
-        args=config,
-        train_dataset=Dataset.from_dict(cols),
-        processing_class=AutoTokenizer.from_pretrained(work / "native" / "hf"),
-        callbacks=[_Losses()],
-    )
+    trainer = _trl_trainer(work, args, common, [_Losses()])
     setup_rss = _maxrss_bytes()
     t0 = time.perf_counter()
     trainer.train()
@@ -209,6 +273,7 @@ def child(side: str, work: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--objective", choices=sorted(OBJECTIVES), default="dpo")
     p.add_argument("--work", type=Path, default=Path("/tmp/dpo_vs_trl"))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=4, help="pairs per step (one micro-batch)")
@@ -237,7 +302,8 @@ def main() -> None:
         results[side] = json.loads(lines[-1].removeprefix("RESULT "))
     print(
         f"tiny Llama h={args.hidden} L={args.layers} heads={args.heads}, vocab 512; "
-        f"{info['pairs']} pairs, {info['tokens']:.0f} tokens in all; {args.steps} steps x {args.batch} pairs; "
+        f"{info['pairs']} pairs, {info['tokens']:.0f} tokens in all; {args.objective}: {args.steps} steps x {args.batch} "
+        f"{'examples' if args.objective == 'kto' else 'pairs'}; "
         f"lr {args.lr}, beta {args.beta}; fp32 CPU, {args.threads} threads per side"
     )
     print(
