@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from megatron.objectives.logprobs import sequence_log_probs
@@ -108,6 +109,33 @@ class KTO(Objective):
         """KL sequences only for ``kto``; their own sub-batch except under pipeline parallelism
         (whose engine forwards one batch per micro-batch: they follow the examples there)."""
         return {"with_kl": self.uses_kl, "separate_kl": self.uses_kl and not pipeline}
+
+    def data_warnings(self, dataset: Any, max_rows: int = 200_000) -> list[str]:
+        """The KTO paper's (Sec. 4.2) balance rule, as TRL 1.16 checks it: ``desirable_weight *
+        n_D / (undesirable_weight * n_U)`` should lie in ``[1, 4/3]``.
+
+        Labels are counted over the whole dataset, or a seeded random sample of ``max_rows``.
+        """
+        n = len(dataset)
+        sampled = n > max_rows
+        rows = np.random.default_rng(0).choice(n, max_rows, replace=False) if sampled else range(n)
+        labels = [bool(dataset[int(i)]["label"]) for i in rows]
+        n_d = sum(labels)
+        n_u = len(labels) - n_d
+        cfg = self.config
+        if n_d == 0 or n_u == 0:
+            kind = "desirable" if n_d == 0 else "undesirable"
+            return [f"objective.kto: the training data has no {kind} examples"]
+        ratio = cfg.desirable_weight * n_d / (cfg.undesirable_weight * n_u)
+        if 1.0 <= ratio <= 4 / 3:
+            return []
+        d_lo, d_hi = cfg.undesirable_weight * n_u / n_d, 4 / 3 * cfg.undesirable_weight * n_u / n_d
+        return [
+            f"objective.desirable_weight * desirable / (undesirable_weight * undesirable) = "
+            f"{cfg.desirable_weight} * {n_d} / ({cfg.undesirable_weight} * {n_u}) = {ratio:.3f}"
+            f"{' (sampled)' if sampled else ''}; the KTO paper recommends [1, 4/3]: e.g. "
+            f"desirable_weight in [{d_lo:.3g}, {d_hi:.3g}]"
+        ]
 
     def reference_cache_params(self) -> dict[str, Any]:
         """The KL sequences are part of what is cached."""

@@ -26,6 +26,8 @@ Optional parts of the contract:
   forwards *without gradient* through the policy (``policy[key]`` = the model's output dict) and
   the reference model (``reference_log_probs(token_logps, batch, side={key: output})``); KTO's
   KL sequences. Ignored where the batch has no such key.
+* ``data_warnings(dataset) -> list[str]``: advice about the training data, logged at start-up
+  (KTO's desirable/undesirable balance).
 * ``dp_means(policy, reference, batch) -> {name: (sum, count)}``: batch statistics the loss
   needs averaged over the data-parallel group (KTO's KL reference point). :func:`evaluate`
   all-reduces the sums and counts and hands the means to ``loss`` as ``batch["dp_means"]``; a
@@ -85,6 +87,10 @@ class Objective:
     def collate_options(self, pipeline: bool = False) -> dict[str, Any]:
         """Keyword arguments of the :class:`~megatron.data.collators.Collator` this objective needs."""
         return {}
+
+    def data_warnings(self, dataset: Any) -> list[str]:
+        """Advice about the training data (logged as warnings when the run starts)."""
+        return []
 
     def dp_means(self, policy: Any, reference: Any, batch: Any) -> dict[str, tuple[Any, Any]]:
         """``{name: (sum, count)}`` (0-d tensors) to average over the data-parallel group."""

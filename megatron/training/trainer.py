@@ -7,6 +7,7 @@ registered objective's batch kind, resumes from ``checkpoint.load`` when given, 
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -76,6 +77,9 @@ class Trainer:
             self.objective.collate_options(pipeline=self.state.pp_size > 1),
         )
         self.sampler = self._sampler(len(self.train_data), shuffle=True)
+        if global_rank() == 0:
+            for warning in self.objective.data_warnings(self.train_data):
+                log_rank0("%s", warning, level=logging.WARNING)
         self.metrics = MetricsLogger(
             cfg.logging.dir or cfg.checkpoint.save or "runs/default",
             enabled=global_rank() == 0,

@@ -286,6 +286,17 @@ def test_kl_sub_batch_equals_appended_kl_sequences(layout):
         objective.loss({"token_logps": ex_logps}, ref, ex_batch)
 
 
+def test_data_warnings_follow_the_papers_balance_rule():
+    """desirable_weight * n_D / (undesirable_weight * n_U) in [1, 4/3] (KTO paper Sec. 4.2)."""
+    data = [{"label": i < 6} for i in range(10)]  # 6 desirable, 4 undesirable: ratio 1.5
+    assert KTO(KTOConfig(undesirable_weight=1.2)).data_warnings(data) == []  # 6 / 4.8 = 1.25
+    (warning,) = KTO(KTOConfig()).data_warnings(data)
+    assert "= 1.500" in warning and "recommends [1, 4/3]" in warning
+    assert "desirable_weight in [0.667, 0.889]" in warning
+    assert "(sampled)" in KTO(KTOConfig()).data_warnings(data * 10, max_rows=20)[0]
+    assert "no undesirable examples" in KTO(KTOConfig()).data_warnings(data[:6])[0]
+
+
 # ----------------------------------------------------------------------------- real model
 # The KL estimate of a real forward: a tiny policy and a differently seeded reference, unpaired
 # samples whose ``kl_completion`` is another example's completion (UnpairedDataset's cycle rule),
