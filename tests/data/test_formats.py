@@ -86,6 +86,67 @@ def test_input_kinds_give_identical_datasets(tmp_path, tiny_tokenizer_dir, chatm
     assert set(outputs["jsonl"]) >= {".prompt.bin", ".chosen.idx", ".rejected.bin", ".margin.npy"}
 
 
+def _string_rows(fmt: str, n: int = 8) -> list[dict]:
+    """Plain-string rows of a format (CSV holds no lists)."""
+    words = ["river", "model", "stone", "light", "cloud", "field", "glass", "paper"]
+    rows = []
+    for i in range(n):
+        prompt = f"Tell me about the {words[i % 8]} number {i}."
+        answer = f" The {words[(i + 3) % 8]} is {i * 7} units."
+        row = {
+            "sft": {"prompt": prompt, "completion": answer},
+            "unpaired": {"prompt": prompt, "completion": answer, "label": i % 3 != 0},
+            "prompt": {"prompt": prompt},
+        }[fmt]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["sft", "unpaired", "prompt"])
+def test_every_input_kind_gives_the_same_dataset(fmt, tmp_path, tiny_tokenizer_dir, tokenizer):
+    """JSONL, JSON, parquet, CSV and a save_to_disk directory of the same rows preprocess to
+    byte-identical files, for each post-training format (pairwise: the test above)."""
+    import datasets
+
+    rows = _string_rows(fmt)
+    srcs = {"jsonl": write_jsonl(tmp_path / "r.jsonl", rows)}
+    (tmp_path / "r.json").write_text(json.dumps(rows, indent=1))
+    srcs["json"] = tmp_path / "r.json"
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "r.parquet"))
+    ds.to_csv(str(tmp_path / "r.csv"), index=False)
+    ds.save_to_disk(str(tmp_path / "disk"))
+    srcs |= {
+        "parquet": tmp_path / "r.parquet",
+        "csv": tmp_path / "r.csv",
+        "disk": tmp_path / "disk",
+    }
+    options = PreprocessOptions(data_format=fmt, chat_template="none")
+    outputs = {}
+    for name, src in srcs.items():
+        preprocess([src], tmp_path / name, tiny_tokenizer_dir, options)
+        outputs[name] = _files(tmp_path / name)
+        assert read_meta(tmp_path / name)["num_documents"] == len(rows), name
+    assert all(out == outputs["jsonl"] for out in outputs.values()), {
+        k: sorted(v) for k, v in outputs.items()
+    }
+    # and the stored tokens decode back to the rows (plain strings: EOS ends each completion)
+    prefix = tmp_path / "jsonl"
+    if fmt == "sft":
+        tokens, mask = IndexedDataset(f"{prefix}.tokens"), IndexedDataset(f"{prefix}.loss_mask")
+        for i, row in enumerate(rows):
+            t, m = np.asarray(tokens[i]), np.asarray(mask[i]).astype(bool)
+            assert tokenizer.decode(t) == row["prompt"] + row["completion"] + EOS
+            assert tokenizer.decode(t[m]) == row["completion"] + EOS
+    elif fmt == "unpaired":
+        assert _rows(prefix, "prompt", tokenizer) == [r["prompt"] for r in rows]
+        assert _rows(prefix, "completion", tokenizer) == [r["completion"] + EOS for r in rows]
+        labels = np.load(f"{prefix}.label.npy")
+        assert labels.tolist() == [r["label"] for r in rows]
+    else:
+        assert _rows(prefix, "prompt", tokenizer) == [r["prompt"] for r in rows]
+
+
 def test_standard_and_implicit_prompts_csv(tmp_path, tiny_tokenizer_dir, tokenizer, chatml):
     import datasets
 
