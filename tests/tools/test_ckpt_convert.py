@@ -10,11 +10,9 @@ lives in ``test_ckpt_trainer.py``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -29,21 +27,9 @@ from megatron.model.gpt import GPTModel
 from megatron.model.hf_mapping import hf_to_native_state_dict, native_shapes, pipeline_layer_of
 from megatron.parallel.state import ParallelState
 from tests.model.hf_models import CASES, HFModel, hf_config, load_hf_tensors, save_random_model
+from tests.tools.helpers import checkpoint_config, load_tool
 
-REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-4
-
-
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "ckpts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _config(ckpt: Path) -> dict:
-    tag = (ckpt / "latest").read_text().strip()
-    return yaml.safe_load((ckpt / tag / "config.yml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +59,9 @@ def _converted(hf_dir: Path, out: Path) -> Path:
 @pytest.mark.parametrize("case", CASES)
 def test_hf_to_native_to_hf_is_exact(case, models, converted, tmp_path):
     ref, ckpt = models[case], converted[case]
-    out = convert_native_to_hf(ckpt, tmp_path / "hf", config=_config(ckpt), extras_dir=ckpt / "hf")
+    out = convert_native_to_hf(
+        ckpt, tmp_path / "hf", config=checkpoint_config(ckpt), extras_dir=ckpt / "hf"
+    )
     back = load_hf_tensors(out)
     expected = dict(ref.state_dict)
     if ref.config.tie_word_embeddings:
@@ -102,7 +90,7 @@ def test_tokenizer_and_sharded_index_survive(models, converted, tmp_path):
         "tokenizer.json",
         "tokenizer_config.json",
     ]
-    tool = _tool("convert_native_to_hf")  # default template: CKPT/hf
+    tool = load_tool("tools/ckpts/convert_native_to_hf.py")  # default template: CKPT/hf
     assert tool.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--no-progress",
                       "--max-shard-size", "0.00005"]) == 0  # fmt: skip
     out = tmp_path / "hf"
@@ -147,7 +135,7 @@ def test_converted_checkpoint_runs_at_parity(case, models, converted, tmp_path):
 def test_reshard_equals_direct_conversion(models, converted, tmp_path):
     """TP=2 -> 4 and -> 1 give exactly the shards a direct conversion at that TP gives."""
     ref, ckpt = models["mistral_window"], converted["mistral_window"]
-    tool = _tool("reshard")
+    tool = load_tool("tools/ckpts/reshard.py")
     for tp in (4, 1):
         out = tmp_path / f"tp{tp}"
         assert (
@@ -161,7 +149,7 @@ def test_reshard_equals_direct_conversion(models, converted, tmp_path):
             direct = hf_to_native_state_dict(ref.state_dict, args, tp, rank)
             assert sd.keys() == direct.keys()
             assert all(torch.equal(sd[k], direct[k]) for k in direct)
-        assert _config(out)["model"]["padded_vocab_size"] == args.padded_vocab_size
+        assert checkpoint_config(out)["model"]["padded_vocab_size"] == args.padded_vocab_size
     assert (tmp_path / "tp1" / "hf" / "config.json").is_file()
 
 
@@ -180,19 +168,21 @@ def test_pipeline_layout_round_trips(case, models, converted, tmp_path):
     names |= {f"mp_rank_{k:02d}_model_states.pt" for k in range(4)}
     assert {p.name for p in tag.glob("*.pt")} == names
     assert torch.load(tag / "mp_rank_03_model_states.pt", weights_only=False)["module"] is None
-    assert _config(pp)["parallel"] == {"tensor": 2, "pipeline": 2}
+    assert checkpoint_config(pp)["parallel"] == {"tensor": 2, "pipeline": 2}
     direct = read_model_shards(converted[case] / "iter_0000000")
     shards = read_model_shards(tag)
     assert len(shards) == 2
     for sd, want in zip(shards, direct, strict=True):
         assert sd.keys() == want.keys()
         assert all(torch.equal(sd[k], want[k]) for k in want)
-    out = convert_native_to_hf(pp, tmp_path / "hf", config=_config(pp), extras_dir=pp / "hf")
+    out = convert_native_to_hf(
+        pp, tmp_path / "hf", config=checkpoint_config(pp), extras_dir=pp / "hf"
+    )
     back = load_hf_tensors(out)
     expected = {k: t for k, t in ref.state_dict.items() if k in back}
     assert len(expected) == len(back) == len(ref.state_dict) - ref.config.tie_word_embeddings
     assert all(torch.equal(back[k], t) for k, t in expected.items())
-    tool = _tool("reshard")
+    tool = load_tool("tools/ckpts/reshard.py")
     flat = tmp_path / "tp1pp1"
     assert tool.main(["--ckpt", str(pp), "--out", str(flat), "--tp", "1", "--no-progress"]) == 0
     args = model_config_from_hf(ref.config, tp_size=1)
@@ -217,7 +207,7 @@ def test_dtype_bf16_and_bin_input(models, tmp_path):
     legacy.mkdir()
     shutil.copy(ref.dir / "config.json", legacy / "config.json")
     torch.save(ref.state_dict, legacy / "pytorch_model.bin")
-    tool = _tool("convert_hf_to_native")
+    tool = load_tool("tools/ckpts/convert_hf_to_native.py")
     assert (
         tool.main(
             [
@@ -238,7 +228,9 @@ def test_dtype_bf16_and_bin_input(models, tmp_path):
     assert all(
         sd[k].dtype == torch.bfloat16 and torch.equal(sd[k], direct[k].bfloat16()) for k in direct
     )
-    out = convert_native_to_hf(tmp_path / "n", tmp_path / "hf", config=_config(tmp_path / "n"))
+    out = convert_native_to_hf(
+        tmp_path / "n", tmp_path / "hf", config=checkpoint_config(tmp_path / "n")
+    )
     back = load_hf_tensors(out)
     assert all(back[k].dtype == torch.bfloat16 for k in back)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -339,7 +331,7 @@ def test_bad_hf_input_errors(models, tmp_path, tiny_tokenizer_dir):
 
 def test_bad_native_input_errors(converted, tmp_path):
     ckpt = converted["qwen2_tied"]
-    config = _config(ckpt)
+    config = checkpoint_config(ckpt)
     lost = shutil.copytree(ckpt, tmp_path / "lost")
     (lost / "iter_0000000" / "mp_rank_01_model_states.pt").unlink()
     wrong = dict(config, model=dict(config["model"], ffn_hidden_size=128))
@@ -362,7 +354,7 @@ def test_bad_native_input_errors(converted, tmp_path):
 
 
 def test_cli_reports_errors(tmp_path, capsys):
-    tool = _tool("convert_hf_to_native")
+    tool = load_tool("tools/ckpts/convert_hf_to_native.py")
     assert tool.main(["--hf-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "config.json is missing" in err

@@ -12,13 +12,11 @@ file:line of a bad row.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -32,8 +30,8 @@ from megatron.model.gpt import GPTModel
 from megatron.parallel.state import ParallelState
 from tests.dist_pool import DistPool
 from tests.model.hf_models import hf_config, load_hf_tensors, save_random_classifier
+from tests.tools.helpers import checkpoint_config, load_tool
 
-REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 PAD = 1  # the tiny tokenizer's <|pad|>; never drawn in the test sequences
 LENGTHS = (13, 9, 5)
@@ -42,18 +40,6 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def _tool(path: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _config(ckpt: Path) -> dict:
-    tag = (ckpt / "latest").read_text().strip()
-    return yaml.safe_load((ckpt / tag / "config.yml").read_text())
 
 
 def _batch(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +74,7 @@ def rms(tmp_path_factory) -> dict[str, dict]:
 
 
 def _native_scores(ckpt: Path, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    args, _ = model_args_from_section(_config(ckpt)["model"], 1)
+    args, _ = model_args_from_section(checkpoint_config(ckpt)["model"], 1)
     model = GPTModel(args, ParallelState.single()).eval()
     model.load_state_dict(load_tp_shard(ckpt / "iter_0000000", args, 1, 0), strict=True)
     with torch.no_grad():
@@ -101,7 +87,7 @@ def _native_scores(ckpt: Path, tokens: torch.Tensor, lengths: torch.Tensor) -> t
 def test_hf_to_native_scores_match_hf(arch, tp, rms):
     rm = rms[arch]
     ckpt = rm["native"][tp]
-    section = _config(ckpt)["model"]
+    section = checkpoint_config(ckpt)["model"]
     assert section["head"] == "value"
     assert yaml.safe_load((ckpt / "model.yml").read_text())["model"]["head"] == "value"
     shards = read_model_shards(ckpt / "iter_0000000")
@@ -119,7 +105,9 @@ def test_hf_to_native_scores_match_hf(arch, tp, rms):
 def test_native_to_hf_round_trip_is_exact(arch, rms, tmp_path):
     rm = rms[arch]
     ckpt = rm["native"][2]
-    out = convert_native_to_hf(ckpt, tmp_path / "hf", config=_config(ckpt), extras_dir=ckpt / "hf")
+    out = convert_native_to_hf(
+        ckpt, tmp_path / "hf", config=checkpoint_config(ckpt), extras_dir=ckpt / "hf"
+    )
     back = load_hf_tensors(out)
     assert back.keys() == rm["sd"].keys() and "lm_head.weight" not in back
     assert all(torch.equal(back[k], t) for k, t in rm["sd"].items())
@@ -149,7 +137,7 @@ def _tp2_scores(rank: int, world: int, items: list) -> dict[str, float]:
     state = ParallelState.build(world)
     diffs = {}
     for arch, ckpt, tokens, lengths, expected in items:
-        args, _ = model_args_from_section(_config(Path(ckpt))["model"], world)
+        args, _ = model_args_from_section(checkpoint_config(Path(ckpt))["model"], world)
         model = GPTModel(args, state).eval()
         sd = load_tp_shard(Path(ckpt) / "iter_0000000", args, world, state.tp_rank)
         model.load_state_dict(sd, strict=True)
@@ -186,7 +174,9 @@ def test_reward_conversion_errors(rms, tmp_path):
         convert_hf_to_native(three, tmp_path / "o1")
     ckpt = rms["mistral"]["native"][1]
     with pytest.raises(ConversionError, match=r"--pad-token-id: pad token id 300 is not in"):
-        convert_native_to_hf(ckpt, tmp_path / "o3", config=_config(ckpt), pad_token_id=300)
+        convert_native_to_hf(
+            ckpt, tmp_path / "o3", config=checkpoint_config(ckpt), pad_token_id=300
+        )
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 3))
 
 
@@ -209,7 +199,7 @@ def test_pipeline_layout_holds_the_value_head(arch, rms, tmp_path):
         )
         assert sorted(piped) == sorted(flat) and "value_head.weight" in piped
         assert all(torch.equal(piped[k], flat[k]) for k in flat)
-    convert_native_to_hf(out, tmp_path / "hf", config=_config(out))
+    convert_native_to_hf(out, tmp_path / "hf", config=checkpoint_config(out))
     back = load_file_weights(tmp_path / "hf")
     assert torch.equal(back["score.weight"], rms[arch]["sd"]["score.weight"])
 
@@ -264,7 +254,7 @@ def scored(rms, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
         shutil.copy(tiny_tokenizer_dir / name, hf / name)
     native = root / "native"
     convert_hf_to_native(hf, native, tp_size=2)
-    export = convert_native_to_hf(native, root / "export", config=_config(native),
+    export = convert_native_to_hf(native, root / "export", config=checkpoint_config(native),
                                   extras_dir=native / "hf")  # fmt: skip
     template = root / "chatml.jinja"
     template.write_text(CHATML)
@@ -275,7 +265,7 @@ def scored(rms, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
 
 def _score(model: Path, data: Path, out: Path, *extra: str) -> int:
     argv = ["--model", str(model), "--input", str(data), "--output", str(out), *extra]
-    return _tool("tools/score.py").main(argv)
+    return load_tool("tools/score.py").main(argv)
 
 
 def test_score_native_equals_export(scored, tmp_path):

@@ -74,3 +74,23 @@ def read_losses(metrics_file: Path) -> dict[int, float]:
         if rec["split"] == "train":
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def precompute_in_pool(rank, world, cfg_path, overrides):
+    """DistPool job: ``precompute_reference`` of the run; returns the cache path."""
+    from megatron.config import load_config
+    from megatron.training.reference import precompute_reference
+
+    return str(precompute_reference(load_config([cfg_path], overrides, world)))
+
+
+def start_error_in_pool(rank, world, cfg_path, overrides):
+    """DistPool job: the trainer's set-up only; returns the error text, if any."""
+    from megatron.config import load_config
+    from megatron.training.trainer import Trainer
+
+    try:
+        Trainer(load_config([cfg_path], overrides, world))
+    except Exception as e:  # noqa: BLE001 - the test inspects the message
+        return f"{type(e).__name__}: {e}"
+    return None

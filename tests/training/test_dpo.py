@@ -14,7 +14,7 @@ import pytest
 from megatron.data.preprocess import PreprocessOptions, preprocess
 from tests.data.conftest import CHATML, conversational_pairs, write_jsonl
 from tests.dist_pool import DistPool
-from tests.training.helpers import write_config
+from tests.training.helpers import precompute_in_pool, start_error_in_pool, write_config
 
 RTOL = 1e-5
 
@@ -27,25 +27,6 @@ def _train(rank, world, cfg_path, overrides):
     return [
         {k: v for k, v in h.items() if k.startswith(("loss", "rewards", "logps"))} for h in history
     ]
-
-
-def _precompute(rank, world, cfg_path, overrides):
-    from megatron.config import load_config
-    from megatron.training.reference import precompute_reference
-
-    return str(precompute_reference(load_config([cfg_path], overrides, world)))
-
-
-def _start(rank, world, cfg_path, overrides):
-    """Set-up only: returns the error text, if any."""
-    from megatron.config import load_config
-    from megatron.training.trainer import Trainer
-
-    try:
-        Trainer(load_config([cfg_path], overrides, world))
-    except Exception as e:  # noqa: BLE001 - the test inspects the message
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +100,18 @@ def test_cache_equals_coresident_reference_and_mismatch_is_refused(env):
     model_path = pools[1].run(_train, cfg, [])[0]
     cache = tmp / "ref_cache"
     # computed on another grid (TP=2) than the one it is used on (TP=1)
-    pools[2].run(_precompute, cfg, ["parallel.tensor=2", f"reference.cache={cache}"])
+    pools[2].run(precompute_in_pool, cfg, ["parallel.tensor=2", f"reference.cache={cache}"])
     cached = pools[1].run(_train, cfg, [f"reference.cache={cache}"])[0]
     for a, b in zip(cached, model_path, strict=True):
         for k in b:
             assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-6), k
     # the same cache for another reference (other seed -> other initial weights) is refused
-    err = pools[1].run(_start, cfg, [f"reference.cache={cache}", "training.seed=4"])[0]
+    err = pools[1].run(start_error_in_pool, cfg, [f"reference.cache={cache}", "training.seed=4"])[0]
     assert err and "was computed for different weights" in err
     # ... and for another reduction of the token log-probs (LD-DPO)
-    err = pools[1].run(_start, cfg, [f"reference.cache={cache}", "objective.ld_alpha=0.5"])[0]
+    err = pools[1].run(
+        start_error_in_pool, cfg, [f"reference.cache={cache}", "objective.ld_alpha=0.5"]
+    )[0]
     assert err and "different objective" in err
 
 
@@ -163,7 +146,7 @@ def test_same_losses_across_grids(env, grid):
 def test_pipeline_with_cache(env):
     tmp, cfg, pools = env
     cache = tmp / "ref_cache_pp"
-    pools[1].run(_precompute, cfg, [f"reference.cache={cache}"])
+    pools[1].run(precompute_in_pool, cfg, [f"reference.cache={cache}"])
     ref = pools[1].run(_train, cfg, [])[0]
     for rank_hist in pools[2].run(_train, cfg, ["parallel.pipeline=2", f"reference.cache={cache}"]):
         assert [h["loss"] for h in rank_hist] == pytest.approx([h["loss"] for h in ref], rel=RTOL)

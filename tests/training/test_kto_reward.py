@@ -17,7 +17,7 @@ import pytest
 from megatron.data.preprocess import PreprocessOptions, preprocess
 from tests.data.conftest import CHATML, conversational_pairs, write_jsonl
 from tests.dist_pool import DistPool
-from tests.training.helpers import write_config
+from tests.training.helpers import precompute_in_pool, start_error_in_pool, write_config
 
 RTOL = 1e-5
 KEYS = ("loss", "kl", "rewards", "logps", "count", "accuracy", "margin", "mean_reward")
@@ -34,25 +34,6 @@ def _train(rank, world, cfg_path, overrides):
     history = trainer.train()
     out = [{k: v for k, v in h.items() if k.startswith(KEYS)} for h in history]
     return [*out, {"valid": evals[-1] if evals else {}}]
-
-
-def _precompute(rank, world, cfg_path, overrides):
-    from megatron.config import load_config
-    from megatron.training.reference import precompute_reference
-
-    return str(precompute_reference(load_config([cfg_path], overrides, world)))
-
-
-def _start(rank, world, cfg_path, overrides):
-    """Set-up only: returns the error text, if any."""
-    from megatron.config import load_config
-    from megatron.training.trainer import Trainer
-
-    try:
-        Trainer(load_config([cfg_path], overrides, world))
-    except Exception as e:  # noqa: BLE001 - the test inspects the message
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 MODEL = {
@@ -145,14 +126,16 @@ def test_kto_cache_equals_coresident_reference(env):
     tmp, cfgs, pools = env
     model_path = pools[1].run(_train, cfgs["kto"], [])[0]
     cache = tmp / "kto_cache"
-    pools[2].run(_precompute, cfgs["kto"], ["parallel.tensor=2", f"reference.cache={cache}"])
+    pools[2].run(precompute_in_pool, cfgs["kto"], ["parallel.tensor=2", f"reference.cache={cache}"])
     cached = pools[1].run(_train, cfgs["kto"], [f"reference.cache={cache}"])[0]
     for a, b in zip(cached[:-1], model_path[:-1], strict=True):
         for k in b:
             assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-5), k  # sums of ~100 logps
     # a cache written with KL sequences is refused by a run without them
     err = pools[1].run(
-        _start, cfgs["kto"], [f"reference.cache={cache}", "objective.loss_type=apo_zero_unpaired"]
+        start_error_in_pool,
+        cfgs["kto"],
+        [f"reference.cache={cache}", "objective.loss_type=apo_zero_unpaired"],
     )[0]
     assert err and "different objective" in err
 
@@ -173,7 +156,7 @@ def test_kto_same_losses_across_grids(env, grid):
 def test_kto_pipeline_with_cache(env):
     tmp, cfgs, pools = env
     cache = tmp / "kto_cache_pp"
-    pools[1].run(_precompute, cfgs["kto"], [f"reference.cache={cache}"])
+    pools[1].run(precompute_in_pool, cfgs["kto"], [f"reference.cache={cache}"])
     ref = pools[1].run(_train, cfgs["kto"], [])[0][:-1]
     ov = ["parallel.pipeline=2", f"reference.cache={cache}"]
     for rank_hist in pools[2].run(_train, cfgs["kto"], ov):
@@ -243,7 +226,9 @@ def test_reward_model_starts_from_an_lm_checkpoint(env):
     # a reward-model checkpoint cannot start an lm-head run
     rm = tmp / "rm_ckpt"
     pools[1].run(_train, cfgs["reward"], ["training.train_iters=1", f"checkpoint.save={rm}"])
-    err = pools[1].run(_start, cfgs["sft"], [f"checkpoint.load={rm}", "checkpoint.finetune=true"])
+    err = pools[1].run(
+        start_error_in_pool, cfgs["sft"], [f"checkpoint.load={rm}", "checkpoint.finetune=true"]
+    )
     assert err[0] and "is a reward model" in err[0]
 
 
