@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 
 from megatron.config import ConfigError, load_config, split_config_args
+from megatron.training.distributed import LaunchEnvError, discover
 from megatron.utils import setup_logging
 
 FAULT_ENV = "MEGATRON_FAULT_HANG_AFTER_STEP"
@@ -36,15 +38,26 @@ def _hang_after(step_to_hang: int):
 
 def main(argv: list[str]) -> int:
     setup_logging()
+    # why: DeepSpeed 0.19's ZeRO calls torch's renamed collective once per rank and run; the
+    # FutureWarning is about DeepSpeed's code, not the user's, and floods every rank's output.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        category=FutureWarning,
+    )
     files, overrides = split_config_args(argv)
     if not files:
         print(__doc__, file=sys.stderr)
         return 2
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = load_config(files, overrides, world_size=world)
+        launch = discover(os.environ)  # fails fast on e.g. a bare multi-task srun / mpirun
+    except LaunchEnvError as e:
+        print(f"cannot start:\n  {e}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(files, overrides, world_size=launch.world_size)
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if launch.rank == 0:
             print(f"config error:\n{e}", file=sys.stderr)
         return 2
     from megatron.training.preflight import preflight
@@ -52,7 +65,7 @@ def main(argv: list[str]) -> int:
 
     problems = preflight(cfg)
     if problems:
-        if os.environ.get("RANK", "0") == "0":
+        if launch.rank == 0:
             print("cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
         return 2
 

@@ -38,13 +38,19 @@ from typing import Any
 import torch
 
 from megatron.ckpt import ConversionError
+from megatron.ckpt.hf_config import is_sequence_classifier, model_config_from_section
+from megatron.ckpt.layout import resolve_checkpoint
+from megatron.ckpt.native import load_tp_shard, read_checkpoint_config
 from megatron.data.formats import EncodeContext
 from megatron.data.formats.base import fit_prompt, keys_hint
 from megatron.data.formats.boundaries import split_prompt_completions
 from megatron.data.formats.chat import check_messages
 from megatron.data.formats.unpaired import read_example
 from megatron.data.indexed import DatasetError
+from megatron.data.options import PreprocessOptions
 from megatron.data.sources import RowError
+from megatron.model import GPTModel
+from megatron.parallel import ParallelState
 from megatron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,8 +79,6 @@ class RowEncoder:
         max_length: int | None = None,
         truncate: bool = False,
     ) -> None:
-        from megatron.data.preprocess import PreprocessOptions
-
         self.options = PreprocessOptions(
             data_format="pairwise",
             chat_template=chat_template,
@@ -146,16 +150,10 @@ class NativeRewardModel:
     """
 
     def __init__(self, ckpt: str | Path, device: str = "cpu", dtype: str = "fp32") -> None:
-        from megatron.ckpt.native import load_tp_shard, read_checkpoint_config
-        from megatron.model import GPTModel
-        from megatron.model.convert_config import model_args_from_section
-        from megatron.parallel import ParallelState
-        from megatron.training.checkpointing import resolve_checkpoint
-
         try:
             root, self.config = read_checkpoint_config(ckpt)
             tag_dir = root / resolve_checkpoint(ckpt)[1]
-            args, _ = model_args_from_section(self.config.get("model") or {}, 1)
+            args = model_config_from_section(self.config.get("model") or {}, 1)
         except (ConversionError, ValueError) as e:
             raise ScoreError(f"{ckpt}: {e}") from e
         if args.head != "value":
@@ -204,8 +202,6 @@ class HFRewardModel:
 
     def __init__(self, hf_dir: str | Path, device: str = "cpu", dtype: str = "fp32") -> None:
         from transformers import AutoConfig, AutoModelForSequenceClassification
-
-        from megatron.model.convert_config import is_sequence_classifier
 
         self.dir = Path(hf_dir)
         try:

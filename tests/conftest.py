@@ -1,11 +1,46 @@
-"""Shared fixtures: a fixed English corpus and a tiny byte-level BPE tokenizer built from it."""
+"""Shared fixtures (a fixed English corpus, a tiny byte-level BPE tokenizer built from it) and the
+``gpu`` marker's skip."""
 
 from __future__ import annotations
 
+import importlib
 import random
 from pathlib import Path
 
 import pytest
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.gpu(needs=[...])`` tests without CUDA or one of the named packages.
+
+    The reason names what the test needs and what is missing, e.g. "needs CUDA and flash-attn
+    (missing: CUDA, flash-attn)"; a package ``a-b`` is imported as ``a_b``.
+    """
+    marked = [(item, item.get_closest_marker("gpu")) for item in items]
+    marked = [(item, mark) for item, mark in marked if mark is not None]
+    if not marked:
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for item, mark in marked:
+        packages = list(mark.kwargs.get("needs", ()))
+        missing = ([] if cuda else ["CUDA"]) + [
+            p for p in packages if not _importable(p.replace("-", "_"))
+        ]
+        if missing:
+            needs = " and ".join(["CUDA", *packages])
+            reason = f"needs {needs} (missing: {', '.join(missing)})"
+            item.add_marker(pytest.mark.skip(reason=reason))
+
 
 _SUBJECTS = [
     "the model", "a small cat", "our team", "the river", "every student", "the old engine",

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron.config import ConfigError, load_config, split_config_args  # noqa: E402
+from megatron.training.distributed import LaunchEnvError, discover  # noqa: E402
 from megatron.utils import setup_logging  # noqa: E402
 
 
@@ -30,7 +31,11 @@ def main(argv: list[str]) -> int:
     if not files:
         print(__doc__, file=sys.stderr)
         return 2
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world = discover(os.environ).world_size
+    except LaunchEnvError as e:
+        print(f"cannot start:\n  {e}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(files, overrides, world_size=world)
     except ConfigError as e:

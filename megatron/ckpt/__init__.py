@@ -1,5 +1,9 @@
-"""Checkpoint conversion: Hugging Face <-> native checkpoints and tensor-parallel resharding.
+"""Native checkpoints on disk and their conversion: Hugging Face <-> native, TP resharding.
 
+* :mod:`megatron.ckpt.layout`: a checkpoint directory's ``latest`` pointer and ``iter_*`` tags.
+* :mod:`megatron.ckpt.hf_config`: Hugging Face configs <-> :class:`~megatron.config.ModelConfig`
+  and the ``model:`` YAML section.
+* :mod:`megatron.ckpt.hf_mapping`: Hugging Face <-> native weights, TP split / gather / reshard.
 * :mod:`megatron.ckpt.hf_io`: lazy reading of Hugging Face weights (safetensors or ``.bin``,
   single or sharded with an index) and a streaming sharded safetensors writer.
 * :mod:`megatron.ckpt.native`: the native checkpoint's model files, per TP rank, written
@@ -7,8 +11,8 @@
   ``zero_to_fp32``), resharded to another TP size on the fly.
 * :mod:`megatron.ckpt.convert`: the three conversions behind ``tools/ckpts/`` (see its README).
 
-Submodules are imported explicitly; this package imports nothing so that
-:mod:`megatron.training.checkpointing` can use :mod:`megatron.ckpt.native` without a cycle.
+This package sits below :mod:`megatron.training` (whose checkpointing reads and writes through
+it) and above :mod:`megatron.config`; submodules are imported explicitly.
 """
 
 

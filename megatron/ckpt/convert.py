@@ -35,20 +35,7 @@ from typing import Any
 import torch
 
 from megatron.ckpt import ConversionError
-from megatron.ckpt.hf_io import (
-    HFWeights,
-    SafetensorsWriter,
-    check_tokenizer_vocab,
-    copy_hf_extras,
-    read_hf_config,
-)
-from megatron.ckpt.native import (
-    checkpoint_tp_size,
-    read_model_shards,
-    write_layer_states,
-    write_model_states,
-)
-from megatron.model.convert_config import (
+from megatron.ckpt.hf_config import (
     HF_CLASS_NAMES,
     HF_VALUE_CLASS_NAMES,
     NEOX_ACTIVATIONS,
@@ -56,13 +43,19 @@ from megatron.model.convert_config import (
     architecture_mismatches,
     hf_config_kwargs,
     infer_architecture,
-    model_args_from_section,
     model_config_from_hf,
+    model_config_from_section,
     model_section,
-    padded_vocab,
+    with_tp_padding,
 )
-from megatron.model.hf_mapping import (
-    ModelArgs,
+from megatron.ckpt.hf_io import (
+    HFWeights,
+    SafetensorsWriter,
+    check_tokenizer_vocab,
+    copy_hf_extras,
+    read_hf_config,
+)
+from megatron.ckpt.hf_mapping import (
     check_native_shards,
     check_tp,
     iter_hf_from_native,
@@ -70,7 +63,14 @@ from megatron.model.hf_mapping import (
     iter_resharded,
     native_shapes,
 )
-from megatron.training.checkpointing import CheckpointError, resolve_checkpoint, tag_for
+from megatron.ckpt.layout import CheckpointError, resolve_checkpoint, tag_for
+from megatron.ckpt.native import (
+    checkpoint_tp_size,
+    read_model_shards,
+    write_layer_states,
+    write_model_states,
+)
+from megatron.config import ModelConfig
 from megatron.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _check_grid(tp_size: int, pp_size: int) -> None:
         raise ConversionError(f"--pp {pp_size}: must be >= 1")
 
 
-def _check_pp(args: ModelArgs, pp_size: int) -> None:
+def _check_pp(args: ModelConfig, pp_size: int) -> None:
     if pp_size > args.num_layers:
         raise ConversionError(
             f"--pp {pp_size}: a pipeline stage needs at least one of the model's "
@@ -129,11 +129,10 @@ def _yaml(data: Any, header: str) -> str:
 def _write_native(
     out: Path,
     items: Iterable[tuple[str, list[torch.Tensor]]],
-    args: ModelArgs,
+    args: ModelConfig,
     tp_size: int,
     pp_size: int = 1,
     *,
-    divisible_by: int,
     dtype: torch.dtype | None,
     source: dict[str, Any],
     show_progress: bool,
@@ -163,7 +162,7 @@ def _write_native(
         # (PP x TP of them) and, finding module None there, reads the per-layer files.
         for rank in range(pp_size * tp_size):
             write_model_states(tag_dir, rank, pp_size * tp_size, None)
-    section = model_section(args, divisible_by)
+    section = model_section(args)
     resolved = {**section, "kv_channels": args.kv_channels}
     resolved["padded_vocab_size"] = args.padded_vocab_size
     parallel = {"tensor": tp_size, "pipeline": pp_size}
@@ -184,7 +183,9 @@ def _write_native(
     return tag_dir
 
 
-def _hf_model_args(hf_dir: Path, raw: dict[str, Any], tp_size: int, divisible_by: int) -> ModelArgs:
+def _hf_model_config(
+    hf_dir: Path, raw: dict[str, Any], tp_size: int, divisible_by: int
+) -> ModelConfig:
     arch = raw.get("model_type")
     if arch not in SUPPORTED_ARCHITECTURES:
         names = ", ".join(raw.get("architectures") or []) or "no architectures listed"
@@ -196,7 +197,7 @@ def _hf_model_args(hf_dir: Path, raw: dict[str, Any], tp_size: int, divisible_by
 
     try:
         args = model_config_from_hf(AutoConfig.from_pretrained(hf_dir), tp_size, divisible_by)
-        model_section(args, divisible_by)
+        model_section(args)
         check_tp(args, tp_size)
     except ValueError as e:
         raise ConversionError(f"{hf_dir}: {e}") from e
@@ -239,7 +240,7 @@ def convert_hf_to_native(
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     _check_grid(tp_size, pp_size)
     raw = read_hf_config(hf_dir)
-    args = _hf_model_args(hf_dir, raw, tp_size, divisible_by)
+    args = _hf_model_config(hf_dir, raw, tp_size, divisible_by)
     _check_pp(args, pp_size)
     weights = HFWeights(hf_dir)
     check_tokenizer_vocab(hf_dir, args.vocab_size)
@@ -261,7 +262,6 @@ def convert_hf_to_native(
         args,
         tp_size,
         pp_size,
-        divisible_by=divisible_by,
         dtype=DTYPES[dtype] if dtype else None,
         source=source,
         show_progress=show_progress,
@@ -270,8 +270,8 @@ def convert_hf_to_native(
     return tag_dir
 
 
-def _checkpoint(ckpt: str | Path, config: Mapping[str, Any]) -> tuple[Path, ModelArgs, int]:
-    """``(tag dir, model args at the checkpoint's TP, make_vocab_size_divisible_by)``."""
+def _checkpoint(ckpt: str | Path, config: Mapping[str, Any]) -> tuple[Path, ModelConfig]:
+    """``(tag dir, model config padded for the checkpoint's TP)``."""
     try:
         root, tag = resolve_checkpoint(ckpt)
     except CheckpointError as e:
@@ -281,13 +281,13 @@ def _checkpoint(ckpt: str | Path, config: Mapping[str, Any]) -> tuple[Path, Mode
         raise ConversionError(f"{tag_dir / 'config.yml'}: has no 'model' section")
     tp = checkpoint_tp_size(tag_dir)
     try:
-        args, divisible_by = model_args_from_section(config["model"], tp)
+        args = model_config_from_section(config["model"], tp)
     except ValueError as e:
         raise ConversionError(f"{tag_dir / 'config.yml'}: {e}") from e
-    return tag_dir, args, divisible_by
+    return tag_dir, args
 
 
-def _read_shards(tag_dir: Path, args: ModelArgs, fp32_master: bool) -> list[dict]:
+def _read_shards(tag_dir: Path, args: ModelConfig, fp32_master: bool) -> list[dict]:
     shards = read_model_shards(tag_dir, fp32_master)
     try:
         check_native_shards(shards, args)
@@ -297,10 +297,9 @@ def _read_shards(tag_dir: Path, args: ModelArgs, fp32_master: bool) -> list[dict
 
 
 def build_hf_config(
-    args: ModelArgs,
+    args: ModelConfig,
     arch: str,
     template: Mapping[str, Any] | None = None,
-    divisible_by: int = 128,
     pad_token_id: int | None = None,
 ) -> Any:
     """A transformers config for ``args`` as ``arch``, keeping a template's other fields.
@@ -313,7 +312,6 @@ def build_hf_config(
         arch: target ``model_type``.
         template: a ``config.json`` (e.g. the source model's) whose non-architectural fields
             (token ids, ...) are kept when its ``model_type`` is ``arch``.
-        divisible_by: vocabulary padding rule, for the round-trip check.
         pad_token_id: a reward model's ``pad_token_id`` (None: none is written).
 
     Raises:
@@ -336,7 +334,7 @@ def build_hf_config(
     cfg = AutoConfig.for_model(arch, **{**base, **kw})
     names = HF_VALUE_CLASS_NAMES if args.head == "value" else HF_CLASS_NAMES
     cfg.architectures = [names[arch]]
-    back = model_config_from_hf(cfg, 1, divisible_by)
+    back = model_config_from_hf(cfg, 1, args.make_vocab_size_divisible_by)
     back = dataclasses.replace(back, padded_vocab_size=args.padded_vocab_size)
     mismatches = architecture_mismatches(back, args)
     if mismatches:
@@ -452,7 +450,7 @@ def convert_native_to_hf(
         out_dir: new (or empty) output directory.
         config: the checkpoint's ``config.yml`` as plain data (its ``model`` section is used).
         arch: target ``model_type``; default the template's, else inferred
-            (:func:`~megatron.model.convert_config.infer_architecture`).
+            (:func:`~megatron.ckpt.hf_config.infer_architecture`).
         extras_dir: a Hugging Face directory (the source model, or a converted checkpoint's
             ``hf/``) whose config fields, generation config and tokenizer are carried over.
         dtype: ``fp32``, ``bf16`` or ``fp16``; None keeps the checkpoint's.
@@ -472,14 +470,14 @@ def convert_native_to_hf(
             that cannot express the model, or a pad id outside the vocabulary.
     """
     out_dir = Path(out_dir)
-    tag_dir, args, divisible_by = _checkpoint(ckpt, config)
+    tag_dir, args = _checkpoint(ckpt, config)
     extras = Path(extras_dir) if extras_dir else None
     template = read_hf_config(extras) if extras and (extras / "config.json").is_file() else None
     arch = arch or (template or {}).get("model_type") or infer_architecture(args)
     pad = None
     if args.head == "value":
         pad = reward_pad_token_id(pad_token_id, extras, template, args.vocab_size)
-    hf_config = build_hf_config(args, arch, template, divisible_by, pad_token_id=pad)
+    hf_config = build_hf_config(args, arch, template, pad_token_id=pad)
     if extras:
         check_tokenizer_vocab(extras, args.vocab_size)
     shards = _read_shards(tag_dir, args, fp32_master)
@@ -532,10 +530,8 @@ def reshard(
     """
     _check_grid(tp_size, pp_size)
     out_dir = Path(out_dir)
-    tag_dir, old, divisible_by = _checkpoint(ckpt, config)
-    new = dataclasses.replace(
-        old, padded_vocab_size=padded_vocab(old.vocab_size, tp_size, divisible_by)
-    )
+    tag_dir, old = _checkpoint(ckpt, config)
+    new = with_tp_padding(old, tp_size)
     try:
         check_tp(new, tp_size)
     except ValueError as e:
@@ -552,7 +548,6 @@ def reshard(
         new,
         tp_size,
         pp_size,
-        divisible_by=divisible_by,
         dtype=None,
         source=source,
         show_progress=show_progress,

@@ -1,6 +1,6 @@
 """Model files of a native checkpoint: written per TP rank, read back from any ZeRO stage.
 
-One tag directory (``DIR/iter_XXXXXXX``, see :mod:`megatron.training.checkpointing`) holds the
+One tag directory (``DIR/iter_XXXXXXX``, see :mod:`megatron.ckpt.layout`) holds the
 model as DeepSpeed wrote it:
 
 * ZeRO 0-2, and checkpoints written by the converters: ``mp_rank_{r:02d}_model_states.pt`` whose
@@ -12,7 +12,7 @@ model as DeepSpeed wrote it:
 * Pipeline runs (DeepSpeed's ``PipelineModule``, and the converters at ``--pp > 1``): one file per
   pipeline layer and TP rank, ``layer_{i:02d}-model_{r:02d}-model_states.pt`` (a plain state dict
   of that layer, keys as in :mod:`megatron.model.pipeline`; see
-  :func:`megatron.model.hf_mapping.pipeline_layer_of`), plus ``mp_rank_{k:02d}_model_states.pt``
+  :func:`megatron.ckpt.hf_mapping.pipeline_layer_of`), plus ``mp_rank_{k:02d}_model_states.pt``
   for each of the PP x TP model ranks whose ``module`` is ``None``. The per-layer files do not
   depend on the PP size, so they are read the same way at any PP.
 
@@ -38,13 +38,16 @@ from typing import Any
 import torch
 
 from megatron.ckpt import ConversionError
-from megatron.model.hf_mapping import (
-    ModelArgs,
+from megatron.ckpt.hf_mapping import (
     check_native_shards,
     iter_resharded,
     native_key_of,
     pipeline_layer_of,
 )
+from megatron.ckpt.layout import CheckpointError, resolve_checkpoint
+from megatron.config import ModelConfig, read_config_file
+from megatron.errors import ConfigError
+from megatron.training.distributed import import_deepspeed
 from megatron.utils import log_rank0
 
 logger = logging.getLogger(__name__)
@@ -116,7 +119,7 @@ def write_model_states(
 
 
 def write_layer_states(
-    tag_dir: str | Path, tp_rank: int, state_dict: Mapping[str, torch.Tensor], args: ModelArgs
+    tag_dir: str | Path, tp_rank: int, state_dict: Mapping[str, torch.Tensor], args: ModelConfig
 ) -> list[Path]:
     """Write one TP rank's weights as DeepSpeed's per-layer pipeline files.
 
@@ -225,9 +228,7 @@ def checkpoint_tp_size(tag_dir: str | Path) -> int:
 
 def _zero_fp32(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     """fp32 weights of one TP rank from its ZeRO partitions, by DeepSpeed's ``zero_to_fp32``."""
-    from megatron.training.distributed import import_deepspeed
-
-    import_deepspeed()
+    import_deepspeed()  # deepspeed itself is imported only here: an optional, heavy dependency
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     mp = f"mp_rank_{tp_rank:02d}"
@@ -294,14 +295,13 @@ def read_model_shards(tag_dir: str | Path, fp32_master: bool = False) -> list[di
 
 
 def load_tp_shard(
-    tag_dir: str | Path, args: ModelArgs, tp_size: int, tp_rank: int
+    tag_dir: str | Path, args: ModelConfig, tp_size: int, tp_rank: int
 ) -> dict[str, torch.Tensor]:
     """TP rank ``tp_rank`` of ``tp_size``'s weights, resharding when the checkpoint's TP differs.
 
     Args:
         tag_dir: the checkpoint's ``iter_XXXXXXX`` directory.
-        args: the model config of the run (``padded_vocab_size`` for ``tp_size``); any object
-            with :class:`ModelArgs`' fields (e.g. :class:`megatron.config.ModelConfig`).
+        args: the model config of the run (``padded_vocab_size`` for ``tp_size``).
         tp_size: the run's TP size.
         tp_rank: this rank.
 
@@ -319,17 +319,11 @@ def load_tp_shard(
     log_rank0("resharding %s from TP=%d to TP=%d while loading", tag_dir, ckpt_tp, tp_size)
     shards = read_model_shards(tag_dir)
     rows = shards[0]["embedding.weight"].shape[0] * ckpt_tp
-    old = _with_padded_vocab(args, rows)
+    old = dataclasses.replace(args, padded_vocab_size=rows)
     try:
         return {k: s[tp_rank] for k, s in iter_resharded(shards, old, args, tp_size)}
     except ValueError as e:
         raise ConversionError(f"{tag_dir} does not fit the run's model config: {e}") from e
-
-
-def _with_padded_vocab(args: Any, padded_vocab_size: int) -> Any:
-    if dataclasses.is_dataclass(args):
-        return dataclasses.replace(args, padded_vocab_size=padded_vocab_size)
-    raise TypeError(f"expected a dataclass model config, got {type(args).__name__}")
 
 
 def read_checkpoint_config(ckpt: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -338,9 +332,6 @@ def read_checkpoint_config(ckpt: str | Path) -> tuple[Path, dict[str, Any]]:
     Raises:
         ConversionError: no checkpoint there, or its ``config.yml`` is missing or unreadable.
     """
-    from megatron.config import ConfigError, read_config_file
-    from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
-
     try:
         root, tag = resolve_checkpoint(ckpt)
     except CheckpointError as e:

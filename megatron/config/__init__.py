@@ -14,7 +14,6 @@ from megatron.config.loader import load_config, read_config_file, save_config, s
 from megatron.config.sections import (
     SECTIONS,
     CheckpointConfig,
-    ConfigError,
     DataConfig,
     DataSource,
     LauncherConfig,
@@ -26,11 +25,11 @@ from megatron.config.sections import (
     RopeScaling,
     RunConfig,
     ScheduleConfig,
-    SectionError,
     TrainingConfig,
     config_to_dict,
 )
 from megatron.config.validate import validate_config
+from megatron.errors import ConfigError, SectionError
 
 __all__ = [
     "SECTIONS",

@@ -16,6 +16,7 @@ import typing
 from typing import Any, Literal
 
 from megatron.config.sections import SECTIONS, ObjectiveSection, is_derived
+from megatron.objectives.registry import get_objective, objective_names
 
 _INTRO = """\
 # Run configuration reference
@@ -148,8 +149,6 @@ def _section(name: str, cls: type) -> list[str]:
 
 
 def _objectives() -> list[str]:
-    from megatron.objectives.registry import get_objective, objective_names
-
     lines: list[str] = []
     for name in objective_names():
         objective = get_objective(name)

@@ -13,38 +13,28 @@ This module (with :func:`save_config`) is the only place in ``megatron/`` that r
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import math
 import os
 import re
 import tempfile
-import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from megatron.config.sections import (
     SECTIONS,
-    ConfigError,
-    ObjectiveSection,
     RunConfig,
-    SectionError,
     config_to_dict,
-    is_derived,
     padded_vocab_size,
 )
+from megatron.config.typed import BAD, UNSET, Converter, Problems, describe_value, did_you_mean
 from megatron.config.validate import validate_config
+from megatron.errors import ConfigError
 
 OVERRIDE = "<override>"
-UNSET = "<config>"
-_BAD = object()  # marks a value that failed conversion (its problem is already recorded)
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_PATH_RE = re.compile(r"\b([a-z_]+(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])+)")
-_LAST_PART_RE = re.compile(r"(\.[^.\[]+|\[\d+\])$")
 
 
 # ----------------------------------------------------------------------------- reading and merging
@@ -72,39 +62,7 @@ _StrictYAMLLoader.add_constructor(
 )
 
 
-class _Problems:
-    """Problems found so far, with the origin (file) of every key that was set."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.sources: dict[str, str] = {}
-
-    def origin(self, path: str) -> str:
-        """The file (or ``<override>``) that supplied ``path``; ``<config>`` if nobody set it.
-
-        Keys inside list items are blamed on whoever set the list (lists replace whole).
-        """
-        while path:
-            if path in self.sources:
-                return self.sources[path]
-            if "[" not in path:
-                break
-            path = _LAST_PART_RE.sub("", path)
-        return UNSET
-
-    def at(self, path: str, message: str, origin: str | None = None) -> None:
-        self.lines.append(f"{origin or self.origin(path)}: {path}: {message}")
-
-    def rule(self, message: str) -> None:
-        """A cross-section message; blamed on the origin of the first dotted path it names."""
-        match = _PATH_RE.search(message)
-        origin = UNSET
-        if match and match.group(1).split(".")[0] in SECTIONS:
-            origin = self.origin(match.group(1))
-        self.lines.append(f"{origin}: {message}")
-
-
-def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any] | None:
+def _read_yaml(path: Path, problems: Problems) -> dict[str, Any] | None:
     if not path.is_file():
         reason = "is not a file" if path.exists() else "config file not found"
         problems.lines.append(f"{path}: {reason}")
@@ -128,7 +86,7 @@ def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         problems.lines.append(
             f"{path}: the top level must be a mapping of sections (model:, data:, ...), "
-            f"got {_describe_value(data)}"
+            f"got {describe_value(data)}"
         )
         return None
     return data
@@ -156,7 +114,7 @@ def _merge(dst: dict, src: dict, origin: str, prefix: str, sources: dict[str, st
         _record(value, origin, path, sources)
 
 
-def _apply_override(tree: dict, text: str, problems: _Problems) -> None:
+def _apply_override(tree: dict, text: str, problems: Problems) -> None:
     key, sep, raw_value = text.partition("=")
     key = key.strip()
     if not sep or not _KEY_RE.match(key):
@@ -173,212 +131,6 @@ def _apply_override(tree: dict, text: str, problems: _Problems) -> None:
     _merge(tree, value, OVERRIDE, "", problems.sources)
 
 
-# ----------------------------------------------------------------------------- type conversion
-def _describe_value(value: Any) -> str:
-    kinds = {
-        bool: "boolean",
-        int: "integer",
-        float: "float",
-        str: "string",
-        list: "list",
-        dict: "mapping",
-    }
-    if value is None:
-        return "null"
-    text = str(value).lower() if isinstance(value, bool) else repr(value)
-    text = text if len(text) <= 40 else text[:37] + "..."
-    return f"{kinds.get(type(value), type(value).__name__)} {text}"
-
-
-def _describe_type(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        rest = [a for a in typing.get_args(hint) if a is not type(None)]
-        return " or ".join(_describe_type(a) for a in rest) + " or null"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
-    if origin is list:
-        return f"a list of {_describe_type(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
-    if dataclasses.is_dataclass(hint):
-        return "a mapping"
-    names = {
-        bool: "a boolean (true or false)",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-    }
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _did_you_mean(word: str, choices: Iterable[str], *, list_all: bool = False) -> str:
-    """``; did you mean 'x'?`` for the closest choice (or, with ``list_all``, all choices)."""
-    choices = list(choices)
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean {close[0]!r}?"
-    return f"; valid keys: {', '.join(choices)}" if list_all else ""
-
-
-class _Converter:
-    """Converts merged YAML values to typed field values, recording problems instead of raising."""
-
-    def __init__(self, problems: _Problems, resolved: bool) -> None:
-        self.problems = problems
-        self.resolved = resolved
-
-    def value(self, value: Any, hint: Any, path: str, shown: Any = None) -> Any:
-        """``value`` converted to ``hint``, or ``_BAD`` after recording a problem.
-
-        ``shown`` is the type named in messages (the full ``X | None`` while converting ``X``).
-        """
-        shown = shown or hint
-        origin = typing.get_origin(hint)
-        if hint is Any:
-            return value
-        if origin in (typing.Union, types.UnionType):
-            args = typing.get_args(hint)
-            if value is None and type(None) in args:
-                return None
-            rest = [a for a in args if a is not type(None)]
-            if len(rest) == 1 and value is not None:
-                return self.value(value, rest[0], path, shown=hint)
-            return self._expected(hint, value, path)
-        if origin is Literal:
-            return self._literal(value, hint, path)
-        if origin is list:
-            if not isinstance(value, list):
-                return self._expected(shown, value, path)
-            (item_hint,) = typing.get_args(hint)
-            items = [self.value(v, item_hint, f"{path}[{i}]") for i, v in enumerate(value)]
-            return _BAD if any(v is _BAD for v in items) else items
-        if dataclasses.is_dataclass(hint):
-            kwargs = self.fields(value, hint, path)
-            return _BAD if kwargs is None else self.build(hint, kwargs, path)
-        return self._scalar(value, hint, path, shown)
-
-    def _expected(self, hint: Any, value: Any, path: str) -> Any:
-        self.problems.at(path, f"expected {_describe_type(hint)}, got {_describe_value(value)}")
-        return _BAD
-
-    def _literal(self, value: Any, hint: Any, path: str) -> Any:
-        choices = typing.get_args(hint)
-        # Literal[0, 1] must not accept True/False (bool is an int subclass).
-        if any(type(value) is type(c) and value == c for c in choices):
-            return value
-        message = (
-            f"must be one of {', '.join(repr(c) for c in choices)} (got {_describe_value(value)})"
-        )
-        if isinstance(value, str):
-            message += _did_you_mean(value, [c for c in choices if isinstance(c, str)])
-        self.problems.at(path, message)
-        return _BAD
-
-    def _scalar(self, value: Any, hint: Any, path: str, shown: Any) -> Any:
-        if hint is bool and isinstance(value, bool):
-            return value
-        if hint is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if hint is str and isinstance(value, str):
-            return value
-        if hint is float and not isinstance(value, bool):
-            number: float | None = None
-            if isinstance(value, int | float):
-                number = float(value)
-            elif isinstance(value, str):
-                # PyYAML (YAML 1.1) reads 1e-5 as a string; accept numeric strings here.
-                try:
-                    number = float(value.strip())
-                except ValueError:
-                    number = None
-            if number is not None:
-                if not math.isfinite(number):
-                    self.problems.at(path, f"must be a finite number (got {value!r})")
-                    return _BAD
-                return number
-        return self._expected(shown, value, path)
-
-    def fields(
-        self, raw: Any, cls: type, path: str, *, also_known: Sequence[str] = (), owner: str = ""
-    ) -> dict[str, Any] | None:
-        """Typed keyword arguments for ``cls`` from mapping ``raw``; ``None`` if any was bad.
-
-        ``also_known`` are keys handled by the caller (offered by did-you-mean); ``owner`` is
-        appended to unknown-key messages.
-        """
-        if raw is None:  # an empty section (``logging:``) reads as null
-            raw = {}
-        if not isinstance(raw, dict):
-            self.problems.at(path, f"expected a mapping, got {_describe_value(raw)}")
-            return None
-        hints = typing.get_type_hints(cls)
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        ok = True
-        for key, value in raw.items():
-            sub = f"{path}.{key}"
-            if key not in known:
-                choices = [*known, *also_known]
-                hint = _did_you_mean(key, choices, list_all=True)
-                self.problems.at(sub, f"unknown key {key!r}{owner}{hint}")
-                ok = False
-            elif is_derived(known[key]) and not self.resolved:
-                rule = known[key].metadata["derived"]
-                self.problems.at(sub, f"derived, do not set (computed at load: {rule})")
-                ok = False
-            else:
-                converted = self.value(value, hints[key], sub)
-                ok &= converted is not _BAD
-                kwargs[key] = converted
-        for name, f in known.items():
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required and name not in raw:
-                self.problems.at(f"{path}.{name}", "missing required key", origin=UNSET)
-                ok = False
-        return kwargs if ok else None
-
-    def build(self, cls: type, kwargs: dict[str, Any], path: str) -> Any:
-        """``cls(**kwargs)``, or ``_BAD`` after recording the section's own check failures."""
-        try:
-            return cls(**kwargs)
-        except SectionError as err:
-            for name, message in err.fields:
-                self.problems.at(f"{path}.{name}", message)
-        except (TypeError, ValueError) as err:
-            self.problems.at(path, str(err))
-        return _BAD
-
-    def objective(self, raw: Any) -> dict[str, Any] | None:
-        """Keyword arguments of :class:`ObjectiveSection` from the flat ``objective:`` mapping."""
-        from megatron.objectives.registry import get_objective, objective_names
-
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            self.problems.at("objective", f"expected a mapping, got {_describe_value(raw)}")
-            return None
-        name = raw.get("name", ObjectiveSection.name)
-        if not isinstance(name, str):
-            self._expected(str, name, "objective.name")
-            return None
-        names = objective_names()
-        if name not in names:
-            hint = _did_you_mean(name, names)
-            choices = ", ".join(names)
-            self.problems.at(
-                "objective.name", f"unknown objective {name!r}{hint} (choices: {choices})"
-            )
-            return None
-        config_cls = get_objective(name).Config
-        params = {k: v for k, v in raw.items() if k != "name"}
-        kwargs = self.fields(
-            params, config_cls, "objective", also_known=("name",), owner=f" for objective {name!r}"
-        )
-        if kwargs is None:
-            return None
-        built = self.build(config_cls, kwargs, "objective")
-        return None if built is _BAD else {"name": name, "params": built}
-
-
 # ----------------------------------------------------------------------------- derived values
 def _int_at_least_1(section: dict[str, Any] | None, key: str, default: int | None) -> int | None:
     value = (section or {}).get(key, default)
@@ -389,7 +141,7 @@ def _derive(
     kw: dict[str, dict[str, Any] | None],
     world_size: int | None,
     resolved: bool,
-    problems: _Problems,
+    problems: Problems,
 ) -> int | None:
     """Fill the derived values into the section kwargs; returns the world size to validate against.
 
@@ -423,14 +175,14 @@ def _derive(
 
 
 def _check_resolved(
-    problems: _Problems, path: str, given: Any, derived: Any, resolved: bool
+    problems: Problems, path: str, given: Any, derived: Any, resolved: bool
 ) -> None:
     if resolved and given is not None and given != derived:
         problems.at(path, f"is {given} in the resolved config but derives to {derived}")
 
 
 def _derive_model(
-    model: dict[str, Any] | None, tp: int | None, resolved: bool, problems: _Problems
+    model: dict[str, Any] | None, tp: int | None, resolved: bool, problems: Problems
 ) -> None:
     if model is None:
         return
@@ -451,7 +203,7 @@ def _derive_model(
         model["padded_vocab_size"] = padded
 
 
-def _derive_training(training: dict[str, Any] | None, dp: int | None, problems: _Problems) -> None:
+def _derive_training(training: dict[str, Any] | None, dp: int | None, problems: Problems) -> None:
     if training is None or dp is None:
         return
     micro = _int_at_least_1(training, "micro_batch_size", 1)
@@ -517,7 +269,7 @@ def load_config(
     """
     if isinstance(paths, str | Path):
         paths = [paths]
-    problems = _Problems()
+    problems = Problems()
     tree: dict[str, Any] = {}
     for path in paths:
         data = _read_yaml(Path(path), problems)
@@ -540,12 +292,12 @@ def load_config(
 
 
 def _build(
-    tree: dict[str, Any], problems: _Problems, world_size: int | None, resolved: bool
+    tree: dict[str, Any], problems: Problems, world_size: int | None, resolved: bool
 ) -> tuple[RunConfig | None, int | None]:
-    converter = _Converter(problems, resolved)
+    converter = Converter(problems, resolved)
     for key in tree:
         if key not in SECTIONS:
-            hint = _did_you_mean(key, SECTIONS) or f"; sections: {', '.join(SECTIONS)}"
+            hint = did_you_mean(key, SECTIONS) or f"; sections: {', '.join(SECTIONS)}"
             problems.at(key, f"unknown section {key!r}{hint}")
     kw: dict[str, dict[str, Any] | None] = {}
     for name, cls in SECTIONS.items():
@@ -560,7 +312,7 @@ def _build(
         section_kw = kw[name]
         if section_kw is not None:
             built[name] = converter.build(cls, section_kw, name)
-    if len(built) < len(SECTIONS) or any(v is _BAD for v in built.values()):
+    if len(built) < len(SECTIONS) or any(v is BAD for v in built.values()):
         return None, world
     return RunConfig(**built), world
 
@@ -599,7 +351,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: the file is missing or not a YAML mapping.
     """
-    problems = _Problems()
+    problems = Problems()
     data = _read_yaml(Path(path), problems)
     if problems.lines:
         raise ConfigError(problems.lines)

@@ -18,27 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """Invalid run configuration; ``problems`` lists every problem found, one line each.
-
-    Each problem reads ``FILE: dotted.path: message`` (``FILE`` is the YAML file that supplied the
-    key, ``<override>`` for a command-line override, ``<config>`` for values nobody set).
-    """
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        count = len(self.problems)
-        head = f"{count} problem{'' if count == 1 else 's'} in the run configuration:"
-        super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
-
-
-class SectionError(ConfigError):
-    """A section's own checks failed; ``fields`` holds ``(field name, message)`` pairs."""
-
-    def __init__(self, section: str, fields: list[tuple[str, str]]) -> None:
-        self.fields = list(fields)
-        super().__init__([f"{section}.{name}: {message}" for name, message in self.fields])
+from megatron.errors import FieldChecks
+from megatron.objectives.registry import get_objective, objective_names
 
 
 def derived(rule: str) -> Any:
@@ -49,45 +30,6 @@ def derived(rule: str) -> Any:
 def is_derived(f: dataclasses.Field) -> bool:
     """Whether a dataclass field is marked derived."""
     return "derived" in f.metadata
-
-
-class _Checks:
-    """Collects section-local problems, then raises them together."""
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-        self.fields: list[tuple[str, str]] = []
-
-    def fail(self, name: str, message: str) -> None:
-        self.fields.append((name, message))
-
-    def at_least(self, name: str, low: float) -> bool:
-        value = getattr(self.obj, name)
-        if value is not None and value < low:
-            self.fail(name, f"must be >= {low} (got {value})")
-            return False
-        return True
-
-    def positive(self, name: str) -> bool:
-        value = getattr(self.obj, name)
-        if value is not None and not value > 0:
-            self.fail(name, f"must be > 0 (got {value})")
-            return False
-        return True
-
-    def fraction(self, name: str, *, closed_high: bool = False, open_low: bool = False) -> None:
-        value = getattr(self.obj, name)
-        if value is None:
-            return
-        low_ok = value > 0 if open_low else value >= 0
-        high_ok = value <= 1 if closed_high else value < 1
-        if not (low_ok and high_ok):
-            interval = f"{'(' if open_low else '['}0, 1{']' if closed_high else ')'}"
-            self.fail(name, f"must be in {interval} (got {value})")
-
-    def done(self) -> None:
-        if self.fields:
-            raise SectionError(type(self.obj).__name__, self.fields)
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -144,7 +86,7 @@ class RopeScaling:
     """``llama3`` only: the context length the model was pre-trained with."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.positive("factor")
         checks.positive("low_freq_factor")
         checks.positive("high_freq_factor")
@@ -225,7 +167,7 @@ class ModelConfig:
     """Recompute each layer's activations in the backward pass to save memory."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.at_least("num_layers", 1)
         checks.at_least("max_position_embeddings", 1)
         hidden_ok = checks.at_least("hidden_size", 1)
@@ -271,7 +213,7 @@ class ParallelConfig:
     """Megatron sequence parallelism (reserved; not implemented yet)."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.at_least("tensor", 1)
         checks.at_least("pipeline", 1)
         if self.data is None:
@@ -292,7 +234,7 @@ class DataSource:
     """Relative sampling weight within the blend."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         if not self.path:
             checks.fail("path", "must not be empty")
         checks.positive("weight")
@@ -325,7 +267,7 @@ class DataConfig:
     """DataLoader worker processes per rank."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         if not self.train:
             checks.fail("train", "must list at least one dataset")
         for key in ("valid", "test"):
@@ -338,7 +280,7 @@ class DataConfig:
         checks.at_least("num_workers", 0)
         checks.done()
 
-    def _check_split(self, checks: _Checks) -> None:
+    def _check_split(self, checks: FieldChecks) -> None:
         split = list(self.split or [])
         if not 2 <= len(split) <= 3 or any(f < 0 for f in split):
             checks.fail(
@@ -366,10 +308,7 @@ class ObjectiveSection:
     """Instance of the objective's ``Config`` (its keys sit next to ``name`` in YAML)."""
 
     def __post_init__(self) -> None:
-        # Imported here: objective modules may import megatron.config themselves.
-        from megatron.objectives.registry import get_objective, objective_names
-
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         if self.name not in objective_names():
             checks.fail(
                 "name", f"unknown objective {self.name!r}; choices: {', '.join(objective_names())}"
@@ -401,7 +340,7 @@ class OptimizerConfig:
     """Adam epsilon."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.positive("lr")
         checks.at_least("weight_decay", 0)
         if len(self.betas) != 2:
@@ -428,7 +367,7 @@ class ScheduleConfig:
     """Iteration at which the decay reaches ``min_lr``; default: ``training.train_iters`` (resolved at load)."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.at_least("warmup_iters", 0)
         checks.fraction("warmup_fraction")
         if self.warmup_iters is not None and self.warmup_fraction is not None:
@@ -467,7 +406,7 @@ class TrainingConfig:
     """Batches per evaluation."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.at_least("train_iters", 1)
         checks.at_least("micro_batch_size", 1)
         checks.at_least("gradient_accumulation_steps", 1)
@@ -495,7 +434,7 @@ class CheckpointConfig:
     """Keep only this many most recent checkpoints; null: keep all."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.at_least("save_interval", 1)
         if self.save_interval is not None and self.save is None:
             checks.fail("save_interval", f"({self.save_interval}) needs checkpoint.save to be set")
@@ -521,7 +460,7 @@ class LoggingConfig:
     """W&B project name; null: W&B's default."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.at_least("log_interval", 1)
         checks.done()
 
@@ -546,7 +485,7 @@ class LauncherConfig:
     """Port of the rendezvous host."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         checks.at_least("nproc_per_node", 1)
         if checks.at_least("num_nodes", 1) and not 0 <= self.node_rank < self.num_nodes:
             checks.fail(
@@ -573,7 +512,7 @@ class ReferenceConfig:
     """Directory of a reference cache (``source: cache``), written by ``tools/precompute_reference.py``; a cache computed for other weights, data or objective settings is refused."""
 
     def __post_init__(self) -> None:
-        checks = _Checks(self)
+        checks = FieldChecks(self)
         if self.source == "cache" and self.cache is None:
             checks.fail("cache", "must be set when reference.source is 'cache'")
         if self.cache is not None and self.source not in ("cache", "auto"):

@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from megatron.objectives.registry import get_objective
+
 if TYPE_CHECKING:
     from megatron.config.sections import RunConfig
 
@@ -138,8 +140,6 @@ def _evaluation(cfg: RunConfig) -> list[str]:
 
 
 def _objective(cfg: RunConfig) -> list[str]:
-    from megatron.objectives.registry import get_objective
-
     cls = get_objective(cfg.objective.name)
     out = []
     if cfg.model.head != cls.model_head:
@@ -153,8 +153,6 @@ def _objective(cfg: RunConfig) -> list[str]:
 
 def reference_source(cfg: RunConfig) -> str:
     """The effective ``reference.source`` (``auto`` resolved against the objective)."""
-    from megatron.objectives.registry import get_objective
-
     needs = get_objective(cfg.objective.name)(cfg.objective.params).needs_reference_model
     if cfg.reference.source == "auto":
         return "cache" if cfg.reference.cache else ("model" if needs else "none")
@@ -162,8 +160,6 @@ def reference_source(cfg: RunConfig) -> str:
 
 
 def _reference(cfg: RunConfig) -> list[str]:
-    from megatron.objectives.registry import get_objective
-
     name, ref = cfg.objective.name, cfg.reference
     needs = get_objective(name)(cfg.objective.params).needs_reference_model
     source = reference_source(cfg)

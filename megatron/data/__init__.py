@@ -4,8 +4,8 @@ Heavy dependencies (``transformers``, ``datasets``, ``tqdm``) are imported only 
 """
 
 from megatron.data.blending import BlendedDataset, SubsetDataset, split_indices
-from megatron.data.builders import build_datasets, build_splits
-from megatron.data.collators import Collator, collate_sequences, sequence_logps
+from megatron.data.builders import RunData, build_data
+from megatron.data.collators import Collator, collate_sequences
 from megatron.data.datasets import PairwiseDataset, PromptDataset, SFTDataset, UnpairedDataset
 from megatron.data.indexed import (
     DatasetError,
@@ -44,15 +44,14 @@ __all__ = [
     "TextDataset",
     "UnpairedDataset",
     "best_dtype",
-    "build_datasets",
-    "build_splits",
+    "RunData",
+    "build_data",
     "check_dataset_compat",
     "check_meta",
     "collate_sequences",
     "make_meta",
     "preprocess",
     "read_meta",
-    "sequence_logps",
     "split_indices",
     "write_meta",
 ]

@@ -1,10 +1,11 @@
 """Datasets for an objective's batch kind, from the ``data`` config section.
 
-``build_datasets(kind, data_cfg, vocab_size)`` checks every dataset against the run first
+``build_data(kind, data_cfg, vocab_size)`` checks every dataset against the run first
 (:func:`megatron.data.meta.check_dataset_compat`: the format must serve ``kind``, the tokenizer
 must match ``data.tokenizer``, token ids must fit ``model.vocab_size``; ``preflight`` calls it
 before any rank starts), then opens them, applies ``data.split``, blends by weight
-(:mod:`megatron.data.blending`) and attaches ``collate``:
+(:mod:`megatron.data.blending`) and builds the collator that turns samples into a
+:class:`~megatron.data.batch.Batch` (returned next to the datasets; the caller owns it):
 
 =============  ===================  ===============================================
 batch kind     formats              collate
@@ -21,8 +22,11 @@ All datasets of a blend must share a format and a tokenizer (``vocab_hash``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from megatron.data.batch import Batch
 from megatron.data.blending import BlendedDataset, SubsetDataset, split_indices
 from megatron.data.collators import Collator, collate_sequences
 from megatron.data.datasets import DATASET_CLASSES, UnpairedDataset
@@ -33,16 +37,27 @@ from megatron.data.text_dataset import TextDataset
 logger = logging.getLogger(__name__)
 
 
-class SequenceDataset(TextDataset):
-    """:class:`TextDataset` with the collator of the ``sequence`` batch kind attached."""
+@dataclass(frozen=True)
+class RunData:
+    """The datasets of a run and the collator of its batch kind.
 
-    collate = staticmethod(collate_sequences)
+    Attributes:
+        train: the training dataset (blended, split).
+        valid: the validation dataset, or ``None``.
+        test: the test dataset, or ``None``.
+        collate: ``collate(samples) -> Batch`` for every split.
+    """
+
+    train: Any
+    valid: Any | None
+    test: Any | None
+    collate: Callable[[list[dict[str, Any]]], Batch]
 
 
 def _open(meta: dict[str, Any], path: str, data_cfg: Any) -> Any:
     fmt = meta["format"]
     if fmt == "text":
-        return SequenceDataset(path, data_cfg.seq_length)
+        return TextDataset(path, data_cfg.seq_length)
     cls = DATASET_CLASSES[fmt]
     if cls is UnpairedDataset:
         return UnpairedDataset(path, data_cfg.seq_length, meta, seed=data_cfg.seed)
@@ -115,16 +130,11 @@ def _blend(datasets: list[Any], weights: list[float], seed: int) -> Any:
     return BlendedDataset(datasets, weights, seed=seed)
 
 
-def _with_collate(dataset: Any, collate: Any) -> Any:
-    if not isinstance(dataset, SequenceDataset):
-        dataset.collate = collate
-    return dataset
-
-
-def build_splits(
+def build_data(
     kind: str, data_cfg: Any, vocab_size: int, collate_options: dict[str, Any] | None = None
-) -> tuple[Any, Any | None, Any | None]:
-    """``(train, valid, test)`` for ``kind``: separate prefixes, or ``data.split`` of ``train``.
+) -> RunData:
+    """Train/valid/test datasets for ``kind`` (separate prefixes, or ``data.split`` of ``train``)
+    and their collator.
 
     ``collate_options`` are the objective's :class:`~megatron.data.collators.Collator` keyword
     arguments (``Objective.collate_options()``: e.g. ``with_kl``, ``score_token``).
@@ -156,15 +166,4 @@ def build_splits(
         if sources:
             ds, _ = _open_blend(kind, sources, data_cfg, vocab_size, f"data.{key}")
             parts[j] = _blend(ds, [s.weight for s in sources], data_cfg.seed)
-    return tuple(_with_collate(p, collate) if p is not None else None for p in parts)  # type: ignore[return-value]
-
-
-def build_datasets(
-    kind: str, data_cfg: Any, vocab_size: int, collate_options: dict[str, Any] | None = None
-) -> tuple[Any, Any | None]:
-    """``(train, valid or None)`` datasets for ``kind``; each has ``collate(samples)``.
-
-    See :func:`build_splits` (this drops the test part).
-    """
-    train, valid, _ = build_splits(kind, data_cfg, vocab_size, collate_options)
-    return train, valid
+    return RunData(train=parts[0], valid=parts[1], test=parts[2], collate=collate)

@@ -1,4 +1,4 @@
-"""Collators: lists of samples -> model-ready batches, in a padded or packed sequence layout.
+"""Collators: lists of samples -> :class:`~megatron.data.batch.Batch`, padded or packed.
 
 Shapes: b rows, s row length, N ``num_sequences``, P pairs, n unpaired examples.
 
@@ -15,13 +15,14 @@ Sequence order (``sequence_ids``): ``sequence`` kind (sft): sample ``i`` is sequ
 ``i`` pairs with rejected ``P+i``), plus ``margin [P]`` when the data has one. ``unpaired``: the
 ``n`` examples then their KL sequences ``n..2n-1`` (``prompt_i + kl_completion_i``, cut on the
 right to fit ``seq_length``; ``kl_start = n``) — or, with ``separate_kl``, the KL sequences as a
-sub-batch ``kl`` of their own — plus ``labels [n]`` bool. ``prompt``: the prompts,
-nothing trained, plus ``prompt_lengths [n]``.
+sub-batch of their own (``sub_batches[KL_SEQUENCES]``) — plus ``labels [n]`` bool. ``prompt``:
+the prompts, nothing trained, plus ``prompt_lengths [n]``.
 
-Every batch holds ``tokens``, ``targets``, ``position_ids``, ``sequence_ids`` ``[b, s]`` int64,
-``loss_mask [b, s]`` float32, ``num_sequences`` (int) and ``stats = {"packing_efficiency": real
-tokens / (b * s), "real_tokens": real tokens}``; packed batches also hold ``segment_ids``
-(padded rows hold one right-padded sequence each, for which plain causal attention is exact). For a sequence of ``m`` tokens at
+Every batch holds ``tokens``, ``targets``, ``sequence_ids`` ``[b, s]`` int64, ``loss_mask [b, s]``
+float32, ``num_sequences`` and ``stats = {"packing_efficiency": real tokens / (b * s),
+"real_tokens": real tokens}``; its ``layout`` has the positions and, for packed batches, the
+segment ids (padded rows hold one right-padded sequence each, for which plain causal attention
+is exact). For a sequence of ``m`` tokens at
 row offset ``o``: ``targets[o + k] = x[k + 1]`` and ``loss_mask[o + k] = trained[k + 1]`` for
 ``k < m - 1``; its last position and padding have target 0 (a valid id) and mask 0. Positions
 restart at 0 per sequence; ``segment_ids`` number a row's sequences 1, 2, ... (0 = padding), so
@@ -39,11 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron.data.batch import KL_SEQUENCES, Batch
+from megatron.model.layout import SequenceLayout
+
 Seq = tuple[np.ndarray, np.ndarray]
 """``(tokens int64 [m], trained bool [m])`` of one sequence."""
 
 
-def collate_sequences(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def collate_sequences(samples: list[dict[str, Any]]) -> Batch:
     """Stack fixed-length windows (the ``text`` format).
 
     Args:
@@ -51,14 +55,21 @@ def collate_sequences(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             ``[s + 1]`` (mask of the *target* tokens; position 0 is never a target).
 
     Returns:
-        ``tokens [b, s]``, ``targets [b, s]`` int64 and ``loss_mask [b, s]`` float32.
+        A batch of ``tokens [b, s]``, ``targets [b, s]`` int64 and ``loss_mask [b, s]`` float32
+        in the causal layout (no ``sequence_ids``).
     """
     tokens = torch.from_numpy(np.stack([np.asarray(x["tokens"], dtype=np.int64) for x in samples]))
     if "loss_mask" in samples[0]:
         mask = torch.from_numpy(np.stack([np.asarray(x["loss_mask"]) for x in samples]))[:, 1:]
     else:
         mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask.float()}
+    inputs = tokens[:, :-1]
+    return Batch(
+        tokens=inputs,
+        targets=tokens[:, 1:],
+        loss_mask=mask.float(),
+        layout=SequenceLayout.causal(*inputs.shape),
+    )
 
 
 # ----------------------------------------------------------------------------- sequences per kind
@@ -193,7 +204,7 @@ class Collator:
             raise ValueError("score_token='eos' needs the tokenizer's eos_id")
         self.score_token, self.eos_id = score_token, eos_id
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
         """Collate a micro-batch (see the module docstring for the keys and their meaning)."""
         if self.kind == "unpaired":
             seqs, extra = _unpaired_kind(samples, self.seq_length, self.with_kl)
@@ -206,12 +217,15 @@ class Collator:
             seqs, side = seqs[: len(samples)], seqs[len(samples) :]
         batch = self._layout(seqs)
         if side is not None:
-            batch["kl"] = self._layout(side)
-            batch["stats"]["real_tokens"] += batch["kl"].pop("stats")["real_tokens"]
-        batch.update(extra)
+            kl = self._layout(side)
+            batch.stats["real_tokens"] += kl.stats.pop("real_tokens")
+            kl.stats.clear()
+            batch.sub_batches[KL_SEQUENCES] = kl
+        for key, value in extra.items():
+            setattr(batch, key, value)
         return batch
 
-    def _layout(self, seqs: list[Seq]) -> dict[str, Any]:
+    def _layout(self, seqs: list[Seq]) -> Batch:
         lengths = [t.size for t, _ in seqs]
         too_long = [i for i, n in enumerate(lengths) if n > self.seq_length]
         if too_long:
@@ -222,11 +236,7 @@ class Collator:
         where = LAYOUTS[self.layout](lengths, self.seq_length)
         batch = self._fill(seqs, where)
         if self.score_token is not None:
-            batch["score_index"] = self._score_index(seqs, where, batch["tokens"].shape[1])
-        if self.layout == "padded":
-            # why: one right-padded sequence per row — plain causal attention is exact for every
-            # real token, and it lets attention use its causal kernels instead of a mask.
-            del batch["segment_ids"]
+            batch.score_index = self._score_index(seqs, where, batch.tokens.shape[1])
         return batch
 
     def _score_index(
@@ -247,7 +257,7 @@ class Collator:
             out.append(row * width + o + k)
         return torch.tensor(out, dtype=torch.int64)
 
-    def _fill(self, seqs: list[Seq], where: list[tuple[int, int]]) -> dict[str, Any]:
+    def _fill(self, seqs: list[Seq], where: list[tuple[int, int]]) -> Batch:
         rows = 1 + max((r for r, _ in where), default=0)
         ends = [o + t.size for (_, o), (t, _) in zip(where, seqs, strict=True)]
         width = _round_up(max(ends, default=1), self.multiple, self.seq_length)
@@ -268,34 +278,15 @@ class Collator:
             next_segment[row] += 1
             seq_ids[row, o : o + m - 1] = np.where(trained[1:], i, -1)
         real = sum(t.size for t, _ in seqs)
-        return {
-            "tokens": torch.from_numpy(tokens),
-            "targets": torch.from_numpy(targets),
-            "loss_mask": torch.from_numpy(mask),
-            "position_ids": torch.from_numpy(positions),
-            "segment_ids": torch.from_numpy(segments),
-            "sequence_ids": torch.from_numpy(seq_ids),
-            "num_sequences": len(seqs),
-            "stats": {
-                "packing_efficiency": float(real / (rows * width)),
-                "real_tokens": float(real),
-            },
-        }
-
-
-def sequence_logps(token_logps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """Sum of the trained tokens' log-probs per sequence.
-
-    ``zeros(N).index_add_(0, sequence_ids[mask], token_logps[mask])`` with ``mask = loss_mask >
-    0``. (The objectives will own the final version in ``megatron/objectives/logprobs.py``.)
-
-    Args:
-        token_logps: ``[b, s]`` fp32 log-probs of ``batch["targets"]``.
-        batch: A collated batch (``loss_mask``, ``sequence_ids``, ``num_sequences``).
-
-    Returns:
-        ``[num_sequences]`` tensor of ``token_logps``' dtype.
-    """
-    mask = batch["loss_mask"] > 0
-    out = token_logps.new_zeros(batch["num_sequences"])
-    return out.index_add_(0, batch["sequence_ids"][mask], token_logps[mask])
+        # why: a padded row holds one right-padded sequence — plain causal attention is exact for
+        # every real token, and it lets attention use its causal kernels instead of a mask.
+        seg = None if self.layout == "padded" else torch.from_numpy(segments)
+        return Batch(
+            tokens=torch.from_numpy(tokens),
+            targets=torch.from_numpy(targets),
+            loss_mask=torch.from_numpy(mask),
+            layout=SequenceLayout(torch.from_numpy(positions), seg),
+            sequence_ids=torch.from_numpy(seq_ids),
+            num_sequences=len(seqs),
+            stats={"packing_efficiency": float(real / (rows * width)), "real_tokens": float(real)},
+        )

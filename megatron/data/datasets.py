@@ -11,8 +11,8 @@ Prompt      ``prompt``                                         prompt
 ==========  =================================================  ==========
 
 A pairwise item is a whole pair, so a pair is never split across micro-batches. Items are copies
-(safe to hand to torch); access is O(1) slices of the mapped files. ``collate`` is attached by
-:func:`megatron.data.builders.build_datasets` according to ``data.layout``.
+(safe to hand to torch); access is O(1) slices of the mapped files. The collator that batches
+them is built next to them by :func:`megatron.data.builders.build_data` (``data.layout``).
 """
 
 from __future__ import annotations

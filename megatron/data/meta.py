@@ -30,7 +30,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from megatron.data.indexed import DatasetError, DatasetNotFoundError
+from megatron.data.formats import BATCH_KINDS
+from megatron.data.indexed import DatasetError, DatasetNotFoundError, data_paths
+from megatron.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +185,6 @@ def check_meta(
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer_identity(tokenizer_dir: str) -> tuple[str, int]:
-    from megatron.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer_dir)
     return tok.vocab_hash(), tok.vocab_size
 
@@ -208,9 +208,6 @@ def check_dataset_compat(
     Raises:
         DatasetError: Naming the prefix, what differs and how to fix it.
     """
-    from megatron.data.formats import BATCH_KINDS
-    from megatron.data.indexed import data_paths
-
     path = meta_path(prefix)
     if not path.is_file() and kind == "sequence" and data_paths(prefix)[0].is_file():
         logger.warning("%s has no meta.json; reading it as a 'text' dataset", prefix)

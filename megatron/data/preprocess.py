@@ -28,14 +28,23 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from megatron.data.formats import FORMATS, EncodeContext, Encoded, RowDropped, RowFormat
+from megatron.data.formats import (
+    FORMATS,
+    EncodeContext,
+    Encoded,
+    RowDropped,
+    RowFormat,
+    get_format,
+)
+from megatron.data.formats.chat import disable_rust_threads_for_fork
 from megatron.data.indexed import DatasetError
+from megatron.data.options import PreprocessOptions
 from megatron.data.sources import (
     RawRow,
     RowError,
@@ -44,7 +53,7 @@ from megatron.data.sources import (
     file_sha256,
     iter_rows,
 )
-from megatron.data.writer import DatasetWriter, PreprocessSummary, finish_dataset
+from megatron.data.writer import ChunkResult, DatasetWriter, PreprocessSummary, finish_dataset
 from megatron.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,65 +73,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class PreprocessOptions:
-    """How to read and tokenize the inputs (the CLI flags of ``tools/preprocess_data.py``)."""
-
-    data_format: str = "text"
-    """Row format, a key of ``FORMATS``."""
-    text_key: str = "text"
-    """``text`` format: key (column) holding the document text."""
-    append_eod: bool = True
-    """``text`` format: append the tokenizer's EOS id to every document."""
-    txt_mode: str = "line"
-    """``.txt`` inputs: ``line`` = one document per non-empty line, ``file`` = whole file."""
-    chat_template: str | None = None
-    """Conversational rows: None = the tokenizer's template, a Jinja file path, or ``none``."""
-    loss_on: Literal["assistant", "last-turn", "all"] = "assistant"
-    """``sft`` ``messages`` rows: which tokens are trained."""
-    max_length: int | None = None
-    """Longest sequence (prompt + longest completion) kept; None = no limit."""
-    length_policy: Literal["drop", "truncate_prompt", "error"] = "drop"
-    """Rows over ``max_length``: drop them, cut the prompt from the left, or count as errors."""
-    boundary: Literal["resolve", "error"] = "resolve"
-    """Prompt/completion boundary inconsistent with the whole tokenization: resolve as TRL does
-    (keep the shared token prefix as the prompt, counted) or report the row as an error."""
-    from_pairwise: bool = False
-    """``unpaired`` format: read pairwise rows, two examples (chosen, rejected) per row."""
-    split_special_tokens: bool = True
-    """Tokenize texts as special-token pieces (verified per run; see formats/chat.py)."""
-    on_error: str = "fail"
-    """``fail``: write nothing and raise on bad rows; ``skip``: drop them, list them in errors.jsonl."""
-    max_errors: int = 10
-    """With ``on_error="fail"``: stop after this many bad rows and report them."""
-    workers: int = 1
-    """Tokenizer processes; 1 tokenizes in this process."""
-    chunk_size: int = 512
-    """Rows per work item."""
-    show_progress: bool = False
-    """Show a tqdm progress bar on stderr."""
-
-    def __post_init__(self) -> None:
-        choices = {
-            "data_format": sorted(FORMATS),
-            "txt_mode": ["line", "file"],
-            "on_error": ["fail", "skip"],
-            "loss_on": ["assistant", "last-turn", "all"],
-            "length_policy": ["drop", "truncate_prompt", "error"],
-            "boundary": ["resolve", "error"],
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("workers", "chunk_size", "max_errors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.from_pairwise and self.data_format != "unpaired":
-            raise ValueError("from_pairwise applies to the 'unpaired' format only")
-
-
 class PreprocessError(DatasetError):
     """Bad rows with ``on_error="fail"``; ``errors`` holds the ``file:line: message`` lines."""
 
@@ -139,27 +89,6 @@ class PreprocessError(DatasetError):
 # ----------------------------------------------------------------------------- encoding
 
 
-@dataclass
-class ChunkResult:
-    """Output of one chunk, rows in input order.
-
-    ``arrays[field]`` is the chunk's rows of that field concatenated (``lengths[field]`` per
-    row); ``scalars[name]`` holds one value per written row (NaN where a row lacks an optional
-    scalar) and ``scalar_seen[name]`` the first locations with and without it; ``errors`` one
-    ``(location, reason, message, dropped)`` per bad or dropped row.
-    """
-
-    arrays: dict[str, np.ndarray]
-    lengths: dict[str, np.ndarray]
-    scalars: dict[str, np.ndarray]
-    scalar_seen: dict[str, tuple[str | None, str | None]]
-    stats: dict[str, np.ndarray]
-    flags: Counter
-    errors: list[tuple[str, str, str, bool]]
-    rows: int
-    written: int
-
-
 class ChunkEncoder:
     """Parses, validates and tokenizes chunks of rows (runs in the workers).
 
@@ -169,7 +98,7 @@ class ChunkEncoder:
     """
 
     def __init__(self, tokenizer: Tokenizer, options: PreprocessOptions) -> None:
-        self.fmt: RowFormat = FORMATS[options.data_format]
+        self.fmt: RowFormat = get_format(options.data_format)
         self.options = options
         self.ctx = EncodeContext(tokenizer, options)
 
@@ -321,8 +250,6 @@ def _run_pipeline(
     chunks_in = _chunked(rows, options.chunk_size)
     first = next(chunks_in, [])
     if options.workers > 1:
-        from megatron.data.formats.chat import disable_rust_threads_for_fork
-
         disable_rust_threads_for_fork()
     options = choose_tokenization(first, tokenizer, options)
     errors: list[tuple[str, str, str, bool]] = []
@@ -372,6 +299,7 @@ def preprocess(
             without a chat template, or an optional scalar given in some rows only.
     """
     options = options or PreprocessOptions()
+    fmt = get_format(options.data_format)
     start = time.perf_counter()
     paths = [Path(p) for p in inputs]
     check_inputs(paths)
@@ -379,7 +307,6 @@ def preprocess(
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     summary = PreprocessSummary(output_prefix=prefix, data_format=options.data_format)
-    fmt = FORMATS[options.data_format]
 
     pipeline_start = time.perf_counter()
     with DatasetWriter(prefix, fmt, tokenizer.vocab_size) as writer:

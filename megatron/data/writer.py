@@ -25,18 +25,41 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from megatron.data.formats import RowFormat
+from megatron.data.formats.chat import PieceEncoder, describe_template, template_sha256
 from megatron.data.indexed import DatasetError, IndexedDatasetWriter, best_dtype
 from megatron.data.meta import field_prefix, make_meta, meta_path, scalar_path, write_meta
+from megatron.data.options import PreprocessOptions
 from megatron.data.sources import file_sha256
 
 if TYPE_CHECKING:
-    from megatron.data.preprocess import ChunkResult, PreprocessOptions
     from megatron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 ErrorEntry = tuple[str, str, str, bool]
 """``(location, reason, message, dropped)``."""
+
+
+@dataclass
+class ChunkResult:
+    """Output of one chunk, rows in input order (made by the workers of
+    :mod:`megatron.data.preprocess`, appended by :meth:`DatasetWriter.add`).
+
+    ``arrays[field]`` is the chunk's rows of that field concatenated (``lengths[field]`` per
+    row); ``scalars[name]`` holds one value per written row (NaN where a row lacks an optional
+    scalar) and ``scalar_seen[name]`` the first locations with and without it; ``errors`` one
+    ``(location, reason, message, dropped)`` per bad or dropped row.
+    """
+
+    arrays: dict[str, np.ndarray]
+    lengths: dict[str, np.ndarray]
+    scalars: dict[str, np.ndarray]
+    scalar_seen: dict[str, tuple[str | None, str | None]]
+    stats: dict[str, np.ndarray]
+    flags: Counter
+    errors: list[tuple[str, str, str, bool]]
+    rows: int
+    written: int
 
 
 def _atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
@@ -241,8 +264,6 @@ def _write_errors(path: Path, errors: list[ErrorEntry]) -> None:
 def _format_meta_extra(
     writer: DatasetWriter, tokenizer: Tokenizer, options: PreprocessOptions, summary: Any
 ) -> dict[str, Any]:
-    from megatron.data.formats.chat import describe_template, template_sha256
-
     source, template = describe_template(tokenizer, options.chat_template)
     return {
         "fields": {
@@ -292,8 +313,6 @@ def finish_dataset(
     summary.lengths = {k: length_stats(v) for k, v in writer.stats.items()}
     summary.tokenization = "whole"
     if options.split_special_tokens:
-        from megatron.data.formats.chat import PieceEncoder
-
         words = PieceEncoder(tokenizer).word_cache
         summary.tokenization = "pieces, word cache" if words else "pieces"
     if options.on_error == "skip" or summary.dropped:

@@ -1,59 +1,26 @@
-"""Sequence layouts and the attention backends that realise them.
+"""Attention backends, each realising a :class:`~megatron.model.layout.SequenceLayout`.
 
 Shapes: b batch, s sequence, np heads on this TP rank, nk kv heads on this rank, hn head dim.
 
-A :class:`SequenceLayout` says which token may attend to which:
+* ``sdpa`` (default, every device): torch's ``scaled_dot_product_attention`` — causal kernels for
+  the causal layout, a boolean mask (:meth:`SequenceLayout.attention_mask`) for the others;
+* ``flash`` (flash-attn 2, CUDA, bf16/fp16): dense causal, or varlen with ``cu_seqlens`` for
+  segments. It cannot express prefix sharing (a query attending to two disjoint key ranges), so
+  it refuses that layout; ``auto`` then uses SDPA.
 
-* ``segment_ids is None``: every row is one causal sequence (fast path, ``is_causal``);
-* otherwise ``segment_ids [b, s]`` numbers the sequences packed in a row (1, 2, ...), 0 marks
-  padding; attention is causal *within* a segment (block-diagonal). Padding tokens attend only to
-  themselves, so no softmax row is empty (no NaN), and their outputs are ignored by the loss.
-
-Every backend must give the same outputs on the non-padding tokens (tested).
+Every backend gives the same outputs on the tokens that are scored (tested).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from megatron.model.layout import SequenceLayout
 
-@dataclass(frozen=True)
-class SequenceLayout:
-    """Positions and segment structure of a batch.
-
-    Attributes:
-        position_ids: ``[b, s]`` int64 rotary positions (restart per packed sequence).
-        segment_ids: ``[b, s]`` int64 sequence number per token, 0 = padding; ``None`` = one
-            causal sequence per row with no padding.
-    """
-
-    position_ids: torch.Tensor
-    segment_ids: torch.Tensor | None = None
-
-    @classmethod
-    def causal(cls, batch: int, seq: int, device: torch.device | None = None) -> SequenceLayout:
-        pos = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
-        return cls(position_ids=pos)
-
-    def attention_mask(self, window: int | None = None) -> torch.Tensor | None:
-        """Boolean ``[b, 1, s, s]`` mask (True = may attend), or ``None`` for plain causal."""
-        s = self.position_ids.shape[1]
-        if self.segment_ids is None and window is None:
-            return None
-        i = torch.arange(s, device=self.position_ids.device)
-        allowed = i.view(-1, 1) >= i.view(1, -1)  # [s, s] causal
-        if window is not None:
-            allowed = allowed & (i.view(-1, 1) - i.view(1, -1) < window)
-        allowed = allowed.unsqueeze(0)  # [1, s, s]
-        if self.segment_ids is not None:
-            seg = self.segment_ids
-            same = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg.unsqueeze(1) != 0)
-            allowed = (allowed & same) | torch.eye(s, dtype=torch.bool, device=seg.device)
-        return allowed.unsqueeze(1)
+__all__ = ["SequenceLayout", "flash_attention", "sdpa_attention", "select_backend"]
 
 
 @functools.cache
@@ -102,6 +69,8 @@ def flash_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """flash-attn 2: dense causal, or varlen with ``cu_seqlens`` from the segment ids."""
+    if layout.kind == "prefix":
+        raise ValueError(FLASH_PREFIX_ERROR)
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     win = (window - 1, 0) if window is not None else (-1, -1)
@@ -134,20 +103,36 @@ def flash_attention(
     return full.view_as(q)
 
 
-def select_backend(name: str, dtype: torch.dtype, device: torch.device):
-    """The attention function for ``model.attention_backend`` on this device and dtype."""
+FLASH_PREFIX_ERROR = (
+    "model.attention_backend=flash cannot realise a prefix-shared layout (a token attending to "
+    "its own segment and to a shared prefix); use attention_backend: sdpa or auto"
+)
+
+
+def select_backend(
+    name: str, dtype: torch.dtype, device: torch.device, layout: SequenceLayout | None = None
+):
+    """The attention function for ``model.attention_backend`` on this device, dtype and layout.
+
+    Raises:
+        RuntimeError: ``flash`` without flash-attn, CUDA or a half-precision dtype.
+        ValueError: ``flash`` for a layout it cannot realise (prefix sharing).
+    """
     usable = (
         flash_attn_available()
         and device.type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
     )
+    prefix = layout is not None and layout.kind == "prefix"
     if name == "flash":
         if not usable:
             raise RuntimeError(
                 "model.attention_backend=flash needs the flash-attn package, a CUDA device and "
                 "bf16/fp16 precision; use 'sdpa' or 'auto'"
             )
+        if prefix:
+            raise ValueError(FLASH_PREFIX_ERROR)
         return flash_attention
-    if name == "auto" and usable:
+    if name == "auto" and usable and not prefix:
         return flash_attention
     return sdpa_attention

@@ -4,8 +4,9 @@ Shapes: b batch, s sequence, h hidden, v padded vocabulary, p TP size.
 
 The model is a flat sequence of stages — embedding, ``num_layers`` transformer layers, final
 norm — so DeepSpeed's ``PipelineModule`` can partition it (see :meth:`GPTModel.stages`). It returns
-final hidden states; log-probabilities are computed from them through the vocab-parallel
-``lm_head`` in chunks (:mod:`megatron.objectives.logprobs`), never as full fp32 logits.
+final hidden states, or the per-token outputs it was built to give (``outputs``, see
+:mod:`megatron.model.output`): log-probabilities through the vocab-parallel ``lm_head`` in chunks,
+never as full fp32 logits, or a reward model's values.
 
 Initialisation is deterministic per stage (seed + stage index), independent of the TP size and of
 which stages a pipeline rank builds.
@@ -14,15 +15,17 @@ which stages a pipeline rank builds.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron.model.attention import SequenceLayout
+from megatron.model.kv_cache import KVCache
+from megatron.model.layout import SequenceLayout
+from megatron.model.output import resolve_outputs, token_log_probs
 from megatron.model.transformer import TransformerLayer, build_norm
-from megatron.objectives.logprobs import token_log_probs
 from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
 from megatron.parallel.mappings import gather_from_tensor_parallel_region
 from megatron.parallel.random import RNGStatesTracker, add_model_parallel_stream
@@ -72,6 +75,12 @@ class GPTModel(nn.Module):
         tracker: RNG streams for TP-sharded dropout.
         seed: initialisation seed.
         dtype: parameter dtype.
+        outputs: the per-token outputs :meth:`forward` gives when called with ``targets``
+            (names in :mod:`megatron.model.output`; ``None``: the head's defaults,
+            ``token_logps`` + ``log_z`` or ``values``). Objectives declare theirs
+            (``Objective.model_outputs``).
+        logprob_chunk_size: tokens per chunk of the vocabulary projection (``None``: ~256 MiB
+            of fp32 logits per chunk).
     """
 
     def __init__(
@@ -81,9 +90,12 @@ class GPTModel(nn.Module):
         tracker: RNGStatesTracker | None = None,
         seed: int = 1234,
         dtype: torch.dtype = torch.float32,
+        outputs: Iterable[str] | None = None,
+        logprob_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.state = cfg, state
+        self.outputs = resolve_outputs(getattr(cfg, "head", "lm"), outputs)
         if tracker is None:
             tracker = RNGStatesTracker()
             add_model_parallel_stream(tracker, seed, state.tp_rank)
@@ -118,8 +130,7 @@ class GPTModel(nn.Module):
                 )
         self.embedding_dropout = cfg.hidden_dropout
         self.activation_checkpointing = cfg.activation_checkpointing
-        self.logprob_chunk_size: int | None = None  # None: ~256 MiB of fp32 logits per chunk
-        self.with_sum_sq = False  # also return log sum_v p_v^2 per token (objective.policy_outputs)
+        self.logprob_chunk_size = logprob_chunk_size
 
     def output_weight(self) -> torch.Tensor:
         """This rank's ``[v/p, h]`` output-projection rows (the embedding when tied)."""
@@ -139,15 +150,27 @@ class GPTModel(nn.Module):
         tokens: torch.Tensor,
         layout: SequenceLayout | None = None,
         targets: torch.Tensor | None = None,
+        extra_index: torch.Tensor | None = None,
+        extra_targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """``tokens [b, s]`` int64 -> final hidden states ``[b, s, h]``.
 
-        With ``targets [b, s]`` it returns their per-token log-probs instead
-        (``{"token_logps", "log_z"}``, each ``[b, s]`` fp32), computed inside the forward so that
-        engines that gather parameters only during ``forward`` (ZeRO-3) see the output weight.
-        A ``model.head: value`` model returns ``{"values": [b, s] fp32}`` (the value head at
+        With ``targets [b, s]`` it returns the outputs the model was built with instead (a dict
+        of ``[b, s]`` fp32 tensors, :mod:`megatron.model.output`), computed inside the forward
+        so that engines that gather parameters only during ``forward`` (ZeRO-3) see the output
+        weight. ``extra_index [k]`` / ``extra_targets [k]`` add ``extra_logps [k]``: targets
+        scored at hidden states other than the next position's (prefix-shared rows). A
+        ``model.head: value`` model returns ``{"values": [b, s] fp32}`` (the value head at
         every position; ``targets`` unused).
+
+        With ``kv_cache`` (:class:`~megatron.model.kv_cache.KVCache`) it is one incremental
+        decoding step instead, see :meth:`_decode_step`: it returns the next-token logits
+        ``[b, vocab_size]`` of each row's last real token (inside the forward, for ZeRO-3).
         """
+        if kv_cache is not None:
+            return self._decode_step(tokens, layout, kv_cache)
         if layout is None:
             layout = SequenceLayout.causal(*tokens.shape, device=tokens.device)
         x = self.embedding(tokens)  # [b, s, h]
@@ -160,7 +183,54 @@ class GPTModel(nn.Module):
             return hidden
         if self.value_head is not None:
             return {"values": self.value_head(hidden).squeeze(-1).float()}  # [b, s]
-        return token_log_probs(self, hidden, targets, self.logprob_chunk_size)
+        return token_log_probs(
+            hidden,
+            self.output_weight(),
+            targets,
+            self.state.tp_group,
+            self.cfg.vocab_size,
+            self.outputs,
+            self.logprob_chunk_size,
+            extra_index,
+            extra_targets,
+        )
+
+    @torch.no_grad()
+    def _decode_step(
+        self, tokens: torch.Tensor, layout: SequenceLayout | None, cache: KVCache
+    ) -> torch.Tensor:
+        """Run ``tokens`` through the layers with their caches; next-token logits per row.
+
+        Args:
+            tokens: ``[b, s]`` int64 new tokens (a prompt, or the last sampled token ``[b, 1]``).
+            layout: ``position_ids [b, s]`` of the new tokens and ``segment_ids`` (0 = padding,
+                any other value = a real token; one sequence per row, no packing); ``None``:
+                every token is real and positions continue from ``cache.next_positions``.
+            cache: the batch's cache; this step fills its next ``s`` slots.
+
+        Returns:
+            ``[b, vocab_size]`` logits (gathered across TP; fp32, or the parameter dtype when
+            wider) at each row's last real token of this step (column ``s - 1`` for a row with
+            none). Eval-mode use only: embedding and attention dropout are not applied.
+        """
+        b, s = tokens.shape
+        if layout is None:
+            step = torch.arange(s, device=tokens.device)
+            layout = SequenceLayout(cache.next_positions.unsqueeze(1) + step)  # [b, s]
+        if layout.segment_ids is None:
+            valid = torch.ones(b, s, dtype=torch.bool, device=tokens.device)
+        else:
+            valid = layout.segment_ids != 0
+        cache.begin_step(layout.position_ids, valid)
+        x = self.embedding(tokens)  # [b, s, h]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, layout, kv_cache=cache.layer(i))
+        cache.end_step()
+        last = torch.where(valid, torch.arange(s, device=tokens.device), -1).amax(dim=1)  # [b]
+        last = torch.where(last < 0, s - 1, last)
+        hidden = self.final_norm(x[torch.arange(b, device=x.device), last])  # [b, s, h] -> [b, h]
+        logits = self.logits(hidden)  # [b, vocab_size]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,14 @@ Shapes: b batch, s sequence, h hidden, v padded vocabulary, p TP size.
 Stage functions pass one tuple between pipeline stages::
 
     (hidden [b, s, h] float, position_ids [b, s] int64, segment_ids [b, s] | [b, 1] int64,
-     targets [b, s] int64)
+     prefix_ids [b, s] | [b, 1] int64, targets [b, s] int64)
 
-A ``[b, 1]`` segment tensor stands for "no segment layout" (one causal sequence per row), because
-pipeline messages must be tensors. The first stage embeds ``tokens``; the last one applies the final
-norm and turns hidden states into per-token log-probs of ``targets`` through the vocab-parallel
-``lm_head`` (chunked, :func:`megatron.parallel.chunked_vocab_parallel_log_probs`). The objective is
-evaluated by :class:`PipelineLoss` (DeepSpeed's ``loss_fn``) on those log-probs and the batch's
-other fields.
+the layout as :meth:`~megatron.model.layout.SequenceLayout.to_tensors` packs it (a ``[b, 1]``
+tensor stands for "absent", because pipeline messages must be tensors). The first stage embeds
+``tokens``; the last one turns the final-norm hidden states into the per-token outputs the model
+was built with (:mod:`megatron.model.output`: log-probs of ``targets`` through the vocab-parallel
+``lm_head``, chunked). The objective is evaluated on the last stage by DeepSpeed's ``loss_fn``
+(:class:`megatron.training.pipeline_step.PipelineLoss`).
 
 Each stage module subclasses the corresponding module of :class:`~megatron.model.gpt.GPTModel`
 and is initialised with the same per-stage seed, so a pipelined model holds exactly the weights of
@@ -29,31 +29,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron.model.attention import SequenceLayout
 from megatron.model.gpt import _seeded, _TrackerReplay
+from megatron.model.layout import SequenceLayout
+from megatron.model.output import resolve_outputs, token_log_probs
 from megatron.model.transformer import TransformerLayer, build_norm
-from megatron.objectives.logprobs import token_log_probs
-from megatron.objectives.registry import evaluate
 from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_init
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
 
-Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-# Whether the last stage also returns log sum_v p_v^2 (set from the objective's policy_outputs by
-# build_pipeline_model; a one-element list so stage functions built by DeepSpeed see it).
-WITH_SUM_SQ = [False]
-
-
-def pack_segments(segment_ids: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
-    """Segment ids for the pipeline message (``[b, 1]`` zeros when there is no layout)."""
-    if segment_ids is None:
-        return torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
-    return segment_ids
-
-
-def unpack_layout(position_ids: torch.Tensor, segment_ids: torch.Tensor) -> SequenceLayout:
-    seg = None if segment_ids.shape[1] != position_ids.shape[1] else segment_ids
-    return SequenceLayout(position_ids, seg)
+Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+LM_STAGE_OUTPUTS = ("token_logps", "log_z", "log_sum_sq_probs")
+"""Order of the last stage's output tuple (those the model was built with)."""
 
 
 class EmbeddingPipe(VocabParallelEmbedding):
@@ -71,11 +57,11 @@ class EmbeddingPipe(VocabParallelEmbedding):
         self.dropout = cfg.hidden_dropout
 
     def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
-        tokens, position_ids, segment_ids, targets = inputs
+        tokens, *rest = inputs
         x = super().forward(tokens)  # [b, s, h]
         if self.dropout and self.training:
             x = nn.functional.dropout(x, self.dropout)
-        return x, position_ids, segment_ids, targets
+        return (x, *rest)
 
 
 class TransformerLayerPipe(TransformerLayer):
@@ -93,9 +79,9 @@ class TransformerLayerPipe(TransformerLayer):
             super().__init__(cfg, state, tracker, dtype)
 
     def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
-        x, position_ids, segment_ids, targets = inputs
-        x = super().forward(x, unpack_layout(position_ids, segment_ids))
-        return x, position_ids, segment_ids, targets
+        x, position_ids, segment_ids, prefix_ids, targets = inputs
+        layout = SequenceLayout.from_tensors(position_ids, segment_ids, prefix_ids)
+        return super().forward(x, layout), position_ids, segment_ids, prefix_ids, targets
 
 
 class FinalNormPipe(nn.Module):
@@ -107,35 +93,41 @@ class FinalNormPipe(nn.Module):
             self.norm = build_norm(cfg, dtype)
 
     def forward(self, inputs: Activations) -> Activations:
-        x, position_ids, segment_ids, targets = inputs
-        return self.norm(x), position_ids, segment_ids, targets
+        x, *rest = inputs
+        return (self.norm(x), *rest)
 
 
-class _OutputWeightView(nn.Module):
-    """Adapter giving :func:`token_log_probs` what it reads from a model."""
+def _log_probs(
+    weight: torch.Tensor,
+    cfg: Any,
+    state: ParallelState,
+    outputs: frozenset[str],
+    inputs: Activations,
+) -> tuple[torch.Tensor, ...]:
+    hidden, targets = inputs[0], inputs[-1]
+    out = token_log_probs(hidden, weight, targets, state.tp_group, cfg.vocab_size, outputs)
+    return tuple(out[k] for k in LM_STAGE_OUTPUTS if k in out)
 
-    def __init__(self, weight: torch.Tensor, cfg: Any, state: ParallelState, chunk: int | None):
-        super().__init__()
-        self._weight, self.cfg, self.state, self.chunk = weight, cfg, state, chunk
 
-    def output_weight(self) -> torch.Tensor:
-        return self._weight
-
-
-def _log_probs(weight: torch.Tensor, cfg: Any, state: ParallelState, inputs: Activations):
-    hidden, _, _, targets = inputs
-    view = _OutputWeightView(weight, cfg, state, None)
-    view.with_sum_sq = WITH_SUM_SQ[0]
-    out = token_log_probs(view, hidden, targets, view.chunk)
-    if "log_sum_sq_probs" in out:
-        return out["token_logps"], out["log_z"], out["log_sum_sq_probs"]
-    return out["token_logps"], out["log_z"]
+def stage_outputs(values: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """The last stage's return value as the model's named outputs (what objectives read)."""
+    if torch.is_tensor(values):  # ValueHeadPipe
+        return {"values": values}
+    return dict(zip(LM_STAGE_OUTPUTS, values, strict=False))
 
 
 class LMHeadPipe(ColumnParallelLinear):
-    """Last stage (untied): hidden states -> ``(token_logps [b, s], log_z [b, s])`` fp32."""
+    """Last stage (untied): hidden states -> the requested outputs ``[b, s]`` fp32, in the order
+    of :data:`LM_STAGE_OUTPUTS`."""
 
-    def __init__(self, cfg: Any, state: ParallelState, seed: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        state: ParallelState,
+        seed: int,
+        dtype: torch.dtype,
+        outputs: frozenset[str],
+    ) -> None:
         with _seeded(seed):
             # why: GPTModel draws the final norm's parameters (none random) and then lm_head under
             # this seed; drawing nothing first keeps the two initialisations identical.
@@ -147,10 +139,10 @@ class LMHeadPipe(ColumnParallelLinear):
                 init_method=normal_init(cfg.init_method_std),
                 dtype=dtype,
             )
-        self.cfg, self.state = cfg, state
+        self.cfg, self.state, self.outputs = cfg, state, outputs
 
-    def forward(self, inputs: Activations) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        return _log_probs(self.weight, self.cfg, self.state, inputs)
+    def forward(self, inputs: Activations) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return _log_probs(self.weight, self.cfg, self.state, self.outputs, inputs)
 
 
 class ValueHeadPipe(nn.Module):
@@ -170,17 +162,26 @@ class ValueHeadPipe(nn.Module):
         return self.value(hidden).squeeze(-1).float()
 
 
-def tied_head_forward(module: EmbeddingPipe, inputs: Activations):
+def tied_head_forward(module: TiedEmbeddingPipe, inputs: Activations):
     """Last-stage use of the tied embedding: its rows project hidden states to log-probs."""
-    return _log_probs(module.weight, module.cfg_for_head, module.state_for_head, inputs)
+    return _log_probs(
+        module.weight, module.cfg_for_head, module.state_for_head, module.outputs, inputs
+    )
 
 
 class TiedEmbeddingPipe(EmbeddingPipe):
     """Embedding that the last stage reuses as ``lm_head`` (``model.tie_word_embeddings``)."""
 
-    def __init__(self, cfg: Any, state: ParallelState, seed: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        state: ParallelState,
+        seed: int,
+        dtype: torch.dtype,
+        outputs: frozenset[str],
+    ) -> None:
         super().__init__(cfg, state, seed, dtype)
-        self.cfg_for_head, self.state_for_head = cfg, state
+        self.cfg_for_head, self.state_for_head, self.outputs = cfg, state, outputs
 
 
 def checkpoint_function(tracker: RNGStatesTracker):
@@ -200,6 +201,7 @@ def build_pipeline_model(
     seed: int,
     loss_fn: Any,
     dtype: torch.dtype = torch.float32,
+    outputs: frozenset[str] | None = None,
 ) -> Any:
     """A DeepSpeed ``PipelineModule`` of the GPT model over ``state.pp_size`` stages.
 
@@ -210,27 +212,28 @@ def build_pipeline_model(
         seed: initialisation seed (stage seeds as in :class:`GPTModel`).
         loss_fn: DeepSpeed ``loss_fn(outputs, labels)`` evaluated on the last stage.
         dtype: parameter dtype.
+        outputs: the last stage's per-token outputs (``None``: the head's defaults), as for
+            :class:`~megatron.model.gpt.GPTModel`.
 
     Returns:
         The ``PipelineModule`` (layers partitioned so the transformer layers are balanced).
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-
-    WITH_SUM_SQ[0] = "log_sum_sq_probs" in getattr(loss_fn.objective, "policy_outputs", ())
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     n = cfg.num_layers
-    if getattr(cfg, "head", "lm") == "value":  # a reward model: no output projection to tie
+    head = getattr(cfg, "head", "lm")
+    outputs = resolve_outputs(head, outputs)
+    if head == "value":  # a reward model: no output projection to tie
         first = LayerSpec(EmbeddingPipe, cfg, state, seed, dtype)
         last = LayerSpec(ValueHeadPipe, cfg, seed + 1 + n, dtype)
     elif cfg.tie_word_embeddings:
-        first = TiedLayerSpec("embedding", TiedEmbeddingPipe, cfg, state, seed, dtype)
-        last = TiedLayerSpec(
-            "embedding", TiedEmbeddingPipe, cfg, state, seed, dtype, forward_fn=tied_head_forward
-        )
+        tied = ("embedding", TiedEmbeddingPipe, cfg, state, seed, dtype, outputs)
+        first = TiedLayerSpec(*tied)
+        last = TiedLayerSpec(*tied, forward_fn=tied_head_forward)
     else:
         first = LayerSpec(EmbeddingPipe, cfg, state, seed, dtype)
-        last = LayerSpec(LMHeadPipe, cfg, state, seed + 1 + n, dtype)
+        last = LayerSpec(LMHeadPipe, cfg, state, seed + 1 + n, dtype, outputs)
     specs = [
         first,
         *[
@@ -255,39 +258,6 @@ def build_pipeline_model(
     )
     module.model_head = getattr(cfg, "head", "lm")  # read when loading weights (head swaps)
     return module
-
-
-class PipelineLoss:
-    """DeepSpeed ``loss_fn``: evaluates the objective on the last stage.
-
-    ``labels`` is the tuple of the batch's other tensors in the order of :attr:`keys` (set by the
-    step before each batch). Metrics of each micro-batch are kept in :attr:`metrics` for the step
-    to collect, since the pipeline engine only returns the loss.
-    """
-
-    def __init__(self, objective: Any) -> None:
-        self.objective = objective
-        self.reference: Any = None  # a ReferenceProvider (cache lookups) when the run has one
-        self.dp_group: Any = None  # reduces the objective's dp_means (set by the trainer)
-        self.keys: list[str] = []
-        self.metrics: list[dict[str, torch.Tensor]] = []
-
-    def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: tuple) -> torch.Tensor:
-        batch = dict(zip(self.keys, labels, strict=True))
-        ref = self.reference(batch) if self.reference is not None else None
-        if torch.is_tensor(outputs):  # ValueHeadPipe
-            policy = {"values": outputs}
-        else:
-            policy = {"token_logps": outputs[0], "log_z": outputs[1]}
-            if len(outputs) > 2:
-                policy["log_sum_sq_probs"] = outputs[2]
-        loss, metrics = evaluate(self.objective, policy, ref, batch, self.dp_group)
-        detached = {
-            k: tuple(x.detach() for x in v) if isinstance(v, tuple) else v.detach()
-            for k, v in metrics.items()
-        }
-        self.metrics.append({"loss": loss.detach(), **detached})
-        return loss
 
 
 def mark_tied_duplicates(module: Any) -> None:

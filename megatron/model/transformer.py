@@ -1,7 +1,8 @@
 """One decoder layer: norms, tensor-parallel self-attention and MLP, residual wiring.
 
 Shapes: b batch, s sequence, h hidden, p TP size, n heads, nk kv heads, np = n/p, nkp = nk/p,
-hn head dim (kv_channels), f ffn hidden.
+hn head dim (kv_channels), f ffn hidden, t filled key/value cache slots (incremental decoding,
+:mod:`megatron.model.kv_cache`).
 
 Covers the Llama family (RMSNorm, SwiGLU, GQA, rotary with scaling, optional qkv bias as in Qwen2)
 and GPT-NeoX/Pythia (LayerNorm, GeLU, partial rotary, parallel residual, biases). The fused
@@ -12,17 +13,20 @@ and GPT-NeoX/Pythia (LayerNorm, GeLU, partial rotary, parallel residual, biases)
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.attention import SequenceLayout, select_backend
+from megatron.model.attention import SequenceLayout, _repeat_kv, select_backend
 from megatron.model.rotary import RotaryEmbedding
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear, normal_init
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
+
+if TYPE_CHECKING:
+    from megatron.model.kv_cache import LayerKVCache
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +87,20 @@ class SelfAttention(nn.Module):
         self.window = cfg.sliding_window
         self.backend_name = cfg.attention_backend
 
-    def forward(self, x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, layout: SequenceLayout, kv_cache: LayerKVCache | None = None
+    ) -> torch.Tensor:
+        """``[b, s, h] -> [b, s, h]``.
+
+        Args:
+            x: ``[b, s, h]`` normed hidden states.
+            layout: positions (``position_ids [b, s]``) and attention structure of ``x``.
+            kv_cache: this layer's incremental-decoding cache
+                (:class:`~megatron.model.kv_cache.LayerKVCache`): the new keys/values are stored
+                in it and the queries attend over its filled slots under its mask
+                (:mod:`megatron.model.kv_cache`); ``layout`` then only supplies the positions.
+                Inference only: no attention dropout on this path.
+        """
         b, s, _ = x.shape
         qkv = self.linear_qkv(x)  # [b, s, (np + 2 nkp) hn]
         qkv = qkv.view(b, s, self.nkp, self.q_per_kv + 2, self.hn)  # [b, s, nkp, q/kv + 2, hn]
@@ -91,7 +108,17 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # [b, s, nkp, hn]
         cos, sin = self.rotary.cos_sin(layout.position_ids, q.dtype)
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
-        attend = select_backend(self.backend_name, q.dtype, q.device)
+        if kv_cache is not None:
+            k, v, mask = kv_cache.update(k, v, self.window)  # [b, t, nkp, hn], [b, 1, s, t]
+            groups = self.np // self.nkp
+            ctx = F.scaled_dot_product_attention(
+                q.transpose(1, 2),  # [b, s, np, hn] -> [b, np, s, hn]
+                _repeat_kv(k.transpose(1, 2), groups),  # [b, t, nkp, hn] -> [b, np, t, hn]
+                _repeat_kv(v.transpose(1, 2), groups),
+                attn_mask=mask,
+            ).transpose(1, 2)  # [b, np, s, hn] -> [b, s, np, hn]
+            return self.linear_proj(ctx.reshape(b, s, self.np * self.hn))  # [b, s, h]
+        attend = select_backend(self.backend_name, q.dtype, q.device, layout)
         p = self.dropout_p if self.training else 0.0
         # why: attention probabilities are sharded by head, so dropout uses the per-TP-rank stream.
         with self.tracker.fork():
@@ -157,9 +184,11 @@ class TransformerLayer(nn.Module):
         # Replicated activations: the default stream, identical on all TP ranks.
         return F.dropout(x, self.hidden_dropout, self.training) if self.hidden_dropout else x
 
-    def forward(self, x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
-        """``[b, s, h] -> [b, s, h]``."""
-        attn = self._drop(self.self_attention(self.input_norm(x), layout))
+    def forward(
+        self, x: torch.Tensor, layout: SequenceLayout, kv_cache: LayerKVCache | None = None
+    ) -> torch.Tensor:
+        """``[b, s, h] -> [b, s, h]``; ``kv_cache``: see :meth:`SelfAttention.forward`."""
+        attn = self._drop(self.self_attention(self.input_norm(x), layout, kv_cache))
         if self.parallel_residual:
             return x + attn + self._drop(self.mlp(self.post_attention_norm(x)))
         h = x + attn

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from megatron.data.batch import Batch
 from megatron.objectives.logprobs import pair_log_probs
 from megatron.objectives.pairs import (
     masked_mean,
@@ -164,7 +165,7 @@ def cpo_pair_losses(
 
 
 def cpo_loss(
-    cfg: Any, policy: dict[str, torch.Tensor], batch: dict[str, Any]
+    cfg: Any, policy: dict[str, torch.Tensor], batch: Batch
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``mean(pair loss) + cpo_alpha * NLL(chosen)`` for a ``cpo`` or ``simpo`` config.
 
@@ -211,7 +212,7 @@ class CPO(Objective):
     needs_reference_model = False
 
     def loss(
-        self, policy: dict[str, torch.Tensor], reference: Any, batch: dict[str, Any]
+        self, policy: dict[str, torch.Tensor], reference: Any, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """See :func:`cpo_loss`; ``reference`` is unused (``None``)."""
         return cpo_loss(self.config, policy, batch)

@@ -76,6 +76,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from megatron.data.batch import Batch
 from megatron.objectives.logprobs import (
     PairLogProbs,
     ld_pair_log_probs,
@@ -354,7 +355,7 @@ LOSSES: dict[str, Callable[[DPOTerms, DPOConfig], torch.Tensor]] = {
 
 # ----------------------------------------------------------------------------- the objective
 def wpo_weights(
-    token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, batch: dict[str, Any]
+    token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, batch: Batch
 ) -> torch.Tensor:
     """WPO pair weights ``w_w * w_l`` (``[P]`` fp32, no gradient).
 
@@ -385,8 +386,12 @@ class DPO(Objective):
         # why: the class attribute is the documented default; a reference-free run needs none,
         # so the trainer must read this attribute on the instance.
         self.needs_reference_model = not config.reference_free
-        if config.use_weighting:
-            self.policy_outputs = frozenset({"log_sum_sq_probs"})
+
+    @property
+    def model_outputs(self) -> frozenset[str]:
+        """WPO (``use_weighting``) also reads ``log sum_v p_v^2`` per token."""
+        extra = {"log_sum_sq_probs"} if self.config.use_weighting else set()
+        return frozenset({"token_logps", "log_z", *extra})
 
     @classmethod
     def check_config(cls, run_config: Any) -> list[str]:
@@ -400,7 +405,7 @@ class DPO(Objective):
             ]
         return []
 
-    def sequence_log_probs(self, token_logps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def sequence_log_probs(self, token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Per-sequence log-probs ``[2P]`` fp32 as this objective reduces them (sum, or LD-DPO).
 
         The reference log-probs must be reduced the same way: see :meth:`reference_log_probs`.
@@ -414,7 +419,7 @@ class DPO(Objective):
         return {"ld_alpha": self.config.ld_alpha}
 
     def reference_log_probs(
-        self, token_logps: torch.Tensor, batch: dict[str, Any]
+        self, token_logps: torch.Tensor, batch: Batch
     ) -> dict[str, torch.Tensor]:
         """The ``reference`` argument of :meth:`loss` from the reference model's token log-probs.
 
@@ -432,7 +437,7 @@ class DPO(Objective):
         self,
         policy: dict[str, torch.Tensor],
         reference: dict[str, torch.Tensor] | None,
-        batch: dict[str, Any],
+        batch: Batch,
     ) -> DPOTerms:
         """Per-pair quantities of the micro-batch (invalid pairs zeroed), see :class:`DPOTerms`."""
         cfg = self.config
@@ -470,7 +475,7 @@ class DPO(Objective):
         self,
         policy: dict[str, torch.Tensor],
         reference: dict[str, torch.Tensor] | None,
-        batch: dict[str, Any],
+        batch: Batch,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum over ``loss_type`` of the mean per-pair loss.
 

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from megatron.data.batch import KL_SEQUENCES, Batch
 from megatron.objectives.logprobs import sequence_log_probs
 from megatron.objectives.pairs import masked_mean, raise_section_problems, zero_invalid
 from megatron.objectives.registry import Objective, register_objective
@@ -103,7 +104,7 @@ class KTO(Objective):
     @property
     def side_batches(self) -> tuple[str, ...]:
         """The KL sequences' sub-batch, forwarded without gradient (see the registry)."""
-        return ("kl",) if self.uses_kl else ()
+        return (KL_SEQUENCES,) if self.uses_kl else ()
 
     def collate_options(self, pipeline: bool = False) -> dict[str, Any]:
         """KL sequences only for ``kto``; their own sub-batch except under pipeline parallelism
@@ -144,40 +145,42 @@ class KTO(Objective):
     def _split(
         self,
         token_logps: torch.Tensor,
-        batch: dict[str, Any],
+        batch: Batch,
         kl_token_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(completion sums [n], completion counts [n], kl sums [n], kl counts [n])``.
 
-        The KL sequences come from ``kl_token_logps`` over ``batch["kl"]`` when the batch has that
-        sub-batch, else from the sequences ``n .. 2n-1`` of the batch itself.
+        The KL sequences come from ``kl_token_logps`` over ``batch.sub_batches[KL_SEQUENCES]`` when
+        the batch has that sub-batch, else from the sequences ``n .. 2n-1`` of the batch itself.
         """
         sums, counts = sequence_log_probs(token_logps, batch)
-        n = int(batch["kl_start"])
+        n = batch.kl_start
         if not self.uses_kl:
             empty = sums.new_zeros(n)
             return sums[:n], counts[:n], empty, empty
-        if "kl" in batch:
+        sub = batch.sub_batches.get(KL_SEQUENCES)
+        if sub is not None:
             if kl_token_logps is None:
-                raise ValueError("the batch's KL sub-batch 'kl' was not forwarded")
-            kl, kl_counts = sequence_log_probs(kl_token_logps, batch["kl"])
+                raise ValueError(f"the batch's KL sub-batch {KL_SEQUENCES!r} was not forwarded")
+            kl, kl_counts = sequence_log_probs(kl_token_logps, sub)
             return sums[:n], counts[:n], kl, kl_counts
         return sums[:n], counts[:n], sums[n : 2 * n], counts[n : 2 * n]
 
     @staticmethod
     def _kl_tokens(outputs: dict[str, Any] | None) -> torch.Tensor | None:
-        kl = (outputs or {}).get("kl")
+        kl = (outputs or {}).get(KL_SEQUENCES)
         return None if kl is None else kl["token_logps"].detach()
 
     def reference_log_probs(
         self,
         token_logps: torch.Tensor,
-        batch: dict[str, Any],
+        batch: Batch,
         side: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{"completion_logps": [n], "kl_logps": [n]}`` fp32 reference sums (detached).
 
-        ``side["kl"]`` holds ``{"token_logps": ...}`` of ``batch["kl"]`` when the batch has it.
+        ``side[KL_SEQUENCES]`` holds ``{"token_logps": ...}`` of that sub-batch when the batch has
+        it.
         """
         completion, _, kl, _ = self._split(token_logps.detach(), batch, self._kl_tokens(side))
         return {"completion_logps": completion, "kl_logps": kl}
@@ -198,7 +201,7 @@ class KTO(Objective):
         self,
         policy: dict[str, torch.Tensor],
         reference: dict[str, torch.Tensor] | None,
-        batch: dict[str, Any],
+        batch: Batch,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{"kl": (sum, count)}`` of ``log pi(y'|x) - log pi_ref(y'|x)`` over the KL sequences."""
         if not self.uses_kl:
@@ -215,13 +218,13 @@ class KTO(Objective):
         self,
         policy: dict[str, torch.Tensor],
         reference: dict[str, torch.Tensor] | None,
-        batch: dict[str, Any],
+        batch: Batch,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean weighted KTO loss over the micro-batch's examples.
 
         Args:
-            policy: ``{"token_logps": [b, s] fp32, ...}``, plus ``"kl": {"token_logps": ...}`` of
-                ``batch["kl"]`` when the batch has that sub-batch.
+            policy: ``{"token_logps": [b, s] fp32, ...}``, plus ``{KL_SEQUENCES: {"token_logps":
+                ...}}`` of that sub-batch when the batch has it.
             reference: ``{"completion_logps": [n], "kl_logps": [n]}`` from
                 :meth:`reference_log_probs` (``None`` when ``reference_free``).
             batch: unpaired batch: ``loss_mask``, ``sequence_ids``, ``num_sequences``,
@@ -240,11 +243,11 @@ class KTO(Objective):
             policy["token_logps"], batch, self._kl_tokens(policy)
         )
         ref_completion, _ = self._reference(reference, completion)
-        labels = batch["labels"].to(device=completion.device, dtype=torch.bool)
+        labels = batch.labels.to(device=completion.device, dtype=torch.bool)
         valid = counts > 0
         logratios = zero_invalid(completion - ref_completion, valid)
         if self.uses_kl:
-            means = batch.get("dp_means")
+            means = batch.dp_means
             if means is None:  # a single process: this micro-batch's own mean
                 total, n_kl = self.dp_means(policy, reference, batch)["kl"]
                 kl = total / n_kl.clamp(min=1.0)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from megatron.data.batch import Batch
 from megatron.objectives.registry import Objective, register_objective
 
 
@@ -36,7 +37,7 @@ class LanguageModelling(Objective):
     needs_reference_model = False
 
     def loss(
-        self, policy: dict[str, torch.Tensor], reference: Any, batch: dict[str, torch.Tensor]
+        self, policy: dict[str, torch.Tensor], reference: Any, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Token-mean NLL.
 
@@ -48,7 +49,7 @@ class LanguageModelling(Objective):
         Returns:
             ``(loss, metrics)``; metrics are detached.
         """
-        mask = batch["loss_mask"].to(policy["token_logps"].dtype)
+        mask = batch.loss_mask.to(policy["token_logps"].dtype)
         n_tokens = mask.sum()
         denom = n_tokens.clamp(min=1.0)
         nll = -(policy["token_logps"] * mask).sum() / denom

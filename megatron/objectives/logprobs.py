@@ -1,14 +1,10 @@
-"""Per-token log-probabilities of the targets, from final hidden states (TP-aware, chunked).
+"""Per-sequence log-probabilities from the model's per-token outputs.
 
-Shapes: b batch, s sequence, h hidden, v padded vocabulary, p TP size.
+Shapes: b batch, s sequence, N sequences, P pairs, k extra targets.
 
-The ``lm_head`` (or tied embedding) shard ``[v/p, h]`` is applied ``chunk_size`` tokens at a time
-and the log-sum-exp is all-reduced across TP ranks
-(:func:`megatron.parallel.chunked_vocab_parallel_log_probs`), so ``[b*s, v]`` logits are never
-materialised; logits are accumulated in fp32 whatever the parameter dtype.
-
-The objectives reduce those per-token log-probs to per-sequence ones with
-:func:`sequence_log_probs` (sums and token counts over ``sequence_ids``, whatever the row layout)
+The model gives ``log p(target)`` per position (:mod:`megatron.model.output`); the objectives
+reduce them to per-sequence values with :func:`sequence_log_probs` (sums and token counts over
+``Batch.sequence_ids``, whatever the row layout, extra targets of prefix-shared rows included)
 and, for pair batches, :func:`pair_log_probs` (chosen/rejected halves, token means for the
 length-normalised losses) and :func:`ld_pair_log_probs` (LD-DPO weighting).
 """
@@ -16,47 +12,10 @@ length-normalised losses) and :func:`ld_pair_log_probs` (LD-DPO weighting).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from megatron.parallel.cross_entropy import chunked_vocab_parallel_log_probs
-
-
-def token_log_probs(
-    model: torch.nn.Module,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """``log p(targets)`` for every position.
-
-    Args:
-        model: a :class:`megatron.model.GPTModel` (for its output weight, TP group and vocab).
-        hidden: ``[b, s, h]`` final hidden states.
-        targets: ``[b, s]`` int64 next-token ids (any valid id where the loss mask is 0).
-        chunk_size: tokens per chunk of the vocabulary projection (None: ~256 MiB of fp32 logits).
-
-    Returns:
-        ``{"token_logps": [b, s] fp32, "log_z": [b, s] fp32}``, plus ``log_sum_sq_probs``
-        ``[b, s]`` (``log sum_v p_v^2``, no gradient) when ``model.with_sum_sq`` is set.
-    """
-    b, s, h = hidden.shape
-    with_sq = bool(getattr(model, "with_sum_sq", False))
-    out = chunked_vocab_parallel_log_probs(
-        hidden.reshape(b * s, h),  # [b, s, h] -> [b*s, h]
-        model.output_weight(),
-        targets.reshape(b * s),
-        model.state.tp_group,
-        vocab_size=model.cfg.vocab_size,
-        chunk_size=chunk_size,
-        with_sum_sq=with_sq,
-    )
-    result = {"token_logps": out[0].view(b, s), "log_z": out[1].view(b, s)}
-    if with_sq:  # the model's with_sum_sq flag: objectives that weight pairs by it (WPO)
-        result["log_sum_sq_probs"] = out[2].view(b, s)
-    return result
-
+from megatron.data.batch import Batch
 
 # ----------------------------------------------------------------------------- per-sequence
 # Sequence batches: n sequences per micro-batch, each token of the ``[b, s]`` grid tagged with the
@@ -64,58 +23,65 @@ def token_log_probs(
 # 0..P-1 chosen, P..2P-1 rejected, chosen i paired with rejected P+i.
 
 
-def num_sequences(batch: dict[str, Any]) -> int:
-    """``batch["num_sequences"]`` as a Python int (a 0-d tensor is accepted, e.g. after pipelining)."""
-    return int(batch["num_sequences"])
-
-
-def _target_tokens(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(valid [b*s] bool, ids [b*s] int64)``: tokens counted for a sequence, ids clamped to >= 0."""
-    ids = batch["sequence_ids"].reshape(-1)
-    valid = (batch["loss_mask"].reshape(-1) > 0) & (ids >= 0)
+    ids = batch.sequence_ids.reshape(-1)
+    valid = (batch.loss_mask.reshape(-1) > 0) & (ids >= 0)
     return valid, ids.clamp(min=0)
 
 
 def sequence_log_probs(
-    token_logps: torch.Tensor, batch: dict[str, Any]
+    token_logps: torch.Tensor, batch: Batch, extra_logps: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of target log-probs and their token counts.
 
     Tokens count where ``loss_mask > 0`` and ``sequence_ids >= 0``; the mask is an indicator, not a
     weight. Masked positions are excluded with ``torch.where`` (not multiplied by 0), so a
-    non-finite value there never reaches the sums or their gradients.
+    non-finite value there never reaches the sums or their gradients. A batch with
+    ``extra_targets`` (prefix-shared rows) also counts each extra target whose sequence id is
+    ``>= 0``, from ``extra_logps``.
 
     Args:
         token_logps: ``[b, s]`` log-probs of the targets (any float dtype; summed in fp32).
-        batch: holds ``loss_mask [b, s]`` float32, ``sequence_ids [b, s]`` int64 and
-            ``num_sequences`` (int n).
+        batch: its ``loss_mask``, ``sequence_ids``, ``num_sequences`` and ``extra_targets``.
+        extra_logps: ``[k]`` log-probs of ``batch.extra_targets`` (the model's ``extra_logps``).
 
     Returns:
-        ``(sums [n] fp32, counts [n] fp32)``; a sequence without target tokens has sum 0, count 0.
+        ``(sums [N] fp32, counts [N] fp32)``; a sequence without target tokens has sum 0, count 0.
     """
-    n = num_sequences(batch)
+    n = batch.num_sequences
     valid, ids = _target_tokens(batch)
     values = torch.where(valid, token_logps.reshape(-1).float(), 0.0)
+    extra = batch.extra_targets
+    if extra is not None and extra.index.numel():
+        if extra_logps is None:
+            raise ValueError("the batch has extra targets: pass their extra_logps")
+        extra_valid = extra.sequence_ids >= 0
+        valid = torch.cat([valid, extra_valid])
+        ids = torch.cat([ids, extra.sequence_ids.clamp(min=0)])
+        values = torch.cat([values, torch.where(extra_valid, extra_logps.float(), 0.0)])
     zeros = torch.zeros(n, dtype=torch.float32, device=token_logps.device)
     sums = zeros.index_add(0, ids, values)
     counts = zeros.index_add(0, ids, valid.float())
     return sums, counts
 
 
-def token_positions(batch: dict[str, Any]) -> torch.Tensor:
+def token_positions(batch: Batch) -> torch.Tensor:
     """1-based position of each target token within its sequence (0 where not a target).
 
     Positions follow the row-major order of the ``[b, s]`` grid, which is each sequence's token
-    order in every layout (padded, packed, prefix-shared) since a sequence's targets are contiguous.
+    order in the padded and packed layouts since a sequence's targets are contiguous. (Extra
+    targets of prefix-shared rows are not numbered here.)
 
     Args:
-        batch: holds ``loss_mask``, ``sequence_ids`` and ``num_sequences`` (see
-            :func:`sequence_log_probs`).
+        batch: its ``loss_mask``, ``sequence_ids`` and ``num_sequences``.
 
     Returns:
         ``[b, s]`` int64.
     """
-    n = num_sequences(batch)
+    if batch.extra_targets is not None:
+        raise ValueError("token_positions does not number extra targets (prefix-shared rows)")
+    n = batch.num_sequences
     valid, ids = _target_tokens(batch)
     key = torch.where(valid, ids, n)  # non-targets sort last, under their own key
     sorted_key, order = torch.sort(key, stable=True)
@@ -123,12 +89,10 @@ def token_positions(batch: dict[str, Any]) -> torch.Tensor:
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
     positions = torch.empty_like(rank).scatter_(0, order, rank + 1)
-    return torch.where(valid, positions, 0).view_as(batch["sequence_ids"])
+    return torch.where(valid, positions, 0).view_as(batch.sequence_ids)
 
 
-def ld_pair_log_probs(
-    token_logps: torch.Tensor, batch: dict[str, Any], alpha: float
-) -> torch.Tensor:
+def ld_pair_log_probs(token_logps: torch.Tensor, batch: Batch, alpha: float) -> torch.Tensor:
     """LD-DPO (arXiv:2409.06411) length-desensitised per-sequence log-probs of a pair batch.
 
     With ``l = min(|y_w|, |y_l|)`` for each pair, the first ``l`` target tokens of both
@@ -202,17 +166,20 @@ class PairLogProbs:
         return -self.chosen_sums.sum() / self.chosen_counts.sum().clamp(min=1.0)
 
 
-def pair_log_probs(token_logps: torch.Tensor, batch: dict[str, Any]) -> PairLogProbs:
+def pair_log_probs(
+    token_logps: torch.Tensor, batch: Batch, extra_logps: torch.Tensor | None = None
+) -> PairLogProbs:
     """:func:`sequence_log_probs` of a pair batch, split into chosen and rejected.
 
     Args:
         token_logps: ``[b, s]`` fp32 log-probs of the targets.
         batch: a pair batch (``loss_mask``, ``sequence_ids``, ``num_sequences`` = 2P).
+        extra_logps: ``[k]`` log-probs of the batch's extra targets (prefix-shared rows).
 
     Returns:
         :class:`PairLogProbs` with ``[P]`` fp32 fields.
     """
-    sums, counts = sequence_log_probs(token_logps, batch)
+    sums, counts = sequence_log_probs(token_logps, batch, extra_logps)
     chosen_sums, rejected_sums = split_pairs(sums)
     chosen_counts, rejected_counts = split_pairs(counts)
     return PairLogProbs(chosen_sums, rejected_sums, chosen_counts, rejected_counts)

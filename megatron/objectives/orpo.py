@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron.data.batch import Batch
 from megatron.objectives.logprobs import pair_log_probs
 from megatron.objectives.pairs import (
     masked_mean,
@@ -69,7 +70,7 @@ class ORPOConfig:
 
 
 def orpo_loss(
-    beta: float, token_logps: torch.Tensor, batch: dict[str, Any]
+    beta: float, token_logps: torch.Tensor, batch: Batch
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ORPO loss of a pair micro-batch.
 
@@ -105,7 +106,7 @@ class ORPO(Objective):
     needs_reference_model = False
 
     def loss(
-        self, policy: dict[str, torch.Tensor], reference: Any, batch: dict[str, Any]
+        self, policy: dict[str, torch.Tensor], reference: Any, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """See :func:`orpo_loss`; ``reference`` is unused (``None``)."""
         return orpo_loss(self.config.beta, policy["token_logps"], batch)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron.errors import SectionError
+
 
 def zero_invalid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``x`` with the entries of invalid pairs set to 0 (``[P]`` -> ``[P]``)."""
@@ -63,14 +65,11 @@ def reward_metrics(
 
 
 def raise_section_problems(section: str, problems: list[tuple[str, str]]) -> None:
-    """Raise the loader's :class:`~megatron.config.SectionError` if ``problems`` is non-empty.
+    """Raise the loader's :class:`~megatron.errors.SectionError` if ``problems`` is non-empty.
 
     Args:
         section: the Config class name (e.g. ``"DPOConfig"``).
         problems: ``(field name, message)`` pairs.
     """
     if problems:
-        # Imported here: megatron.config imports the objectives registry when it loads.
-        from megatron.config.sections import SectionError
-
         raise SectionError(section, problems)

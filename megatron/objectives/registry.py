@@ -22,15 +22,20 @@ Optional parts of the contract:
 * ``collate_options(pipeline) -> dict``: keyword arguments for the
   :class:`~megatron.data.collators.Collator` (e.g. whether unpaired batches carry KL sequences);
   ``pipeline`` tells whether the run is pipeline-parallel.
-* ``side_batches``: keys of sub-batches (``batch[key]``, same keys as a batch) that the step
-  forwards *without gradient* through the policy (``policy[key]`` = the model's output dict) and
-  the reference model (``reference_log_probs(token_logps, batch, side={key: output})``); KTO's
-  KL sequences. Ignored where the batch has no such key.
+* ``model_outputs``: the per-token outputs the loss reads from the model (names in
+  :mod:`megatron.model.output`); the model is built to give exactly these. Default: the head's
+  (``token_logps`` + ``log_z`` for ``lm``, ``values`` for ``value``); WPO adds
+  ``log_sum_sq_probs``.
+* ``side_batches``: names of sub-batches (``batch.sub_batches[name]``) that the step forwards
+  *without gradient* through the policy (``policy[name]`` = the model's output dict) and the
+  reference model (``reference_log_probs(token_logps, batch, side={name: output})``); KTO's KL
+  sequences. Ignored where the batch has no such sub-batch.
 * ``data_warnings(dataset) -> list[str]``: advice about the training data, logged at start-up
   (KTO's desirable/undesirable balance).
 * ``dp_means(policy, reference, batch) -> {name: (sum, count)}``: batch statistics the loss
-  needs averaged over the data-parallel group (KTO's KL reference point). :func:`evaluate`
-  all-reduces the sums and counts and hands the means to ``loss`` as ``batch["dp_means"]``; a
+  needs averaged over the data-parallel group (KTO's KL reference point).
+  :func:`loss_with_dp_means` all-reduces the sums and counts and hands the means to ``loss`` as
+  ``batch.dp_means``; a
   loss called without them (a single process, unit tests) uses the local ``sum / count``.
 
 Trainer and step code ask the registry for the class and never compare names (STYLE.md rule 5).
@@ -44,6 +49,11 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from megatron.data.batch import Batch
+from megatron.model.output import DEFAULT_OUTPUTS
+
+# Every built-in objective is here before any other module can use the registry: importing
+# this module runs megatron/objectives/__init__.py first, and it imports each built-in.
 _REGISTRY: dict[str, type[Objective]] = {}
 
 
@@ -55,8 +65,11 @@ class Objective:
     batch_kind: ClassVar[str] = "sequence"
     needs_reference_model: ClassVar[bool] = False
     model_head: ClassVar[str] = "lm"
-    policy_outputs: frozenset[str] = frozenset()
-    """Extra per-token model outputs the loss reads (e.g. ``log_sum_sq_probs`` for WPO)."""
+
+    @property
+    def model_outputs(self) -> frozenset[str]:
+        """Per-token model outputs the loss reads (see the module docstring)."""
+        return DEFAULT_OUTPUTS[self.model_head]
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -97,11 +110,11 @@ class Objective:
         return {}
 
 
-def evaluate(
+def loss_with_dp_means(
     objective: Objective,
     policy: Any,
     reference: Any,
-    batch: dict[str, Any],
+    batch: Batch,
     dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``objective.loss`` with its :meth:`Objective.dp_means` reduced over ``dp_group`` first.
@@ -109,7 +122,7 @@ def evaluate(
     Every data-parallel rank calls this once per micro-batch, in the same order (the engines run
     the same number of micro-batches on each), so the all-reduce pairs up across ranks. The means
     are ``sum / max(count, 1)`` over all ranks' examples (detached) and reach the loss as
-    ``batch["dp_means"]``.
+    ``batch.dp_means`` (on a copy of the batch).
     """
     stats = objective.dp_means(policy, reference, batch)
     if stats:
@@ -122,10 +135,9 @@ def evaluate(
         )  # [k, 2]: sum, count
         if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(flat, group=dp_group)
-        batch = {
-            **batch,
-            "dp_means": {k: flat[i, 0] / flat[i, 1].clamp(min=1.0) for i, k in enumerate(names)},
-        }
+        batch = batch.replace(
+            dp_means={k: flat[i, 0] / flat[i, 1].clamp(min=1.0) for i, k in enumerate(names)}
+        )
     return objective.loss(policy, reference, batch)
 
 
@@ -144,20 +156,13 @@ def register_objective(name: str):
     return wrap
 
 
-def _load_builtin() -> None:
-    # Importing the package registers every built-in objective.
-    import megatron.objectives  # noqa: F401
-
-
 def objective_names() -> list[str]:
     """Names of all registered objectives, sorted."""
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def get_objective(name: str) -> type[Objective]:
     """The objective class registered as ``name``; ``KeyError`` listing the choices otherwise."""
-    _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown objective {name!r}; choices: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from megatron.data.batch import Batch
 from megatron.objectives.logprobs import split_pairs
 from megatron.objectives.pairs import raise_section_problems
 from megatron.objectives.registry import Objective, register_objective
@@ -70,9 +71,9 @@ class RewardConfig:
         raise_section_problems("RewardConfig", problems)
 
 
-def sequence_rewards(values: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+def sequence_rewards(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """``[N]`` fp32: each sequence's value at its ``score_index`` (flat ``row * s + column``)."""
-    return values.reshape(-1).float().index_select(0, batch["score_index"].to(values.device))
+    return values.reshape(-1).float().index_select(0, batch.score_index.to(values.device))
 
 
 @register_objective("reward")
@@ -90,7 +91,7 @@ class Reward(Objective):
         self,
         policy: dict[str, torch.Tensor],
         reference: Any,
-        batch: dict[str, Any],
+        batch: Batch,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Bradley-Terry loss (+ optional centering and z-loss) of a pair micro-batch.
 
@@ -109,8 +110,8 @@ class Reward(Objective):
         rewards = sequence_rewards(policy["values"], batch)
         chosen, rejected = split_pairs(rewards)
         diff = chosen - rejected
-        if cfg.use_margin and "margin" in batch:
-            diff = diff - batch["margin"].to(diff)
+        if cfg.use_margin and batch.margin is not None:
+            diff = diff - batch.margin.to(diff)
         loss = -F.logsigmoid(diff).mean()
         if cfg.center_rewards_coefficient is not None:
             loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()

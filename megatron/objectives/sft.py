@@ -7,7 +7,7 @@ tokens) and ``l_t = log p(x_{t+1} | x_{<=t})``,
 - ``token_mean``:    ``L = -sum_t m_t l_t / sum_t m_t`` (every trained token weighs the same);
 - ``sequence_mean``: ``L = mean_i ( -sum_{t in i} l_t / n_i )`` over the sequences ``i`` of the
   micro-batch that have ``n_i >= 1`` trained tokens (every sequence weighs the same, so long
-  answers do not dominate), using ``batch["sequence_ids"]`` to find each token's sequence.
+  answers do not dominate), using ``batch.sequence_ids`` to find each token's sequence.
 
 Reference implementation checked: TRL 1.16.0 ``SFTTrainer`` (``trl/trainer/sft_trainer.py``
 ``compute_loss``, ``loss_type="nll"``), whose loss is the token mean over ``completion_mask`` /
@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from megatron.data.batch import Batch
 from megatron.objectives.logprobs import sequence_log_probs
 from megatron.objectives.registry import Objective, register_objective
 
@@ -44,7 +45,7 @@ class SFTConfig:
 
 
 def sft_loss(
-    token_logps: torch.Tensor, batch: dict[str, Any], reduction: str
+    token_logps: torch.Tensor, batch: Batch, reduction: str
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked NLL of a sequence micro-batch.
 
@@ -58,7 +59,7 @@ def sft_loss(
         ``(loss 0-d fp32, metrics)``: ``sft/nll`` (token-mean NLL whatever the reduction, so runs
         compare), ``sft/tokens`` and, for ``sequence_mean``, ``sft/sequences``; detached.
     """
-    valid = batch["loss_mask"] > 0
+    valid = batch.loss_mask > 0
     logps = torch.where(valid, token_logps.float(), 0.0)
     n_tokens = valid.sum().float()
     token_nll = -logps.sum() / n_tokens.clamp(min=1.0)
@@ -83,7 +84,7 @@ class SFT(Objective):
     needs_reference_model = False
 
     def loss(
-        self, policy: dict[str, torch.Tensor], reference: Any, batch: dict[str, Any]
+        self, policy: dict[str, torch.Tensor], reference: Any, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """See :func:`sft_loss`; ``reference`` is unused (``None``)."""
         return sft_loss(policy["token_logps"], batch, self.config.reduction)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from megatron.data.batch import Batch
 from megatron.objectives.cpo import cpo_config_problems, cpo_loss
 from megatron.objectives.pairs import raise_section_problems
 from megatron.objectives.registry import Objective, register_objective
@@ -64,7 +65,7 @@ class SimPO(Objective):
     needs_reference_model = False
 
     def loss(
-        self, policy: dict[str, torch.Tensor], reference: Any, batch: dict[str, Any]
+        self, policy: dict[str, torch.Tensor], reference: Any, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """See :func:`megatron.objectives.cpo.cpo_loss`; ``reference`` is unused (``None``).
 

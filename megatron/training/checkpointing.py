@@ -10,8 +10,10 @@ Layout of ``checkpoint.save``::
         config.yml                  # the resolved run config
         rng_state_rank{r}.pt        # python, numpy, torch (cpu/cuda) and TP-tracker RNG per rank
 
-A crash at any point leaves ``latest`` naming the previous complete checkpoint, so a resume never
-sees a partial one. DeepSpeed's own ``latest`` file is not written (``save_latest=False``).
+Finding the tag (``latest`` or an ``iter_*`` directory) is :mod:`megatron.ckpt.layout`; the model
+files are :mod:`megatron.ckpt.native`. A crash at any point leaves ``latest`` naming the previous
+complete checkpoint, so a resume never sees a partial one. DeepSpeed's own ``latest`` file is not
+written (``save_latest=False``).
 
 ``checkpoint.finetune`` loads weights only (:func:`load_weights`): from any ZeRO stage, at any TP
 and PP size (pipeline and non-pipeline layouts both ways), and from the weights-only checkpoints ``tools/ckpts/`` writes (their ``client_state.json``
@@ -33,22 +35,15 @@ import torch
 import torch.distributed as dist
 
 from megatron.ckpt import ConversionError
-from megatron.ckpt.native import checkpoint_tp_size, load_tp_shard
-from megatron.config import save_config
+from megatron.ckpt.hf_config import model_config_from_section, with_tp_padding
+from megatron.ckpt.hf_mapping import pipeline_layer_of
+from megatron.ckpt.layout import LATEST, CheckpointError, resolve_checkpoint, tag_for
+from megatron.ckpt.native import checkpoint_tp_size, load_tp_shard, read_checkpoint_config
+from megatron.config import read_config_file, save_config
 from megatron.model import GPTModel
 from megatron.parallel.random import RNGStatesTracker
 from megatron.training.distributed import import_deepspeed
 from megatron.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, log_rank0
-
-LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or unusable; the message names the path and the fix."""
-
-
-def tag_for(step: int) -> str:
-    return f"iter_{step:07d}"
 
 
 def _barrier() -> None:
@@ -125,30 +120,6 @@ def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_checkpoint(load: str | Path) -> tuple[Path, str]:
-    """``(checkpoint root, tag)`` from ``checkpoint.load`` (a run dir with ``latest``, or a tag dir).
-
-    Raises:
-        CheckpointError: nothing loadable there.
-    """
-    path = Path(load)
-    if (path / LATEST).is_file():
-        tag = (path / LATEST).read_text().strip()
-        if not (path / tag).is_dir():
-            raise CheckpointError(f"{path / LATEST} names {tag!r}, but {path / tag} does not exist")
-        return path, tag
-    if (path / "client_state.json").is_file():
-        return path.parent, path.name
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint.load: {path} does not exist; give a directory written by checkpoint.save "
-            "(it holds a 'latest' file) or one of its iter_* directories"
-        )
-    raise CheckpointError(
-        f"checkpoint.load: {path} holds no 'latest' file and is not an iter_* checkpoint directory"
-    )
-
-
 def _client_state(tag_dir: Path) -> dict[str, Any]:
     path = tag_dir / "client_state.json"
     if not path.is_file():
@@ -167,24 +138,22 @@ def _pipeline_state_dict(
     the shapes the run needs are checked by the strict load instead, and the run's padded
     vocabulary is read off this stage's vocabulary layer (if it has one).
     """
-    from megatron.config import read_config_file
-    from megatron.model.convert_config import model_args_from_section, padded_vocab
-    from megatron.model.hf_mapping import pipeline_layer_of
-
     config_path = tag_dir / "config.yml"
     if not config_path.is_file():
         raise CheckpointError(f"checkpoint.load: {config_path} is missing (it holds the model)")
     try:
         section = read_config_file(config_path)["model"]
-        args, divisible_by = model_args_from_section(section, checkpoint_tp_size(tag_dir))
+        args = model_config_from_section(section, checkpoint_tp_size(tag_dir))
     except (ConversionError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint.load: {config_path}: {e}") from e
     own = module.state_dict()
     n = args.num_layers
     vocab_keys = ("0.weight", "tied_modules.embedding.weight", f"{n + 2}.weight")
     rows = next((own[k].shape[0] for k in vocab_keys if k in own), None)
-    vocab = rows * tp_size if rows else padded_vocab(args.vocab_size, tp_size, divisible_by)
-    run_args = dataclasses.replace(args, padded_vocab_size=vocab)
+    if rows:
+        run_args = dataclasses.replace(args, padded_vocab_size=rows * tp_size)
+    else:
+        run_args = with_tp_padding(args, tp_size)
     try:
         shard = load_tp_shard(tag_dir, run_args, tp_size, tp_rank)
     except ConversionError as e:
@@ -280,8 +249,6 @@ def load_weights(engine: Any, tag_dir: Path) -> None:
 
 def checkpoint_head(tag_dir: Path) -> str:
     """``model.head`` of a checkpoint, from its saved ``config.yml`` (``lm`` when unset)."""
-    from megatron.ckpt.native import read_checkpoint_config
-
     try:
         _, config = read_checkpoint_config(tag_dir)
     except ConversionError as e:

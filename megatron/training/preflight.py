@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from megatron.data.builders import build_datasets
+from megatron.data.builders import build_data
 from megatron.data.indexed import DatasetError
 from megatron.objectives import get_objective
 from megatron.training.checkpointing import LATEST, CheckpointError, resolve_checkpoint
@@ -29,12 +29,12 @@ def preflight(cfg: Any) -> list[str]:
         )
     objective = get_objective(cfg.objective.name)(cfg.objective.params)
     try:
-        train, _ = build_datasets(
+        train = build_data(
             objective.batch_kind,
             cfg.data,
             cfg.model.vocab_size,
             objective.collate_options(pipeline=cfg.parallel.pipeline > 1),
-        )
+        ).train
         if len(train) < cfg.training.global_batch_size:
             problems.append(
                 f"data.train: {len(train)} samples of data.seq_length {cfg.data.seq_length} "

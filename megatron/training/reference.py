@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron.ckpt.hf_config import ARCHITECTURE_FIELDS
 from megatron.config import config_to_dict, read_config_file
-from megatron.model import DTYPES, GPTModel, SequenceLayout
-from megatron.model.convert_config import ARCHITECTURE_FIELDS
+from megatron.data.batch import Batch
+from megatron.model import DTYPES, GPTModel
 from megatron.parallel import ParallelState
 from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
-from megatron.training.step import to_device
+from megatron.training.step import forward_outputs
 from megatron.utils import atomic_write_json, log_rank0
 
 CACHE_VERSION = 1
@@ -109,12 +110,13 @@ class ReferenceModel:
         self.load = load
 
     @torch.no_grad()
-    def token_log_probs(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``[b, s]`` fp32 reference log-probs of ``batch["targets"]``."""
-        layout = None
-        if "position_ids" in batch:
-            layout = SequenceLayout(batch["position_ids"], batch.get("segment_ids"))
-        return self.model(batch["tokens"], layout, batch["targets"])["token_logps"]
+    def token_log_probs(self, batch: Batch) -> torch.Tensor:
+        """``[b, s]`` fp32 reference log-probs of ``batch.targets``."""
+        if batch.extra_targets is not None:
+            raise ValueError(
+                "the reference model does not score extra targets (prefix-shared rows) yet"
+            )
+        return forward_outputs(self.model, batch)["token_logps"]
 
 
 # ---- cache ------------------------------------------------------------------------------------
@@ -188,9 +190,12 @@ class ReferenceCache:
             )
         self.splits = {s: dict(np.load(self.path / f"{s}.npz")) for s in meta["splits"]}
 
-    def lookup(self, batch: dict[str, Any], split: str) -> dict[str, torch.Tensor]:
-        ids = batch["example_ids"].cpu().numpy()
-        device = batch["example_ids"].device
+    def lookup(self, batch: Batch, split: str) -> dict[str, torch.Tensor]:
+        """The cached values of the batch's examples (``batch.example_ids``) in ``split``."""
+        if batch.example_ids is None:
+            raise ValueError("a reference-cache lookup needs the batch's example_ids")
+        ids = batch.example_ids.cpu().numpy()
+        device = batch.example_ids.device
         return {k: torch.from_numpy(v[ids]).to(device) for k, v in self.splits[split].items()}
 
 
@@ -210,33 +215,34 @@ def write_cache(
     )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ReferenceProvider:
     """Gives ``objective.loss`` its ``reference`` argument for a micro-batch."""
 
     objective: Any
     model: ReferenceModel | None = None
     cache: ReferenceCache | None = None
-    split: str = "train"
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    def __call__(self, batch: Batch, split: str) -> dict[str, torch.Tensor] | None:
+        """Reference values of ``batch``, whose examples are rows of ``split`` (the cache is
+        indexed by split; the reference model ignores it)."""
         if self.cache is not None:
-            return self.cache.lookup(batch, self.split)
+            return self.cache.lookup(batch, split)
         if self.model is not None:
             return reference_values(self.model, self.objective, batch)
         return None
 
 
 def reference_values(
-    model: ReferenceModel, objective: Any, batch: dict[str, Any]
+    model: ReferenceModel, objective: Any, batch: Batch
 ) -> dict[str, torch.Tensor]:
     """``objective.reference_log_probs`` of a batch through the reference model, its side
     sub-batches (``objective.side_batches``) included."""
     token_logps = model.token_log_probs(batch)
     side = {
-        key: {"token_logps": model.token_log_probs(batch[key])}
-        for key in objective.side_batches
-        if key in batch
+        name: {"token_logps": model.token_log_probs(batch.sub_batches[name])}
+        for name in objective.side_batches
+        if name in batch.sub_batches
     }
     if side:
         return objective.reference_log_probs(token_logps, batch, side=side)
@@ -250,6 +256,7 @@ def _rank_rows(n: int, state: ParallelState) -> np.ndarray:
 @torch.no_grad()
 def _compute_split(
     dataset: Any,
+    collate: Any,
     model: ReferenceModel,
     objective: Any,
     state: ParallelState,
@@ -261,8 +268,10 @@ def _compute_split(
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(rows), micro):
         ids = rows[start : start + micro].tolist()
-        batch = to_device(dataset.collate([dataset[i] for i in ids]), device)
-        batch["example_ids"] = torch.tensor(ids, device=device)
+        batch = collate([dataset[i] for i in ids]).replace(
+            example_ids=torch.tensor(ids, dtype=torch.long)
+        )
+        batch = batch.to(device)
         for k, v in reference_values(model, objective, batch).items():
             parts.setdefault(k, []).append(v.float().cpu().numpy())
         progress.update(len(ids))
@@ -281,30 +290,31 @@ def precompute_reference(cfg: Any) -> Path:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from megatron.data.builders import build_datasets
+    from megatron.data.builders import build_data
     from megatron.objectives import get_objective
     from megatron.training.distributed import init_distributed
     from megatron.utils import global_rank
 
     if cfg.parallel.pipeline != 1:
         raise ValueError("precompute the reference with parallel.pipeline=1 (any TP x DP grid)")
-    device = init_distributed()
+    device = init_distributed().device
     state = ParallelState.build(cfg.parallel.tensor, 1)
     objective = get_objective(cfg.objective.name)(cfg.objective.params)
     load = initial_weights(cfg, None)
     model = ReferenceModel(cfg, state, device, load)
     kind = type(objective).batch_kind
-    train, valid = build_datasets(
+    data = build_data(
         kind, cfg.data, cfg.model.vocab_size, objective.collate_options(pipeline=False)
     )
     splits: dict[str, dict[str, np.ndarray]] = {}
-    for name, ds in (("train", train), ("valid", valid)):
+    for name, ds in (("train", data.train), ("valid", data.valid)):
         if ds is None:
             continue
         bar = tqdm(total=len(ds), desc=f"reference {name}", disable=global_rank() != 0)
         bar.update(0)
         mine = _compute_split(
             ds,
+            data.collate,
             model,
             objective,
             state,

@@ -11,58 +11,50 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron.model.attention import SequenceLayout
-from megatron.objectives.registry import evaluate
+from megatron.data.batch import Batch
+from megatron.objectives.registry import loss_with_dp_means
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors of ``batch`` (and of its sub-batches) moved to ``device``."""
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(device, non_blocking=True)
-        elif isinstance(v, dict) and "tokens" in v:  # a sub-batch (Objective.side_batches)
-            v = to_device(v, device)
-        out[k] = v
-    return out
+def forward_outputs(model: Any, batch: Batch) -> dict[str, torch.Tensor]:
+    """The model's per-token outputs for ``batch`` (its targets and extra targets, if any)."""
+    extra = batch.extra_targets
+    if extra is None:
+        return model(batch.tokens, batch.layout, batch.targets)
+    return model(batch.tokens, batch.layout, batch.targets, extra.index, extra.targets)
 
 
-def side_outputs(model: Any, objective: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    """``{key: model output}`` of the batch's side sub-batches, forwarded without gradient."""
+def side_outputs(model: Any, objective: Any, batch: Batch) -> dict[str, Any]:
+    """``{name: model outputs}`` of the batch's side sub-batches, forwarded without gradient."""
     out = {}
-    for key in objective.side_batches:
-        sub = batch.get(key)
+    for name in objective.side_batches:
+        sub = batch.sub_batches.get(name)
         if sub is not None:
             with torch.no_grad():
-                out[key] = model(sub["tokens"], _layout(sub), sub["targets"])
+                out[name] = forward_outputs(model, sub)
     return out
-
-
-def _layout(batch: dict[str, Any]) -> SequenceLayout | None:
-    if "position_ids" not in batch:
-        return None
-    return SequenceLayout(batch["position_ids"], batch.get("segment_ids"))
 
 
 def micro_batch_loss(
     engine: Any,
     objective: Any,
-    batch: dict[str, Any],
+    batch: Batch,
     reference: Any = None,
     dp_group: dist.ProcessGroup | None = None,
+    split: str = "train",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward one micro-batch and evaluate the objective on it.
 
-    Collators may attach ``batch["stats"]`` (a dict of scalar floats, e.g.
-    ``packing_efficiency``); they are reported with the objective's metrics. ``reference`` is
-    a :class:`megatron.training.reference.ReferenceProvider` (or ``None``); ``dp_group`` reduces
-    the objective's data-parallel means (:func:`megatron.objectives.registry.evaluate`).
+    The collator's ``batch.stats`` (scalar floats, e.g. ``packing_efficiency``) are reported
+    with the objective's metrics. ``reference`` is a
+    :class:`megatron.training.reference.ReferenceProvider` (or ``None``), asked for the rows of
+    ``split``; ``dp_group`` reduces the objective's data-parallel means
+    (:func:`megatron.objectives.registry.loss_with_dp_means`).
     """
-    ref = reference(batch) if reference is not None else None
+    ref = reference(batch, split) if reference is not None else None
     side = side_outputs(engine, objective, batch)  # e.g. KTO's KL sequences, no gradient
-    policy = {**engine(batch["tokens"], _layout(batch), batch["targets"]), **side}
-    loss, metrics = evaluate(objective, policy, ref, batch, dp_group)
-    for key, value in batch.get("stats", {}).items():
+    policy = {**forward_outputs(engine, batch), **side}
+    loss, metrics = loss_with_dp_means(objective, policy, ref, batch, dp_group)
+    for key, value in batch.stats.items():
         metrics[key] = torch.as_tensor(value, dtype=torch.float32)
     return loss, metrics
 
@@ -166,7 +158,7 @@ def grad_norm_meter(
 def train_step(
     engine: Any,
     objective: Any,
-    micro_batches: list[dict[str, Any]],
+    micro_batches: list[Batch],
     device: torch.device,
     reference: Any = None,
     dp_group: dist.ProcessGroup | None = None,
@@ -179,9 +171,7 @@ def train_step(
     engine.train()
     out = []
     for mb in micro_batches:
-        loss, metrics = micro_batch_loss(
-            engine, objective, to_device(mb, device), reference, dp_group
-        )
+        loss, metrics = micro_batch_loss(engine, objective, mb.to(device), reference, dp_group)
         engine.backward(loss)
         engine.step()
         out.append({"loss": loss.detach(), **detach_metrics(metrics)})
@@ -192,17 +182,18 @@ def train_step(
 def eval_step(
     engine: Any,
     objective: Any,
-    micro_batches: list[dict[str, Any]],
+    micro_batches: list[Batch],
     device: torch.device,
     reference: Any = None,
     dp_group: dist.ProcessGroup | None = None,
+    split: str = "valid",
 ) -> list[dict[str, torch.Tensor]]:
-    """Forward only, in eval mode."""
+    """Forward only, in eval mode (reference values of ``split``)."""
     engine.eval()
     out = []
     for mb in micro_batches:
         loss, metrics = micro_batch_loss(
-            engine, objective, to_device(mb, device), reference, dp_group
+            engine, objective, mb.to(device), reference, dp_group, split
         )
         out.append({"loss": loss.detach(), **detach_metrics(metrics)})
     return out

@@ -18,17 +18,22 @@ import torch
 
 from megatron.config import config_to_dict, deepspeed_config
 from megatron.config.validate import reference_source
-from megatron.data.builders import build_datasets
+from megatron.data.batch import Batch
+from megatron.data.builders import build_data
 from megatron.data.sampler import GlobalBatchSampler
 from megatron.model import GPTModel
-from megatron.model.pipeline import PipelineLoss, build_pipeline_model, mark_tied_duplicates
+from megatron.model.pipeline import build_pipeline_model, mark_tied_duplicates
 from megatron.objectives import get_objective
 from megatron.parallel import ParallelState, RNGStatesTracker, model_parallel_seed
 from megatron.training import checkpointing
-from megatron.training.distributed import import_deepspeed, init_distributed
+from megatron.training.distributed import export_local_rank, import_deepspeed, init_distributed
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer, learning_rate, set_learning_rate
-from megatron.training.pipeline_step import pipeline_eval_step, pipeline_train_step
+from megatron.training.pipeline_step import (
+    PipelineLoss,
+    pipeline_eval_step,
+    pipeline_train_step,
+)
 from megatron.training.reference import (
     ReferenceCache,
     ReferenceModel,
@@ -60,7 +65,9 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
-        self.device = init_distributed()
+        self.dist_env = init_distributed()
+        self.device = self.dist_env.device
+        export_local_rank(self.dist_env)  # DeepSpeed's engine reads it from os.environ
         self.state = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
         self.tracker = RNGStatesTracker()
         seed = cfg.training.seed
@@ -70,12 +77,13 @@ class Trainer:
         objective_cls = get_objective(cfg.objective.name)
         self.objective = objective_cls(cfg.objective.params)
         self._build_engine()
-        self.train_data, self.valid_data = build_datasets(
+        data = build_data(
             objective_cls.batch_kind,
             cfg.data,
             cfg.model.vocab_size,
             self.objective.collate_options(pipeline=self.state.pp_size > 1),
         )
+        self.train_data, self.valid_data, self.collate = data.train, data.valid, data.collate
         self.sampler = self._sampler(len(self.train_data), shuffle=True)
         if global_rank() == 0:
             for warning in self.objective.data_warnings(self.train_data):
@@ -88,8 +96,9 @@ class Trainer:
             config=config_to_dict(cfg),
         )
         client = self._load() if cfg.checkpoint.load else None
-        self.reference_load: str | None = None
-        self.reference = self._build_reference(client)
+        uses_reference = reference_source(cfg) != "none"
+        self.reference_load = initial_weights(cfg, client) if uses_reference else None
+        self.reference = self._build_reference()
         log_rank0(
             "grid tp=%d pp=%d dp=%d zero=%d | %.2fM parameters on this rank | %d train samples",
             self.state.tp_size,
@@ -103,27 +112,18 @@ class Trainer:
     def _build_engine(self) -> None:
         """Model (plain, or DeepSpeed pipeline stages when ``parallel.pipeline > 1``) + engine."""
         cfg, seed = self.cfg, self.cfg.training.seed
+        outputs = self.objective.model_outputs
+        self.pipe_loss: PipelineLoss | None = None
         if self.state.pp_size > 1:
-            loss_fn = PipelineLoss(self.objective)
-            loss_fn.dp_group = self.state.dp_group
-            self.model = build_pipeline_model(cfg.model, self.state, self.tracker, seed, loss_fn)
+            self.pipe_loss = PipelineLoss(self.objective, self.state.dp_group)
+            self.model = build_pipeline_model(
+                cfg.model, self.state, self.tracker, seed, self.pipe_loss, outputs=outputs
+            )
             mark_tied_duplicates(self.model)
             mpu = None  # the pipeline module brings its own grid
-            self._pipe_loss = loss_fn
-            self._train_fn = lambda mb: pipeline_train_step(self.engine, loss_fn, mb, self.state)
-            self._eval_fn = lambda mb: pipeline_eval_step(self.engine, loss_fn, mb, self.state)
         else:
-            self.model = GPTModel(cfg.model, self.state, self.tracker, seed=seed)
-            self.model.with_sum_sq = "log_sum_sq_probs" in self.objective.policy_outputs
+            self.model = GPTModel(cfg.model, self.state, self.tracker, seed=seed, outputs=outputs)
             mpu = self.state.mpu
-            self._pipe_loss = None
-            dp = self.state.dp_group
-            self._train_fn = lambda mb: train_step(
-                self.engine, self.objective, mb, self.device, self.reference, dp
-            )
-            self._eval_fn = lambda mb: eval_step(
-                self.engine, self.objective, mb, self.device, self.reference, dp
-            )
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         deepspeed = import_deepspeed()
@@ -158,23 +158,42 @@ class Trainer:
             self.sampler.load_state_dict(client["sampler"])
         return client
 
-    def _build_reference(self, client: dict[str, Any] | None) -> ReferenceProvider | None:
+    def _build_reference(self) -> ReferenceProvider | None:
         """The objective's reference log-probs (frozen model, cache or none), see reference.py."""
         source = reference_source(self.cfg)
         if source == "none":
             return None
-        self.reference_load = initial_weights(self.cfg, client)
         if source == "cache":
             key = cache_key(self.cfg, self.objective, self.reference_load)
-            provider = ReferenceProvider(
+            return ReferenceProvider(
                 self.objective, cache=ReferenceCache(self.cfg.reference.cache, key)
             )
-        else:
-            model = ReferenceModel(self.cfg, self.state, self.device, self.reference_load)
-            provider = ReferenceProvider(self.objective, model=model)
-        if self._pipe_loss is not None:
-            self._pipe_loss.reference = provider
-        return provider
+        model = ReferenceModel(self.cfg, self.state, self.device, self.reference_load)
+        return ReferenceProvider(self.objective, model=model)
+
+    def _train_step(self, micro: list[Batch]) -> list[dict[str, Any]]:
+        if self.pipe_loss is not None:
+            return pipeline_train_step(
+                self.engine, self.pipe_loss, micro, self.state, self.reference
+            )
+        return train_step(
+            self.engine, self.objective, micro, self.device, self.reference, self.state.dp_group
+        )
+
+    def _eval_step(self, micro: list[Batch], split: str) -> list[dict[str, Any]]:
+        if self.pipe_loss is not None:
+            return pipeline_eval_step(
+                self.engine, self.pipe_loss, micro, self.state, self.reference, split
+            )
+        return eval_step(
+            self.engine,
+            self.objective,
+            micro,
+            self.device,
+            self.reference,
+            self.state.dp_group,
+            split,
+        )
 
     def _save(self) -> None:
         client = {
@@ -192,12 +211,12 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last,
         )
 
-    def _micro_batches(self, indices: list[list[int]], dataset: Any) -> list[dict[str, Any]]:
+    def _micro_batches(self, indices: list[list[int]], dataset: Any) -> list[Batch]:
         out = []
         for mb in indices:
-            batch = dataset.collate([dataset[i] for i in mb])
-            batch["example_ids"] = torch.tensor(mb, dtype=torch.long)  # reference-cache rows
-            out.append(batch)
+            batch = self.collate([dataset[i] for i in mb])
+            # the dataset rows: what a reference cache is indexed by
+            out.append(batch.replace(example_ids=torch.tensor(mb, dtype=torch.long)))
         return out
 
     # ---- loop ---------------------------------------------------------------------------------
@@ -214,7 +233,7 @@ class Trainer:
             set_learning_rate(self.engine.optimizer, lr)
             start = time.time()
             micro = self._micro_batches(next(batches), self.train_data)
-            values = average_metrics(self._train_fn(micro), self.state.dp_group)
+            values = average_metrics(self._train_step(micro), self.state.dp_group)
             real = values.pop("real_tokens", None)  # mean per micro-batch, from the collator
             if real is not None:
                 tokens_per_step = real * t.gradient_accumulation_steps * self.state.dp_size
@@ -251,13 +270,9 @@ class Trainer:
         """Mean metrics over the first ``training.eval_iters`` global batches of validation data."""
         sampler = self._sampler(len(self.valid_data), shuffle=False)
         values = []
-        if self.reference is not None:
-            self.reference.split = "valid"
         for _, indices in zip(range(self.cfg.training.eval_iters), sampler, strict=False):
             micro = self._micro_batches(indices, self.valid_data)
-            values += self._eval_fn(micro)
-        if self.reference is not None:
-            self.reference.split = "train"
+            values += self._eval_step(micro, "valid")
         result = average_metrics(values, self.state.dp_group)
         self.metrics.log(self.step, result, split="valid")
         log_rank0(

@@ -1,4 +1,4 @@
-"""Blending, splits, resumable sampling over blends, and build_datasets' start-up checks."""
+"""Blending, splits, resumable sampling over blends, and build_data's start-up checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from megatron.config import DataConfig, DataSource
 from megatron.data.blending import BlendedDataset, split_indices
-from megatron.data.builders import build_datasets, build_splits
+from megatron.data.builders import build_data
 from megatron.data.indexed import DatasetError
 from megatron.data.meta import check_dataset_compat
 from megatron.data.preprocess import PreprocessOptions, preprocess
@@ -96,9 +96,7 @@ def unpaired_prefix(tmp_path_factory, tiny_tokenizer_dir):
     return tmp / "u"
 
 
-def test_build_datasets_blend_split_and_layouts(
-    pairwise_prefix, tmp_path, tiny_tokenizer_dir, chatml
-):
+def test_build_data_blend_split_and_layouts(pairwise_prefix, tmp_path, tiny_tokenizer_dir, chatml):
     from tests.data.conftest import conversational_pairs
 
     other = tmp_path / "other"
@@ -110,25 +108,26 @@ def test_build_datasets_blend_split_and_layouts(
         [pairwise_prefix, other], weights=[1, 3], split=[0.8, 0.2, 0.0], layout="packed",
         tokenizer=str(tiny_tokenizer_dir),
     )  # fmt: skip
-    train, valid, test = build_splits("pair", cfg, vocab_size=512)
+    data = build_data("pair", cfg, vocab_size=512)
+    train, valid, test = data.train, data.valid, data.test
     assert test is None and len(valid) == 13 + 6 and len(train) == 51 + 24
-    batch = train.collate([train[i] for i in range(4)])
-    assert batch["num_sequences"] == 8 and batch["tokens"].shape[0] < 8
-    assert "margin" not in batch  # the second dataset has no margin
-    assert 0 < batch["stats"]["packing_efficiency"] <= 1
-    single, none = build_datasets("pair", _cfg([pairwise_prefix], layout="padded"), 512)
-    assert none is None and single.collate([single[0]])["margin"].shape == (1,)
+    batch = data.collate([train[i] for i in range(4)])
+    assert batch.num_sequences == 8 and batch.tokens.shape[0] < 8
+    assert batch.margin is None  # the second dataset has no margin
+    assert 0 < batch.stats["packing_efficiency"] <= 1
+    single = build_data("pair", _cfg([pairwise_prefix], layout="padded"), 512)
+    assert single.valid is None and single.collate([single.train[0]]).margin.shape == (1,)
 
 
-def test_build_datasets_refuses_mismatches(pairwise_prefix, unpaired_prefix, tmp_path):
+def test_build_data_refuses_mismatches(pairwise_prefix, unpaired_prefix, tmp_path):
     with pytest.raises(
         DatasetError,
         match=r"data\.train\[0\]: .*pairs: format 'pairwise' serves the 'pair' batch kind, but "
         r"the objective needs 'unpaired' data; preprocess with --format unpaired \(--from-pairwise",
     ):
-        build_datasets("unpaired", _cfg([pairwise_prefix]), 512)
+        build_data("unpaired", _cfg([pairwise_prefix]), 512)
     with pytest.raises(DatasetError, match=r"data\.train\[1\]: .*'unpaired' serves .*needs 'pair'"):
-        build_datasets("pair", _cfg([pairwise_prefix, unpaired_prefix]), 512)
+        build_data("pair", _cfg([pairwise_prefix, unpaired_prefix]), 512)
     with pytest.raises(
         DatasetError, match=r"vocabulary of 512 tokens, but model\.vocab_size is 100"
     ):
@@ -138,7 +137,7 @@ def test_build_datasets_refuses_mismatches(pairwise_prefix, unpaired_prefix, tmp
 
     other_tok = build_byte_level_bpe(["another corpus entirely"] * 50, 300, tmp_path / "tok")
     with pytest.raises(DatasetError, match=r"built with tokenizer .* but data\.tokenizer .*hashes"):
-        build_datasets("pair", _cfg([pairwise_prefix], tokenizer=str(other_tok)), 512)
-    ds, _ = build_datasets("unpaired", _cfg([unpaired_prefix], seq_length=64), 512)
-    batch = ds.collate([ds[i] for i in range(4)])
-    assert batch["kl_start"] == 4 and batch["labels"].dtype.is_floating_point is False
+        build_data("pair", _cfg([pairwise_prefix], tokenizer=str(other_tok)), 512)
+    data = build_data("unpaired", _cfg([unpaired_prefix], seq_length=64), 512)
+    batch = data.collate([data.train[i] for i in range(4)])
+    assert batch.kl_start == 4 and batch.labels.dtype.is_floating_point is False

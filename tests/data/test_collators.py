@@ -6,20 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.data.collators import Collator, place_packed, sequence_logps
+from megatron.data.batch import KL_SEQUENCES, Batch
+from megatron.data.collators import Collator, place_packed
 from megatron.data.datasets import PairwiseDataset, SFTDataset, UnpairedDataset
 from megatron.data.preprocess import PreprocessOptions, preprocess
+from megatron.objectives.logprobs import sequence_log_probs
 from tests.data.conftest import write_jsonl
 
 
-def _check_layout(batch: dict, seqs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+def _check_layout(batch: Batch, seqs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """Every sequence appears contiguously with restarting positions, its targets and mask."""
-    assert batch["num_sequences"] == len(seqs)
-    for key in ("tokens", "targets", "position_ids", "sequence_ids"):
-        assert batch[key].dtype == torch.int64
-    assert batch["loss_mask"].dtype == torch.float32
-    pos = batch["position_ids"]
-    seg = batch.get("segment_ids")
+    assert batch.num_sequences == len(seqs)
+    for t in (batch.tokens, batch.targets, batch.layout.position_ids, batch.sequence_ids):
+        assert t.dtype == torch.int64
+    assert batch.loss_mask.dtype == torch.float32
+    pos = batch.layout.position_ids
+    seg = batch.layout.segment_ids
     if seg is None:  # padded: one sequence per row from offset 0, no segment tensor
         lengths = pos.max(dim=1).values + 1
         seg = (torch.arange(pos.shape[1]) < lengths[:, None]).long()
@@ -30,21 +32,21 @@ def _check_layout(batch: dict, seqs: list[tuple[np.ndarray, np.ndarray]]) -> Non
             idx = torch.nonzero(seg[r] == s).squeeze(-1)
             assert (idx == torch.arange(idx[0], idx[0] + idx.numel())).all()
             assert (pos[r, idx] == torch.arange(idx.numel())).all()
-            toks = batch["tokens"][r, idx].numpy()
+            toks = batch.tokens[r, idx].numpy()
             match = [
                 i for i, (t, _) in enumerate(seqs) if t.size == toks.size and (t == toks).all()
             ]
             assert match, "a sequence was altered"
-            ids = batch["sequence_ids"][r, idx[:-1]]
+            ids = batch.sequence_ids[r, idx[:-1]]
             owner = int(ids[ids >= 0][0]) if (ids >= 0).any() else None
             if owner is not None:
                 tok, trained = seqs[owner]
                 assert (tok == toks).all()
-                assert (batch["targets"][r, idx[:-1]].numpy() == tok[1:]).all()
-                assert (batch["loss_mask"][r, idx[:-1]].numpy() == trained[1:]).all()
+                assert (batch.targets[r, idx[:-1]].numpy() == tok[1:]).all()
+                assert (batch.loss_mask[r, idx[:-1]].numpy() == trained[1:]).all()
             found += 1
     assert found == len(seqs)
-    assert ((batch["sequence_ids"] >= 0) == (batch["loss_mask"] > 0)).all()
+    assert ((batch.sequence_ids >= 0) == (batch.loss_mask > 0)).all()
 
 
 def _pairs(n: int, seed: int = 0) -> list[dict]:
@@ -66,14 +68,14 @@ def test_pair_batches(layout):
             tok = np.concatenate([x["prompt"], x[key]])
             seqs.append((tok, np.arange(tok.size) >= x["prompt"].size))
     _check_layout(batch, seqs)
-    assert batch["margin"].tolist() == pytest.approx([x["margin"] for x in samples])
+    assert batch.margin.tolist() == pytest.approx([x["margin"] for x in samples])
     longest = max(t.size for t, _ in seqs)
     if layout == "padded":
-        assert batch["tokens"].shape == (10, min(24, -(-longest // 8) * 8))
+        assert batch.tokens.shape == (10, min(24, -(-longest // 8) * 8))
     else:
-        assert batch["tokens"].shape[0] < 10 and batch["tokens"].shape[1] <= 24
+        assert batch.tokens.shape[0] < 10 and batch.tokens.shape[1] <= 24
     real = sum(t.size for t, _ in seqs)
-    assert batch["stats"]["packing_efficiency"] == pytest.approx(real / batch["tokens"].numel())
+    assert batch.stats["packing_efficiency"] == pytest.approx(real / batch.tokens.numel())
 
 
 def test_packing_is_first_fit_decreasing_and_deterministic():
@@ -94,7 +96,6 @@ def test_sequences_longer_than_seq_length_are_refused():
 def test_packed_equals_padded_log_probs():
     from megatron.config import ModelConfig
     from megatron.model import GPTModel
-    from megatron.model.attention import SequenceLayout
     from megatron.parallel import ParallelState
 
     cfg = ModelConfig(
@@ -107,10 +108,9 @@ def test_packed_equals_padded_log_probs():
     out = {}
     for layout in ("padded", "packed"):
         batch = Collator("pair", layout, seq_length=32, pad_to_multiple_of=4)(samples)
-        layout_obj = SequenceLayout(batch["position_ids"], batch.get("segment_ids"))
         with torch.no_grad():
-            logps = model(batch["tokens"], layout_obj, batch["targets"])["token_logps"]
-        out[layout] = sequence_logps(logps, batch)
+            logps = model(batch.tokens, batch.layout, batch.targets)["token_logps"]
+        out[layout] = sequence_log_probs(logps, batch)[0]
     assert out["padded"].shape == (12,)
     torch.testing.assert_close(out["packed"], out["padded"], rtol=1e-5, atol=1e-5)
     assert (out["padded"] < 0).all()
@@ -138,8 +138,8 @@ def test_unpaired_kl_mismatch_rule_and_batches(unpaired_prefix, tokenizer):
     samples = [ds[i] for i in (0, 4, 7)]
     assert samples[0]["label"] is False and samples[1]["label"] is True
     batch = Collator("unpaired", "packed", seq_length=64)(samples)
-    assert batch["kl_start"] == 3 and batch["num_sequences"] == 6
-    assert batch["labels"].tolist() == [False, True, True]
+    assert batch.kl_start == 3 and batch.num_sequences == 6
+    assert batch.labels.tolist() == [False, True, True]
     seqs = []
     for key in ("completion", "kl_completion"):
         for x in samples:
@@ -152,24 +152,25 @@ def test_unpaired_kl_mismatch_rule_and_batches(unpaired_prefix, tokenizer):
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_unpaired_kl_as_a_separate_sub_batch(unpaired_prefix, layout):
-    """``separate_kl``: the KL sequences become ``batch["kl"]`` (same layout rules), the main
-    batch holds the examples only; the sequences themselves are those of the appended form."""
+    """``separate_kl``: the KL sequences become ``batch.sub_batches[KL_SEQUENCES]`` (same layout
+    rules), the main batch holds the examples only; the sequences are those of the appended form."""
     ds = UnpairedDataset(unpaired_prefix, seq_length=64, seed=5)
     samples = [ds[i] for i in (0, 4, 7)]
     joint = Collator("unpaired", layout, seq_length=64)(samples)
     split = Collator("unpaired", layout, seq_length=64, separate_kl=True)(samples)
-    assert split["num_sequences"] == 3 and split["kl_start"] == 3
-    assert split["kl"]["num_sequences"] == 3 and "labels" not in split["kl"]
+    sub = split.sub_batches[KL_SEQUENCES]
+    assert split.num_sequences == 3 and split.kl_start == 3
+    assert sub.num_sequences == 3 and sub.labels is None
     examples, kl = [], []
     for key, out in (("completion", examples), ("kl_completion", kl)):
         for x in samples:
             tok = np.concatenate([x["prompt"], x[key]])
             out.append((tok, np.arange(tok.size) >= x["prompt"].size))
     _check_layout(split, examples)
-    _check_layout(split["kl"], kl)
+    _check_layout(sub, kl)
     _check_layout(joint, examples + kl)
-    assert split["stats"]["real_tokens"] == joint["stats"]["real_tokens"]
-    assert (layout == "padded") == ("segment_ids" not in split["kl"])
+    assert split.stats["real_tokens"] == joint.stats["real_tokens"]
+    assert (layout == "padded") == (sub.layout.segment_ids is None)
 
 
 def test_sft_dataset_and_seq_length_check(tmp_path, tiny_tokenizer_dir, chatml, pairwise_prefix):
@@ -183,7 +184,7 @@ def test_sft_dataset_and_seq_length_check(tmp_path, tiny_tokenizer_dir, chatml, 
     batch = Collator("sequence", "padded", 64)([ds[0], ds[1]])
     _check_layout(batch, [(ds[i]["tokens"], ds[i]["loss_mask"] > 0) for i in range(2)])
     longest = max(ds[i]["tokens"].size for i in range(2))
-    assert batch["tokens"].shape == (2, -(-longest // 8) * 8)  # dynamic, not seq_length
+    assert batch.tokens.shape == (2, -(-longest // 8) * 8)  # dynamic, not seq_length
 
     from megatron.data.indexed import DatasetError
 
@@ -198,8 +199,8 @@ def test_sft_dataset_and_seq_length_check(tmp_path, tiny_tokenizer_dir, chatml, 
 def test_prompt_batches():
     samples = [{"prompt": np.arange(1, 6)}, {"prompt": np.arange(1, 3)}]
     batch = Collator("prompt", "padded", 16)(samples)
-    assert batch["prompt_lengths"].tolist() == [5, 2] and not batch["loss_mask"].any()
-    assert (batch["sequence_ids"] == -1).all() and batch["tokens"].shape == (2, 8)
+    assert batch.prompt_lengths.tolist() == [5, 2] and not batch.loss_mask.any()
+    assert (batch.sequence_ids == -1).all() and batch.tokens.shape == (2, 8)
 
 
 def _unpaired(n: int, seed: int = 0) -> list[dict]:
@@ -215,16 +216,16 @@ def _unpaired(n: int, seed: int = 0) -> list[dict]:
 def test_unpaired_without_kl_sequences(layout):
     samples = _unpaired(4)
     batch = Collator("unpaired", layout, seq_length=16, with_kl=False)(samples)
-    assert batch["num_sequences"] == 4 and batch["kl_start"] == 4
-    assert batch["labels"].tolist() == [True, False, True, False]
-    assert int(batch["sequence_ids"].max()) == 3
+    assert batch.num_sequences == 4 and batch.kl_start == 4
+    assert batch.labels.tolist() == [True, False, True, False]
+    assert int(batch.sequence_ids.max()) == 3
     seqs = []
     for x in samples:
         tok = np.concatenate([x["prompt"], x["completion"]])
         seqs.append((tok, np.arange(tok.size) >= x["prompt"].size))
     _check_layout(batch, seqs)
     with_kl = Collator("unpaired", layout, seq_length=16)(samples)
-    assert with_kl["num_sequences"] == 8 and with_kl["kl_start"] == 4
+    assert with_kl.num_sequences == 8 and with_kl.kl_start == 4
 
 
 def _eos_pairs(n: int, eos: int, seed: int = 0) -> list[dict]:
@@ -246,21 +247,21 @@ def test_score_index_points_at_each_sequences_scored_token(layout, score_token):
         "pair", layout, seq_length=32, pad_to_multiple_of=8, score_token=score_token, eos_id=eos
     )
     batch = collate(samples)
-    index = batch["score_index"]
+    index = batch.score_index
     assert index.dtype == torch.int64 and index.shape == (10,)
     seqs = [np.concatenate([x["prompt"], x[k]]) for k in ("chosen", "rejected") for x in samples]
-    width = batch["tokens"].shape[1]
-    tokens, positions = batch["tokens"].reshape(-1), batch["position_ids"].reshape(-1)
+    width = batch.tokens.shape[1]
+    tokens, positions = batch.tokens.reshape(-1), batch.layout.position_ids.reshape(-1)
     for i, tok in enumerate(seqs):
         k = tok.size - 1 if score_token == "last" else int(np.flatnonzero(tok == eos)[-1])
         assert int(positions[index[i]]) == k and int(tokens[index[i]]) == tok[k]
         row, col = divmod(int(index[i]), width)  # sequence i starts at column col - k of row
-        assert (batch["tokens"][row, col - k : col - k + tok.size].numpy() == tok).all()
+        assert (batch.tokens[row, col - k : col - k + tok.size].numpy() == tok).all()
     if score_token == "eos":
         assert (tokens[index] == eos).all()
         assert any(t[-1] != eos for t in seqs)  # some EOS are not the last token
     without = Collator("pair", layout, seq_length=32, pad_to_multiple_of=8)(samples)
-    assert "score_index" not in without
+    assert without.score_index is None
 
 
 def test_score_token_errors():

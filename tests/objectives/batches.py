@@ -10,16 +10,18 @@ hold NaN in ``token_logps`` so that a leak through the mask shows up.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
+
+from megatron.data.batch import Batch
+from megatron.model.layout import SequenceLayout
 
 NAN = float("nan")
 
 
 def sequence_batch(
     seqs: list[list[float]], layout: str = "padded", fill: float = NAN
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, Batch]:
     """``(token_logps [b, s] fp32 leaf with grad, batch)`` for sequences of target log-probs."""
     if layout == "padded":
         rows = [[(None, None)] + [(i, v) for v in seq] for i, seq in enumerate(seqs)]
@@ -37,17 +39,21 @@ def sequence_batch(
         for t, (i, v) in enumerate(row):
             if i is not None:
                 logps[b, t], ids[b, t] = v, i
-    batch = {
-        "loss_mask": (ids >= 0).float(),
-        "sequence_ids": ids,
-        "num_sequences": len(seqs),
-    }
+    tokens = torch.zeros_like(ids)  # the objectives never read the inputs
+    batch = Batch(
+        tokens=tokens,
+        targets=tokens,
+        loss_mask=(ids >= 0).float(),
+        layout=SequenceLayout.causal(*ids.shape),
+        sequence_ids=ids,
+        num_sequences=len(seqs),
+    )
     return logps.requires_grad_(True), batch
 
 
 def pair_batch(
     chosen: list[list[float]], rejected: list[list[float]], layout: str = "padded"
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, Batch]:
     """:func:`sequence_batch` of ``chosen + rejected`` (sequence i pairs with P + i)."""
     assert len(chosen) == len(rejected)
     return sequence_batch(chosen + rejected, layout)
@@ -58,12 +64,12 @@ def unpaired_batch(
     labels: list[bool],
     kl: list[list[float]] | None = None,
     layout: str = "padded",
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, Batch]:
     """:func:`sequence_batch` of an unpaired micro-batch: the n examples, then their n KL
     sequences (none when ``kl`` is None), with ``labels [n]`` bool and ``kl_start = n``."""
     assert kl is None or len(kl) == len(examples) == len(labels)
     logps, batch = sequence_batch(examples + (kl or []), layout)
-    batch |= {"labels": torch.tensor(labels, dtype=torch.bool), "kl_start": len(examples)}
+    batch = batch.replace(labels=torch.tensor(labels, dtype=torch.bool), kl_start=len(examples))
     return logps, batch
 
 
@@ -80,3 +86,16 @@ def logsig(x: float) -> float:
 def sig(x: float) -> float:
     """``sigma(x)`` in plain floats."""
     return 1.0 / (1.0 + math.exp(-x))
+
+
+def scored_batch(score_index: torch.Tensor, margin: torch.Tensor | None = None) -> Batch:
+    """A reward-model batch that only says where each sequence is scored (``score_index``)."""
+    tokens = torch.zeros(1, int(score_index.max()) + 1, dtype=torch.long)
+    return Batch(
+        tokens=tokens,
+        targets=tokens,
+        loss_mask=torch.zeros(tokens.shape),
+        layout=SequenceLayout.causal(*tokens.shape),
+        score_index=score_index,
+        margin=margin,
+    )

@@ -78,7 +78,7 @@ def test_hand_worked(objective, expected, layout):
     torch.testing.assert_close(metrics["nll_loss"], torch.tensor(NLL), **TOL)
     assert all(not v.requires_grad for v in metrics.values())
     loss.backward()
-    mask = pair_batch(CHOSEN, REJECTED, layout)[1]["loss_mask"] > 0
+    mask = pair_batch(CHOSEN, REJECTED, layout)[1].loss_mask > 0
     assert torch.isfinite(logps.grad).all() and (logps.grad[~mask] == 0).all()
     assert logps.grad[mask].abs().sum() > 0
 

@@ -317,7 +317,7 @@ def test_gradients_are_finite_and_only_on_targets(loss_type, cfg, f_div):
     )
     loss, _ = objective.loss(policy, ref, batch)
     loss.backward()
-    grad, mask = logps.grad, batch["loss_mask"] > 0
+    grad, mask = logps.grad, batch.loss_mask > 0
     assert torch.isfinite(grad).all()
     assert (grad[~mask] == 0).all()
     assert grad[mask].abs().sum() > 0

@@ -29,7 +29,7 @@ import torch
 from megatron.config import SectionError
 from megatron.objectives import get_objective
 from megatron.objectives.kto import KTO, KTOConfig
-from megatron.objectives.registry import evaluate
+from megatron.objectives.registry import loss_with_dp_means
 from tests.objectives.batches import sig, unpaired_batch
 
 BETA = 0.5
@@ -163,7 +163,7 @@ def test_kl_is_detached_and_example_gradients_are_analytic(layout):
     )
     loss, _ = objective.loss(policy, ref, batch)
     loss.backward()
-    grad, ids = logps.grad, batch["sequence_ids"]
+    grad, ids = logps.grad, batch.sequence_ids
     assert torch.isfinite(grad).all()
     analytic = [
         -2 / 3 * BETA * sig(0.25) * (1 - sig(0.25)),
@@ -184,26 +184,26 @@ def test_dp_means_overrides_the_local_estimate():
     ex 0: 1 - sigma(-0.5) = 0.6224593; ex 1: 1 - sigma(1.5) = 0.1824255; ex 2: 1 - sigma(0) = 0.5;
     mean 0.4349616. A negative data-parallel mean is clamped like a local one."""
     objective, policy, ref, batch, _ = make()
-    loss, metrics = objective.loss(policy, ref, {**batch, "dp_means": {"kl": torch.tensor(2.0)}})
+    loss, metrics = objective.loss(policy, ref, batch.replace(dp_means={"kl": torch.tensor(2.0)}))
     close(loss, 0.4349616)
     close(metrics["kl"], 2.0)
-    loss, metrics = objective.loss(policy, ref, {**batch, "dp_means": {"kl": torch.tensor(-4.0)}})
+    loss, metrics = objective.loss(policy, ref, batch.replace(dp_means={"kl": torch.tensor(-4.0)}))
     close(loss, 0.3413409)
     close(metrics["kl"], 0.0)
 
 
 def test_evaluate_on_one_process_matches_the_local_estimate():
     objective, policy, ref, batch, _ = make()
-    loss, metrics = evaluate(objective, policy, ref, batch, dp_group=None)
+    loss, metrics = loss_with_dp_means(objective, policy, ref, batch, dp_group=None)
     close(loss, 0.3598220)
     close(metrics["kl"], 0.5)
-    assert "dp_means" not in batch  # evaluate passes a copy
+    assert batch.dp_means is None  # evaluate passes a copy
 
 
 def test_apo_zero_unpaired_has_no_kl_statistic():
     objective, policy, ref, batch, _ = make(loss_type="apo_zero_unpaired")
     assert objective.dp_means(policy, ref, batch) == {}
-    assert batch["num_sequences"] == 3
+    assert batch.num_sequences == 3
     assert objective.reference_log_probs(policy["token_logps"], batch)["kl_logps"].numel() == 3
 
 
@@ -252,15 +252,14 @@ def test_reference_log_probs_split_examples_and_kl_sequences():
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_kl_sub_batch_equals_appended_kl_sequences(layout):
-    """The step's form (``batch["kl"]`` forwarded on its own, ``policy["kl"]``) gives the loss,
+    """The step's form (the KL sub-batch forwarded on its own, ``policy["kl"]``) gives the loss,
     metrics, reference values and example gradients of the appended form."""
     objective, policy, ref, batch, logps = make(layout)
     loss, metrics = objective.loss(policy, ref, batch)
     loss.backward()
     ex_logps, ex_batch = unpaired_batch(EXAMPLES, LABELS, None, layout)
     kl_logps, kl_batch = unpaired_batch(KL, LABELS, None, layout)
-    kl_batch = {k: kl_batch[k] for k in ("loss_mask", "sequence_ids", "num_sequences")}
-    ex_batch["kl"] = kl_batch
+    ex_batch.sub_batches["kl"] = kl_batch.replace(labels=None, kl_start=None)
     side_policy = {"token_logps": ex_logps, "kl": {"token_logps": kl_logps}}
     side_loss, side_metrics = objective.loss(side_policy, ref, ex_batch)
     side_loss.backward()
@@ -271,11 +270,11 @@ def test_kl_sub_batch_equals_appended_kl_sequences(layout):
         for a, b in zip(*pair, strict=True):
             torch.testing.assert_close(a, b, **TOL)
     assert kl_logps.grad is None or not kl_logps.grad.any()  # the KL forward carries no gradient
-    ids = batch["sequence_ids"]
+    ids = batch.sequence_ids
     want = torch.where(ids < 3, logps.grad, 0.0)  # the examples' part of the appended form
     for i in range(3):
         torch.testing.assert_close(
-            ex_logps.grad[ex_batch["sequence_ids"] == i].sum(), want[ids == i].sum(), **TOL
+            ex_logps.grad[ex_batch.sequence_ids == i].sum(), want[ids == i].sum(), **TOL
         )
     side_ref = objective.reference_log_probs(
         ex_logps, ex_batch, side={"kl": {"token_logps": kl_logps}}
@@ -348,7 +347,6 @@ def _completion_logp(model, prompt: np.ndarray, completion: np.ndarray) -> float
 @pytest.fixture(scope="module")
 def real():
     from megatron.data.collators import Collator
-    from megatron.model.attention import SequenceLayout
 
     policy, ref = _model(1), _model(77)
     samples = _samples(5, seed=3)
@@ -364,10 +362,10 @@ def real():
     out = {}
     for layout in ("padded", "packed"):
         batch = Collator("unpaired", layout, seq_length=16, pad_to_multiple_of=4)(samples)
-        seq_layout = SequenceLayout(batch["position_ids"], batch.get("segment_ids"))
+        seq_layout = batch.layout
         with torch.no_grad():
             logps = {
-                name: m(batch["tokens"], seq_layout, batch["targets"])["token_logps"]
+                name: m(batch.tokens, seq_layout, batch.targets)["token_logps"]
                 for name, m in (("policy", policy), ("ref", ref))
             }
         out[layout] = (batch, logps)
@@ -384,7 +382,7 @@ def real():
 def test_real_model_kl_is_the_mismatched_mean(real, layout):
     objective = KTO(KTOConfig(beta=0.1))
     batch, logps = real["layouts"][layout]
-    assert batch["num_sequences"] == 10 and batch["kl_start"] == 5
+    assert batch.num_sequences == 10 and batch.kl_start == 5
     ref = objective.reference_log_probs(logps["ref"], batch)
     total, count = objective.dp_means({"token_logps": logps["policy"]}, ref, batch)["kl"]
     close(count, 5.0)

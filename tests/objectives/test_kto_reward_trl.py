@@ -38,13 +38,16 @@ import torch
 
 from megatron.objectives.kto import KTO, KTOConfig
 from megatron.objectives.reward import Reward, RewardConfig
-from tests.objectives.batches import unpaired_batch
+from tests.objectives.batches import scored_batch, unpaired_batch
 from tests.objectives.trl_stubs import trl_kto, trl_reward
 
 pytest.importorskip("trl", reason="TRL (the peer implementation) is not installed")
 
 KTO_METRICS = ["kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"]
 REWARD_METRICS = ["accuracy", "margin", "mean_reward"]
+# Derived (tests/numerics.py): the compared values are fp32 sums of <= 6 token log-probs in [-3, 0]
+# (|S| < 32, ulp(S) <= 1.9e-6), summed in another order, and O(1) functions of them: both sides
+# round each sum, <= ulp(S) apart, within 2e-6 + 2e-6 |value|. A wrong formula is off by > 1e-3.
 TOL = {"atol": 2e-6, "rtol": 2e-6}
 
 
@@ -154,9 +157,7 @@ def compare_reward(
         margin=d["margin"] if trl_margin else None,
         center_rewards_coefficient=center,
     )
-    batch = {"score_index": d["index"]}
-    if with_margin:
-        batch["margin"] = torch.tensor(d["margin"])
+    batch = scored_batch(d["index"], torch.tensor(d["margin"]) if with_margin else None)
     objective = Reward(RewardConfig(center_rewards_coefficient=center, **cfg))
     loss, metrics = objective.loss({"values": d["values"].requires_grad_(True)}, None, batch)
     ours = [float(loss.detach())] + [_value(metrics[k]) for k in REWARD_METRICS]

@@ -34,7 +34,7 @@ def test_masked_nan_does_not_leak_into_sums_or_grads(layout):
     sums, _ = sequence_log_probs(logps, batch)
     sums.sum().backward()
     assert torch.isfinite(sums).all()
-    mask = batch["loss_mask"] > 0
+    mask = batch.loss_mask > 0
     assert torch.equal(logps.grad, mask.float())  # d(sum)/d(logp) = 1 on targets, 0 elsewhere
 
 
@@ -47,16 +47,10 @@ def test_empty_sequence_has_zero_sum_and_count():
 
 def test_mask_zero_with_a_sequence_id_is_not_counted():
     logps, batch = sequence_batch([[-1.0, -2.0]])
-    batch["loss_mask"][0, 2] = 0.0  # the second target switched off, its id kept
+    batch.loss_mask[0, 2] = 0.0  # the second target switched off, its id kept
     sums, counts = sequence_log_probs(logps, batch)
     torch.testing.assert_close(sums, torch.tensor([-1.0]))
     torch.testing.assert_close(counts, torch.tensor([1.0]))
-
-
-def test_num_sequences_may_be_a_tensor():
-    logps, batch = sequence_batch([[-1.0], [-2.0]])
-    batch["num_sequences"] = torch.tensor(2)
-    torch.testing.assert_close(sequence_log_probs(logps, batch)[0], torch.tensor([-1.0, -2.0]))
 
 
 def test_pair_split_means_and_valid():
@@ -78,7 +72,7 @@ def test_split_pairs_rejects_odd():
 def test_token_positions(layout):
     logps, batch = pair_batch(CHOSEN, REJECTED, layout)
     pos = token_positions(batch)
-    ids = batch["sequence_ids"]
+    ids = batch.sequence_ids
     for i, seq in enumerate(CHOSEN + REJECTED):
         assert pos[ids == i].tolist() == list(range(1, len(seq) + 1))
     assert (pos[ids < 0] == 0).all()

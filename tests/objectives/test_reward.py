@@ -30,7 +30,7 @@ from megatron.config import SectionError
 from megatron.data.collators import Collator
 from megatron.objectives import get_objective
 from megatron.objectives.reward import Reward, RewardConfig, sequence_rewards
-from tests.objectives.batches import sig
+from tests.objectives.batches import scored_batch, sig
 
 R_W = [3.0, 0.5, 1.0]
 R_L = [1.0, 1.5, 1.0]
@@ -67,8 +67,8 @@ def reward_batch(
         score_token=score_token, eos_id=EOS,
     )  # fmt: skip
     batch = collate(pair_samples(3, seed=0, margin=margin))
-    values = torch.full(batch["tokens"].shape, float("nan"))
-    values.view(-1)[batch["score_index"]] = torch.tensor(R_W + R_L)
+    values = torch.full(batch.tokens.shape, float("nan"))
+    values.view(-1)[batch.score_index] = torch.tensor(R_W + R_L)
     return values.requires_grad_(True), batch
 
 
@@ -115,7 +115,7 @@ CASES = [
 @pytest.mark.parametrize(("cfg", "margin", "expected"), CASES)
 def test_hand_worked_loss(cfg, margin, expected, layout):
     values, batch = reward_batch(layout, margin)
-    assert ("margin" in batch) == (margin is not None)
+    assert (batch.margin is not None) == (margin is not None)
     loss, _ = Reward(RewardConfig(**cfg)).loss({"values": values}, None, batch)
     close(loss, expected)
 
@@ -139,7 +139,7 @@ def test_metrics():
 
 def test_accuracy_is_strict():
     values = torch.tensor([[1.0, 1.0]])
-    batch = {"score_index": torch.tensor([0, 1])}
+    batch = scored_batch(torch.tensor([0, 1]))
     loss, metrics = Reward(RewardConfig()).loss({"values": values}, None, batch)
     close(metrics["accuracy"], 0.0)
     close(loss, 0.6931472)  # ln 2: the golden first step with equal rewards
@@ -155,9 +155,9 @@ def test_gradient_reaches_only_the_scored_positions(layout):
     grad = values.grad.reshape(-1)
     g = [(1 - sig(d)) / 3 for d in (2.0, -1.0, 0.0)]
     torch.testing.assert_close(torch.tensor(g), torch.tensor([0.0397343, 0.2436862, 1 / 6]), **TOL)
-    torch.testing.assert_close(grad[batch["score_index"]], torch.tensor([-x for x in g] + g), **TOL)
+    torch.testing.assert_close(grad[batch.score_index], torch.tensor([-x for x in g] + g), **TOL)
     others = torch.ones_like(grad, dtype=torch.bool)
-    others[batch["score_index"]] = False
+    others[batch.score_index] = False
     assert (grad[others] == 0).all()
 
 
@@ -188,7 +188,6 @@ def _score_alone(model, tokens: np.ndarray, score_token: str) -> float:
 
 @pytest.mark.parametrize("score_token", ["last", "eos"])
 def test_padded_and_packed_score_the_same_token(value_model, score_token):
-    from megatron.model.attention import SequenceLayout
 
     samples = pair_samples(5, seed=4)
     assert any(x["chosen"][-1] != EOS for x in samples)  # "eos" and "last" differ here
@@ -196,9 +195,9 @@ def test_padded_and_packed_score_the_same_token(value_model, score_token):
     for layout in ("padded", "packed"):
         collate = Collator("pair", layout, 24, 4, score_token=score_token, eos_id=EOS)
         batch = collate(samples)
-        seq_layout = SequenceLayout(batch["position_ids"], batch.get("segment_ids"))
+        seq_layout = batch.layout
         with torch.no_grad():
-            values = value_model(batch["tokens"], seq_layout, batch["targets"])["values"]
+            values = value_model(batch.tokens, seq_layout, batch.targets)["values"]
         rewards[layout] = sequence_rewards(values, batch)
         losses[layout] = Reward(RewardConfig()).loss({"values": values}, None, batch)[0]
     alone = [

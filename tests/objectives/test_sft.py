@@ -28,7 +28,7 @@ def test_hand_worked(reduction, expected, layout):
     torch.testing.assert_close(metrics["sft/nll"], torch.tensor(1.875), atol=1e-6, rtol=0)
     assert metrics["sft/tokens"].item() == 8
     loss.backward()
-    mask = batch["loss_mask"] > 0
+    mask = batch.loss_mask > 0
     assert torch.isfinite(logps.grad).all() and (logps.grad[~mask] == 0).all()
     if reduction == "sequence_mean":  # d/d l_t = -1 / (n_i * 4): the single token of seq 1 -> -1/4
         assert metrics["sft/sequences"].item() == 4

@@ -16,6 +16,12 @@ from megatron.parallel import (
     vocab_parallel_log_probs,
 )
 
+# Sharded vs unsharded twin, fp32 (error model: tests/numerics.py). Every compared value is a dot
+# product of K <= 24 O(1) terms (a row-parallel layer sums its K/TP partial products across
+# ranks), a gradient summed over 15 rows, or a log-sum-exp over V <= 64 logits of |z| <~ 10 that
+# TP splits into per-shard maxima and sums: other summation orders, random rounding of
+# ~sqrt(max(K, V)) u |value| = 8 u |value| <= 5e-6 at |value| <= 10. atol = rtol = 1e-5 (bounds
+# |diff| by 1e-5 + 1e-5 |value|) covers that twice; a sharding bug is off by O(|value|).
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

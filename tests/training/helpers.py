@@ -1,4 +1,4 @@
-"""Shared pieces of the end-to-end training tests: a synthetic corpus and run configs."""
+"""Shared pieces of the end-to-end training tests: a synthetic corpus, its run, pool jobs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import yaml
 
 from megatron.data.indexed import IndexedDatasetWriter
+from tests.helpers_runs import MARKOV_VOCAB, tiny_run_config
 
-VOCAB = 120
+VOCAB = MARKOV_VOCAB
 EOS = 0
 
 
@@ -31,33 +32,11 @@ def write_markov_corpus(prefix: Path, docs: int = 200, seed: int = 0) -> Path:
 
 
 def run_config(tmp: Path, data_prefix: Path, **overrides: object) -> dict:
-    """A complete tiny run as a nested dict (dotted ``overrides`` applied)."""
-    cfg = {
-        "model": {
-            "num_layers": 2,
-            "hidden_size": 32,
-            "num_attention_heads": 4,
-            "num_kv_heads": 2,
-            "vocab_size": VOCAB,
-            "make_vocab_size_divisible_by": 32,
-            "max_position_embeddings": 64,
-            "norm": "rmsnorm",
-            "activation": "swiglu",
-            "ffn_hidden_size": 64,
-        },
-        "data": {"train": [{"path": str(data_prefix)}], "seq_length": 32},
-        "optimizer": {"lr": 1e-2, "weight_decay": 0.01},
-        "schedule": {"style": "cosine", "warmup_iters": 2},
-        "training": {"train_iters": 10, "micro_batch_size": 2, "global_batch_size": 4, "seed": 7},
-        "logging": {"log_interval": 1, "dir": str(tmp / "logs")},
-    }
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    """The ``markov`` tiny run on ``data_prefix``, logging under ``tmp / "logs"``.
+
+    See :func:`tests.helpers_runs.tiny_run_config` (dotted ``overrides`` applied).
+    """
+    return tiny_run_config("markov", train=data_prefix, logs=tmp / "logs", **overrides)
 
 
 def write_config(path: Path, cfg: dict) -> Path:

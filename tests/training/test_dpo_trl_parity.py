@@ -12,10 +12,9 @@ byte-level BPE) go to
   micro-batch of 4 pairs, so the loss is logged before any update.
 
 The prompt/completion token boundaries are checked to agree first (ours follows TRL's rules).
-Tolerance: 1e-5 absolute on the loss (fp32). Measured |ours - TRL|: sigmoid 6.0e-7 (loss 0.7224),
-ipo 3.8e-6 (loss 25.15, i.e. 1.5e-7 relative), [sigmoid, sft] with weights [1, 0.5] 7.2e-7
-(loss 3.874). TRL runs with ``bf16=False``: its configs default to bf16, under which accelerate
-wraps the reference model's forward in autocast even on CPU (a 1e-2 logit difference).
+The loss tolerance (fp32) is derived per loss type next to ``H_ATOL``. TRL runs with
+``bf16=False``: its configs default to bf16, under which accelerate wraps the reference model's
+forward in autocast even on CPU (a 1e-2 logit difference).
 """
 
 from __future__ import annotations
@@ -29,13 +28,26 @@ from megatron.ckpt.convert import convert_hf_to_native
 from megatron.data.preprocess import PreprocessOptions, preprocess
 from tests.data.conftest import CHATML, conversational_pairs, write_jsonl
 from tests.dist_pool import DistPool
+from tests.helpers_runs import tiny_run_config
+from tests.numerics import ulp
 from tests.training.helpers import write_config
 
 pytest.importorskip("trl", reason="TRL (the peer implementation) is not installed")
 
-LOSS_TOL = 1e-5
 PAIRS = 4
 BETA = 0.1
+# Tolerance (error model: tests/numerics.py). Both implementations sum per-token log-probs in fp32
+# into sequence sums S (|S| < LOGP_SUM_MAX; logged means ~150-190, checked), each within
+# ulp(S)/2 of the exact sum, so a pair's log-ratio margin h (4 sums) may differ by
+# H_ATOL = 4 ulp(S) = 1.2e-4. The loss moves by at most |dL/dh| times that (_loss_tol):
+# sigmoid -log sigma(beta h): beta, 1.2e-5; IPO mean (h - 1/(2 beta))^2: 2 sqrt(L) by
+# Cauchy-Schwarz, 1.2e-3 at L = 25 (5e-5 relative); RPO adds 0.5 x TRL's NLL, a token mean
+# < NLL_MAX whose sum/count rounding is ~4 ulp(NLL_MAX). Measured |ours - TRL|: sigmoid
+# 6e-7..1e-6 (loss 0.722), IPO 3.8e-6..5.7e-6 (loss 25.15), RPO 7e-7..1.2e-6 (loss 3.874);
+# a wrong loss is off by > 1e-3 relative.
+LOGP_SUM_MAX = 500.0
+H_ATOL = 4 * ulp(LOGP_SUM_MAX)
+NLL_MAX = 8.0
 CASES = {
     "sigmoid": {"loss_type": ["sigmoid"]},
     "ipo": {"loss_type": ["ipo"]},
@@ -43,13 +55,21 @@ CASES = {
 }
 
 
+def _loss_tol(name: str, trl_loss: float) -> float:
+    """The bound on |ours - TRL| for loss type ``name`` (see ``H_ATOL``)."""
+    if name == "ipo":
+        return 2 * trl_loss**0.5 * H_ATOL
+    rpo_nll = 0.5 * 4 * ulp(NLL_MAX) if name == "rpo" else 0.0
+    return BETA * H_ATOL + rpo_nll
+
+
 def _first_step(rank, world, cfg_paths, overrides):
-    """Our engine's first-step loss (logged before the optimizer step)."""
+    """Our engine's first step (logged before the optimizer step)."""
     from megatron.config import load_config
     from megatron.training.trainer import Trainer
 
     history = Trainer(load_config(cfg_paths, overrides, world)).train()
-    return history[0]["loss"]
+    return history[0]
 
 
 def _save_models(tmp, tokenizer_dir):
@@ -102,25 +122,23 @@ def env(tmp_path_factory, tiny_tokenizer_dir):
     options = PreprocessOptions(data_format="pairwise", chat_template=str(tmp / "chatml.jinja"))
     prefix = tmp / "pairs"
     preprocess([write_jsonl(tmp / "pairs.jsonl", rows)], prefix, native["policy"] / "hf", options)
-    run = {
-        "data": {
-            "train": [{"path": str(prefix)}],
-            "seq_length": 256,
-            "tokenizer": str(native["policy"] / "hf"),
+    run = tiny_run_config(  # the model comes from the converted checkpoint's model.yml
+        "chat",
+        train=prefix,
+        tokenizer=native["policy"] / "hf",
+        logs=tmp / "logs",
+        with_model=False,
+        objective={"name": "dpo", "beta": BETA},
+        reference={"load": str(native["reference"])},
+        checkpoint={"load": str(native["policy"]), "finetune": True},
+        **{
+            "data.seq_length": 256,
+            "optimizer.lr": 1e-3,
+            "training.train_iters": 1,
+            "training.micro_batch_size": PAIRS,
+            "training.seed": 1,
         },
-        "objective": {"name": "dpo", "beta": BETA},
-        "reference": {"load": str(native["reference"])},
-        "checkpoint": {"load": str(native["policy"]), "finetune": True},
-        "optimizer": {"lr": 1e-3},
-        "schedule": {"style": "constant"},
-        "training": {
-            "train_iters": 1,
-            "micro_batch_size": PAIRS,
-            "global_batch_size": PAIRS,
-            "seed": 1,
-        },
-        "logging": {"log_interval": 1, "dir": str(tmp / "logs")},
-    }
+    )
     paths = [str(native["policy"] / "model.yml"), str(write_config(tmp / "run.yml", run))]
     pool = DistPool(1)
     yield SimpleNamespace(tmp=tmp, hf=hf, tok=tok, rows=rows, prefix=prefix, paths=paths, pool=pool)
@@ -180,6 +198,10 @@ def test_first_step_loss_matches_trl(env, name):
     overrides = [f"objective.loss_type={case['loss_type']}"]
     if "loss_weights" in case:
         overrides.append(f"objective.loss_weights={case['loss_weights']}")
-    ours = env.pool.run(_first_step, env.paths, overrides)[0]
+    first = env.pool.run(_first_step, env.paths, overrides)[0]
+    assert max(abs(first["logps/chosen"]), abs(first["logps/rejected"])) < LOGP_SUM_MAX
+    if name == "rpo":
+        assert first["nll_loss"] < NLL_MAX
     assert abs(trl_loss - 0.6931) > 1e-3 or name == "ipo"  # not the trivial reference == policy
-    assert ours == pytest.approx(trl_loss, abs=LOSS_TOL), (name, ours, trl_loss)
+    ours = first["loss"]
+    assert ours == pytest.approx(trl_loss, abs=_loss_tol(name, trl_loss)), (name, ours, trl_loss)

@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         eff, rows = [], []
         for s in range(args.steps):
             batch = collate(pairs[s * args.micro_batch : (s + 1) * args.micro_batch])
-            eff.append(batch["stats"]["packing_efficiency"])
-            rows.append(batch["tokens"].shape[0])
+            eff.append(batch.stats["packing_efficiency"])
+            rows.append(batch.tokens.shape[0])
         print(
             f"{layout:<7} packing efficiency {np.mean(eff):.3f} (min {np.min(eff):.3f}), "
             f"{np.mean(rows):.1f} rows of <= {args.seq_length} per micro-batch of "

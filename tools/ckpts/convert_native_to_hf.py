@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from megatron.ckpt import ConversionError  # noqa: E402
 from megatron.ckpt.convert import DTYPES, HF_DIR, convert_native_to_hf  # noqa: E402
+from megatron.ckpt.hf_config import SUPPORTED_ARCHITECTURES  # noqa: E402
 from megatron.ckpt.native import read_checkpoint_config  # noqa: E402
-from megatron.model.convert_config import SUPPORTED_ARCHITECTURES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -39,6 +39,18 @@ FORMATS: dict[str, RowFormat] = {
 BATCH_KINDS: dict[str, str] = {name: f.batch_kind for name, f in FORMATS.items()}
 """Format -> the objective batch kind its datasets serve."""
 
+
+def get_format(name: str) -> RowFormat:
+    """The format called ``name`` (``PreprocessOptions.data_format``).
+
+    Raises:
+        ValueError: ``name`` is not a format; the message lists the choices.
+    """
+    if name not in FORMATS:
+        raise ValueError(f"data_format must be one of {sorted(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
 __all__ = [
     "BATCH_KINDS",
     "FORMATS",
@@ -48,4 +60,5 @@ __all__ = [
     "RowDropped",
     "RowFormat",
     "ScalarSpec",
+    "get_format",
 ]

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from megatron.data.formats.chat import PieceEncoder, Renderer
+from megatron.data.options import PreprocessOptions
 from megatron.data.sources import RowError
 
 if TYPE_CHECKING:
-    from megatron.data.formats.chat import PieceEncoder, Renderer
-    from megatron.data.preprocess import PreprocessOptions
     from megatron.tokenizer import Tokenizer
 
 
@@ -82,8 +82,6 @@ class EncodeContext:
     """
 
     def __init__(self, tokenizer: Tokenizer, options: PreprocessOptions) -> None:
-        from megatron.data.formats.chat import PieceEncoder
-
         self.tokenizer = tokenizer
         self.options = options
         self.pieces: PieceEncoder = PieceEncoder(
@@ -95,8 +93,6 @@ class EncodeContext:
     def renderer(self) -> Renderer:
         """The chat renderer (built on first use: it reads the template file)."""
         if self._renderer is None:
-            from megatron.data.formats.chat import Renderer
-
             self._renderer = Renderer(self.tokenizer, self.options.chat_template)
         return self._renderer
 

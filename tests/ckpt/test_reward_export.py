@@ -24,12 +24,13 @@ import yaml
 
 from megatron.ckpt import ConversionError
 from megatron.ckpt.convert import convert_hf_to_native, convert_native_to_hf, reward_pad_token_id
+from megatron.ckpt.hf_config import model_config_from_section
+from megatron.ckpt.layout import resolve_checkpoint
 from megatron.ckpt.native import load_tp_shard, read_model_shards
-from megatron.model.convert_config import model_args_from_section
 from megatron.model.gpt import GPTModel
 from megatron.parallel.state import ParallelState
+from tests.ckpt.hf_models import hf_config, load_hf_tensors, save_random_classifier
 from tests.dist_pool import DistPool
-from tests.model.hf_models import hf_config, load_hf_tensors, save_random_classifier
 from tests.tools.helpers import checkpoint_config, load_tool
 
 TOL = 1e-5
@@ -74,7 +75,7 @@ def rms(tmp_path_factory) -> dict[str, dict]:
 
 
 def _native_scores(ckpt: Path, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    args, _ = model_args_from_section(checkpoint_config(ckpt)["model"], 1)
+    args = model_config_from_section(checkpoint_config(ckpt)["model"], 1)
     model = GPTModel(args, ParallelState.single()).eval()
     model.load_state_dict(load_tp_shard(ckpt / "iter_0000000", args, 1, 0), strict=True)
     with torch.no_grad():
@@ -137,7 +138,7 @@ def _tp2_scores(rank: int, world: int, items: list) -> dict[str, float]:
     state = ParallelState.build(world)
     diffs = {}
     for arch, ckpt, tokens, lengths, expected in items:
-        args, _ = model_args_from_section(checkpoint_config(Path(ckpt))["model"], world)
+        args = model_config_from_section(checkpoint_config(Path(ckpt))["model"], world)
         model = GPTModel(args, state).eval()
         sd = load_tp_shard(Path(ckpt) / "iter_0000000", args, world, state.tp_rank)
         model.load_state_dict(sd, strict=True)
@@ -185,7 +186,6 @@ def test_pipeline_layout_holds_the_value_head(arch, rms, tmp_path):
     """A PP=2 conversion writes the value head in the last stage's layer file (``value.weight``)
     and reads back (and exports) exactly like the non-pipeline checkpoint."""
     from megatron.ckpt.native import is_pipeline_checkpoint, read_model_shard
-    from megatron.training.checkpointing import resolve_checkpoint
 
     out = tmp_path / "pp2"
     convert_hf_to_native(rms[arch]["hf"], out, tp_size=2, pp_size=2)

@@ -6,7 +6,8 @@ v vocabulary, vp padded vocabulary, p TP size, r TP rank.
 Supported ``model_type`` values: ``llama``, ``mistral``, ``qwen2`` (separate ``q/k/v_proj``,
 SwiGLU ``gate/up/down_proj``, RMSNorm) and ``gpt_neox`` (fused ``query_key_value``, GeLU,
 LayerNorm with bias, partial rotary, optional parallel residual). Checked against transformers
-5.24 (``tests/model/test_hf_parity.py``). Config mapping: :mod:`megatron.model.convert_config`.
+5.24 (``tests/ckpt/test_hf_parity.py``). Config mapping: :mod:`megatron.ckpt.hf_config`; ``args``
+is the model's :class:`~megatron.config.ModelConfig` throughout.
 
 Layout differences handled here:
 
@@ -34,19 +35,12 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from megatron.model.convert_config import (
-    SUPPORTED_ARCHITECTURES,
-    ModelArgs,
-    RopeScaling,
-    model_config_from_hf,
-    padded_vocab,
-)
+from megatron.ckpt.hf_config import SUPPORTED_ARCHITECTURES, model_config_from_hf
+from megatron.config import ModelConfig
 from megatron.parallel.layers import shard_rows
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
-    "ModelArgs",
-    "RopeScaling",
     "check_native_shards",
     "hf_to_native_state_dict",
     "iter_hf_from_native",
@@ -55,7 +49,6 @@ __all__ = [
     "model_config_from_hf",
     "native_shapes",
     "native_to_hf_state_dict",
-    "padded_vocab",
     "pipeline_layer_of",
     "tp_gather",
     "tp_split",
@@ -69,11 +62,11 @@ _VOCAB_KEYS = ("embedding.weight", "lm_head.weight")
 # --- native layout ------------------------------------------------------------------------------
 
 
-def _norm_params(args: ModelArgs) -> tuple[str, ...]:
+def _norm_params(args: ModelConfig) -> tuple[str, ...]:
     return ("weight", "bias") if args.norm == "layernorm" and args.norm_bias else ("weight",)
 
 
-def native_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+def native_shapes(args: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) shape of every native parameter, keyed as in ``GPTModel.state_dict()``."""
     h, f, vp = args.hidden_size, args.ffn_hidden_size, args.padded_vocab_size
     n, nk, hn = args.num_attention_heads, args.num_kv_heads, args.kv_channels
@@ -103,7 +96,7 @@ def native_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _shard_spec(key: str, args: ModelArgs) -> tuple[str, list[int]]:
+def _shard_spec(key: str, args: ModelConfig) -> tuple[str, list[int]]:
     """How a native parameter is split: ``("rows", parts)``, ``("cols", [])`` or replicated."""
     if key in _VOCAB_KEYS:
         return "rows", [args.padded_vocab_size]
@@ -126,7 +119,7 @@ def _shard_shape(shape: tuple[int, ...], how: str, tp_size: int) -> tuple[int, .
     return shape
 
 
-def check_tp(args: ModelArgs, tp_size: int) -> None:
+def check_tp(args: ModelConfig, tp_size: int) -> None:
     """Raise ``ValueError`` naming the first size ``tp_size`` does not divide."""
     sizes = {
         "num_attention_heads": args.num_attention_heads,
@@ -140,7 +133,7 @@ def check_tp(args: ModelArgs, tp_size: int) -> None:
             raise ValueError(f"{name} {size} is not divisible by TP {tp_size}")
 
 
-def tp_split(key: str, full: torch.Tensor, args: ModelArgs, tp_size: int) -> list[torch.Tensor]:
+def tp_split(key: str, full: torch.Tensor, args: ModelConfig, tp_size: int) -> list[torch.Tensor]:
     """Every TP rank's shard of native parameter ``key`` (fresh, compact tensors)."""
     how, parts = _shard_spec(key, args)
     if tp_size == 1:
@@ -159,7 +152,7 @@ def tp_split(key: str, full: torch.Tensor, args: ModelArgs, tp_size: int) -> lis
     return shards
 
 
-def tp_gather(key: str, shards: Sequence[torch.Tensor], args: ModelArgs) -> torch.Tensor:
+def tp_gather(key: str, shards: Sequence[torch.Tensor], args: ModelConfig) -> torch.Tensor:
     """Inverse of :func:`tp_split` (``args.padded_vocab_size`` must be the shards' one)."""
     how, parts = _shard_spec(key, args)
     if how == "cols":
@@ -176,7 +169,7 @@ def tp_gather(key: str, shards: Sequence[torch.Tensor], args: ModelArgs) -> torc
 
 def check_native_shards(
     rank_state_dicts: Sequence[Mapping[str, torch.Tensor]],
-    args: ModelArgs,
+    args: ModelConfig,
     tp_size: int | None = None,
 ) -> None:
     """Check that TP shards hold exactly the keys and shard shapes ``args`` implies.
@@ -208,7 +201,7 @@ def check_native_shards(
                 )
 
 
-def pipeline_layer_of(key: str, args: ModelArgs) -> tuple[int, str]:
+def pipeline_layer_of(key: str, args: ModelConfig) -> tuple[int, str]:
     """``(DeepSpeed pipeline layer index, key inside that layer)`` of a native key.
 
     Layer 0 is the embedding, ``1 + i`` transformer layer i, ``L + 1`` the final norm (its module
@@ -287,7 +280,9 @@ def _names(arch: str) -> dict[str, str]:
     }
 
 
-def _group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+def _group_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ModelConfig
+) -> torch.Tensor:
     """Separate q ``[n hn, ...]``, k, v ``[nk hn, ...]`` -> grouped ``[(n + 2 nk) hn, ...]``."""
     nk, hn, rest = args.num_kv_heads, args.kv_channels, q.shape[1:]
     q = q.reshape(nk, -1, *rest)  # [n hn, ...] -> [nk, q/kv hn, ...]
@@ -295,7 +290,7 @@ def _group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ModelArg
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)  # -> [(n + 2 nk) hn, ...]
 
 
-def _split_qkv(qkv: torch.Tensor, args: ModelArgs) -> tuple[torch.Tensor, ...]:
+def _split_qkv(qkv: torch.Tensor, args: ModelConfig) -> tuple[torch.Tensor, ...]:
     """Inverse of :func:`_group_qkv`."""
     nk, hn, rest = args.num_kv_heads, args.kv_channels, qkv.shape[1:]
     qn = args.num_attention_heads // nk * hn
@@ -328,12 +323,12 @@ class _Reader:
             raise ValueError(f"unexpected Hugging Face keys: {sorted(self.left)}")
 
 
-def _pad_vocab(w: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+def _pad_vocab(w: torch.Tensor, args: ModelConfig) -> torch.Tensor:
     extra = args.padded_vocab_size - w.shape[0]
     return torch.cat([w, w.new_zeros(extra, w.shape[1])]) if extra else w
 
 
-def _native_layer(r: _Reader, names: dict[str, str], i: int, args: ModelArgs) -> dict:
+def _native_layer(r: _Reader, names: dict[str, str], i: int, args: ModelConfig) -> dict:
     """Full (unsharded) native tensors of layer ``i``."""
     h, f, hn = args.hidden_size, args.ffn_hidden_size, args.kv_channels
     n, nk = args.num_attention_heads, args.num_kv_heads
@@ -405,7 +400,7 @@ class _Renamed(Mapping):
 
 
 def iter_native_from_hf(
-    hf_state_dict: Mapping[str, torch.Tensor], args: ModelArgs, tp_size: int
+    hf_state_dict: Mapping[str, torch.Tensor], args: ModelConfig, tp_size: int
 ) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """Stream ``(native key, [shard of TP rank 0 .. p-1])`` from a Hugging Face state dict.
 
@@ -452,7 +447,7 @@ def iter_native_from_hf(
 
 
 def hf_to_native_state_dict(
-    hf_state_dict: Mapping[str, torch.Tensor], args: ModelArgs, tp_size: int, tp_rank: int
+    hf_state_dict: Mapping[str, torch.Tensor], args: ModelConfig, tp_size: int, tp_rank: int
 ) -> dict[str, torch.Tensor]:
     """One TP rank's :class:`GPTModel` state dict from a Hugging Face ``*ForCausalLM`` one (or a
     ``*ForSequenceClassification`` one, for ``args.head == "value"``).
@@ -474,7 +469,7 @@ def hf_to_native_state_dict(
 
 
 def _hf_layer(
-    full: dict[str, torch.Tensor], nm: dict[str, str], i: int, args: ModelArgs
+    full: dict[str, torch.Tensor], nm: dict[str, str], i: int, args: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """HF tensors of layer ``i`` from its full native tensors (consumed from ``full``)."""
     pre = f"layers.{i}."
@@ -504,7 +499,7 @@ def _hf_layer(
 
 
 def iter_hf_from_native(
-    rank_state_dicts: Sequence[Mapping[str, torch.Tensor]], args: ModelArgs, arch: str
+    rank_state_dicts: Sequence[Mapping[str, torch.Tensor]], args: ModelConfig, arch: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(HF key, tensor)`` gathered from the TP shards of :class:`GPTModel`.
 
@@ -544,7 +539,7 @@ def iter_hf_from_native(
 
 
 def native_to_hf_state_dict(
-    rank_state_dicts: Sequence[Mapping[str, torch.Tensor]], args: ModelArgs, arch: str
+    rank_state_dicts: Sequence[Mapping[str, torch.Tensor]], args: ModelConfig, arch: str
 ) -> dict[str, torch.Tensor]:
     """Gather TP shards of :class:`GPTModel` back into a Hugging Face ``*ForCausalLM`` state dict
     (``*ForSequenceClassification`` for a ``model.head: value`` model).
@@ -566,8 +561,8 @@ def native_to_hf_state_dict(
 
 def iter_resharded(
     rank_state_dicts: Sequence[Mapping[str, torch.Tensor]],
-    old: ModelArgs,
-    new: ModelArgs,
+    old: ModelConfig,
+    new: ModelConfig,
     tp_size: int,
 ) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """Stream ``(native key, [shard of new TP rank 0 .. tp_size-1])`` from TP shards at another

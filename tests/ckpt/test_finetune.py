@@ -19,13 +19,13 @@ import torch
 import yaml
 
 from megatron.ckpt.convert import convert_hf_to_native, convert_native_to_hf
+from megatron.ckpt.hf_config import model_config_from_hf
+from megatron.ckpt.hf_mapping import hf_to_native_state_dict, native_key_of, pipeline_layer_of
 from megatron.ckpt.native import load_tp_shard, read_model_shard
-from megatron.model.convert_config import model_config_from_hf
 from megatron.model.gpt import GPTModel
-from megatron.model.hf_mapping import hf_to_native_state_dict, native_key_of, pipeline_layer_of
 from megatron.parallel.state import ParallelState
+from tests.ckpt.hf_models import save_random_model
 from tests.dist_pool import DistPool
-from tests.model.hf_models import save_random_model
 from tests.training.helpers import VOCAB, run_config, write_config, write_markov_corpus
 
 LOSS_TOL = 1e-5

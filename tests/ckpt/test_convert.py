@@ -4,7 +4,7 @@ the tools' command lines, and one clear error per kind of bad input.
 Every case is a tiny random-weight transformers model saved with ``save_pretrained`` (Llama with
 Llama-3 rope scaling in sharded safetensors with a tokenizer; Mistral with a sliding window; Qwen2
 with tied embeddings; GPT-NeoX with parallel and sequential residual). Trainer loading at ZeRO 0/3
-lives in ``test_ckpt_trainer.py``.
+lives in ``test_finetune.py``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,19 @@ import yaml
 
 from megatron.ckpt import ConversionError
 from megatron.ckpt.convert import convert_hf_to_native, convert_native_to_hf, reshard
+from megatron.ckpt.hf_config import (
+    architecture_mismatches,
+    model_config_from_hf,
+    model_config_from_section,
+    model_section,
+)
+from megatron.ckpt.hf_mapping import hf_to_native_state_dict, native_shapes, pipeline_layer_of
 from megatron.ckpt.native import load_tp_shard, read_model_shards
 from megatron.config import ModelConfig, load_config
-from megatron.model.convert_config import ModelArgs, model_config_from_hf
 from megatron.model.gpt import GPTModel
-from megatron.model.hf_mapping import hf_to_native_state_dict, native_shapes, pipeline_layer_of
 from megatron.parallel.state import ParallelState
-from tests.model.hf_models import CASES, HFModel, hf_config, load_hf_tensors, save_random_model
+from tests.ckpt.hf_models import CASES, HFModel, hf_config, load_hf_tensors, save_random_model
+from tests.helpers_runs import tiny_run_config
 from tests.tools.helpers import checkpoint_config, load_tool
 
 TOL = 1e-4
@@ -111,11 +117,17 @@ def test_converted_checkpoint_runs_at_parity(case, models, converted, tmp_path):
     run = tmp_path / "run.yml"
     run.write_text(
         yaml.safe_dump(
-            {
-                "data": {"train": [{"path": "unused"}], "seq_length": 16},
-                "optimizer": {"lr": 1e-4},
-                "training": {"train_iters": 1},
-            }
+            tiny_run_config(  # only its model section is read: the converted model.yml
+                "markov",
+                train="unused",
+                with_model=False,
+                **{
+                    "data.seq_length": 16,
+                    "optimizer.lr": 1e-4,
+                    "training.train_iters": 1,
+                    "schedule.warmup_iters": 0,
+                },
+            )
         )
     )
     cfg = load_config([ckpt / "model.yml", run], world_size=1).model
@@ -236,17 +248,21 @@ def test_dtype_bf16_and_bin_input(models, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_model_args_mirror_the_model_config():
-    """ModelArgs (what the converters write) has every ModelConfig field but the padding rule."""
-    mine = {f.name for f in dataclasses.fields(ModelArgs)}
-    theirs = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert mine == theirs - {"make_vocab_size_divisible_by"}
+@pytest.mark.parametrize("case", CASES)
+def test_model_section_round_trips_the_model_config(case):
+    """The converters build a :class:`ModelConfig`; its ``model:`` section (what model.yml holds)
+    reads back as the same config, derived fields included, at any TP size."""
+    for tp in (1, 2):
+        cfg = model_config_from_hf(hf_config(case), tp_size=tp, divisible_by=64)
+        assert isinstance(cfg, ModelConfig) and cfg.make_vocab_size_divisible_by == 64
+        section = model_section(cfg)
+        assert "kv_channels" not in section and "padded_vocab_size" not in section
+        assert model_config_from_section(section, tp) == cfg
 
 
 def test_norm_bias_only_counts_for_layernorm():
     """RMSNorm has no bias: ``norm_bias`` (default true in the model section) must not make an
     RMSNorm model differ from its HF round trip or from a reference checkpoint's config."""
-    from megatron.model.convert_config import architecture_mismatches
     from megatron.training.reference import architecture
 
     rms = model_config_from_hf(hf_config("llama3"))

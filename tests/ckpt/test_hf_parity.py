@@ -1,4 +1,4 @@
-"""Logit parity of :class:`GPTModel` with Hugging Face models, through ``hf_mapping``.
+"""Logit parity of :class:`GPTModel` with Hugging Face models, through ``megatron.ckpt.hf_mapping``.
 
 Each case builds a tiny random-weight transformers model (fp32, eager attention), converts its
 weights and compares the logits of our model at TP = 1 (in process) and TP = 2 and 4 (one spawned
@@ -17,14 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron.ckpt.hf_config import model_config_from_hf
+from megatron.ckpt.hf_mapping import hf_to_native_state_dict, native_to_hf_state_dict
+from megatron.config import ModelConfig
+from megatron.config.sections import padded_vocab_size
 from megatron.model.gpt import GPTModel
-from megatron.model.hf_mapping import (
-    ModelArgs,
-    hf_to_native_state_dict,
-    model_config_from_hf,
-    native_to_hf_state_dict,
-    padded_vocab,
-)
 from megatron.parallel.state import ParallelState
 
 TOL = 1e-4
@@ -122,7 +119,7 @@ def references() -> dict[str, dict]:
     return {case: _build_reference(case) for case in CASES}
 
 
-def _native_logits(args: ModelArgs, sd: dict, tokens: torch.Tensor, state: ParallelState):
+def _native_logits(args: ModelConfig, sd: dict, tokens: torch.Tensor, state: ParallelState):
     model = GPTModel(args, state).eval()
     model.load_state_dict(sd, strict=True)
     with torch.no_grad():
@@ -159,7 +156,8 @@ def test_config_mapping() -> None:
     assert qwen.qkv_bias and not qwen.proj_bias and qwen.tie_word_embeddings
     assert model_config_from_hf(_hf_config("mistral_window8")).sliding_window == 8
     assert model_config_from_hf(_hf_config("mistral")).sliding_window is None
-    assert padded_vocab(300, 4) == 512 and padded_vocab(512, 4) == 512 and padded_vocab(1, 1) == 128
+    assert padded_vocab_size(300, 128, 4) == 512 and padded_vocab_size(512, 128, 4) == 512
+    assert padded_vocab_size(1, 128, 1) == 128
 
 
 def test_unsupported_inputs_raise() -> None:

@@ -1,26 +1,32 @@
-"""Hugging Face config <-> native ``model`` section, both directions.
+"""Hugging Face config <-> native ``model`` section (:class:`~megatron.config.ModelConfig`).
 
 Supported ``model_type`` values: ``llama``, ``mistral``, ``qwen2`` and ``gpt_neox``. Checked against
-transformers 5.24 (``tests/model/test_hf_parity.py``, ``tests/tools/test_ckpt_convert.py``).
+transformers 5.24 (``tests/ckpt/test_hf_parity.py``, ``tests/ckpt/test_convert.py``).
 
-* :func:`model_config_from_hf`: a transformers config -> :class:`ModelArgs` (what
-  :class:`~megatron.model.gpt.GPTModel` reads). A ``*ForSequenceClassification`` config with
-  ``num_labels: 1`` is a reward model: ``head: value``.
-* :func:`hf_config_kwargs`: :class:`ModelArgs` -> keyword arguments of the transformers config
+* :func:`model_config_from_hf`: a transformers config -> :class:`~megatron.config.ModelConfig`
+  (what :class:`~megatron.model.gpt.GPTModel` reads), its derived fields filled for a TP size.
+  A ``*ForSequenceClassification`` config with ``num_labels: 1`` is a reward model:
+  ``head: value``.
+* :func:`hf_config_kwargs`: a ``ModelConfig`` -> keyword arguments of the transformers config
   class, refusing anything the target architecture cannot express.
-* :func:`model_section` / :func:`model_args_from_section`: :class:`ModelArgs` <-> the ``model:``
+* :func:`model_section` / :func:`model_config_from_section`: ``ModelConfig`` <-> the ``model:``
   YAML section (plain data) that :func:`megatron.config.load_config` reads.
 
 Everything here works on plain objects and dicts; transformers is never imported.
+
+A converted model may hold what a YAML ``model:`` section cannot set: ``kv_channels`` (Hugging
+Face's ``head_dim``) other than hidden_size / num_attention_heads. The converters keep it on the
+``ModelConfig`` they build in code; :func:`model_section` refuses to write such a model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from megatron.config import ModelConfig, RopeScaling
+from megatron.config.sections import is_derived, padded_vocab_size
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt_neox")
 _LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -40,61 +46,6 @@ HF_VALUE_CLASS_NAMES = {
 """The ``architectures`` entry of a reward model (``model.head: value``, ``num_labels: 1``)."""
 NEOX_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 """GPT-NeoX ``hidden_act`` -> native ``model.activation``."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RopeScaling:
-    """Rotary frequency scaling, as ``model.rope_scaling`` (see :mod:`megatron.model.rotary`)."""
-
-    type: str
-    """``llama3`` or ``linear``."""
-    factor: float
-    """Context extension factor."""
-    low_freq_factor: float = 1.0
-    """``llama3`` only."""
-    high_freq_factor: float = 4.0
-    """``llama3`` only."""
-    original_max_position_embeddings: int = 8192
-    """``llama3`` only: the pre-training context length."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelArgs:
-    """The model fields :class:`GPTModel` reads, mirroring the ``model`` config section.
-
-    Every field of :class:`megatron.config.ModelConfig` except ``make_vocab_size_divisible_by``
-    (a test keeps the two in step).
-    """
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_kv_heads: int
-    ffn_hidden_size: int
-    kv_channels: int
-    padded_vocab_size: int
-    vocab_size: int
-    max_position_embeddings: int
-    norm: str
-    norm_eps: float
-    activation: str
-    rotary_pct: float = 1.0
-    rotary_base: float = 10000.0
-    rotary_interleaved: bool = False
-    rope_scaling: RopeScaling | None = None
-    parallel_residual: bool = False
-    qkv_bias: bool = False
-    proj_bias: bool = False
-    mlp_bias: bool = False
-    norm_bias: bool = False
-    tie_word_embeddings: bool = False
-    head: str = "lm"
-    sliding_window: int | None = None
-    attention_backend: str = "auto"
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    init_method_std: float = 0.02
-    activation_checkpointing: bool = False
 
 
 # Fields that change the function the model computes (compared after a config round trip).
@@ -123,14 +74,12 @@ ARCHITECTURE_FIELDS = (
     "head",
     "sliding_window",
 )
-# Derived by megatron.config.load_config; never written to a model.yml.
-_DERIVED = ("kv_channels", "padded_vocab_size")
 
 
-def padded_vocab(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
-    """``vocab_size`` rounded up to a multiple of ``divisible_by * tp_size`` (Megatron's rule)."""
-    multiple = divisible_by * tp_size
-    return multiple * math.ceil(vocab_size / multiple)
+def with_tp_padding(cfg: ModelConfig, tp_size: int) -> ModelConfig:
+    """``cfg`` with ``padded_vocab_size`` derived for ``tp_size`` (as the loader derives it)."""
+    padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp_size)
+    return dataclasses.replace(cfg, padded_vocab_size=padded)
 
 
 def _unsupported(arch: Any) -> ValueError:
@@ -217,21 +166,24 @@ def _head(hf: Any) -> str:
     return "value"
 
 
-def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 128) -> ModelArgs:
-    """Native model args for a transformers config.
+def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 128) -> ModelConfig:
+    """The native model config of a transformers config.
 
     Args:
         hf_config: a ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or ``GPTNeoXConfig``;
             ``architectures`` naming a ``*ForSequenceClassification`` gives ``head: value``.
         tp_size: tensor-parallel size the vocabulary padding must divide.
-        divisible_by: the padded vocabulary is a multiple of ``divisible_by * tp_size``.
+        divisible_by: ``make_vocab_size_divisible_by``: the padded vocabulary is a multiple of
+            ``divisible_by * tp_size``.
 
     Returns:
-        The matching :class:`ModelArgs`.
+        The matching :class:`~megatron.config.ModelConfig`, ``padded_vocab_size`` for
+        ``tp_size``.
 
     Raises:
         ValueError: unsupported architecture, activation, rope type or sliding-window pattern,
-            or a sequence classifier with ``num_labels != 1``.
+            a sequence classifier with ``num_labels != 1``, or values the model config refuses
+            (:class:`~megatron.errors.ConfigError`).
     """
     hf = hf_config
     arch = getattr(hf, "model_type", None)
@@ -244,8 +196,9 @@ def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 1
         hidden_size=hf.hidden_size,
         num_attention_heads=heads,
         ffn_hidden_size=hf.intermediate_size,
-        padded_vocab_size=padded_vocab(hf.vocab_size, tp_size, divisible_by),
+        padded_vocab_size=padded_vocab_size(hf.vocab_size, divisible_by, tp_size),
         vocab_size=hf.vocab_size,
+        make_vocab_size_divisible_by=divisible_by,
         max_position_embeddings=hf.max_position_embeddings,
         activation=_activation(hf),
         rotary_pct=pct,
@@ -257,7 +210,7 @@ def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 1
         init_method_std=float(getattr(hf, "initializer_range", 0.02)),
     )
     if arch == "gpt_neox":
-        return ModelArgs(
+        return ModelConfig(
             **common,
             num_kv_heads=heads,
             kv_channels=hf.hidden_size // heads,
@@ -271,12 +224,13 @@ def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 1
             hidden_dropout=float(getattr(hf, "hidden_dropout", 0.0) or 0.0),
         )
     attention_bias = bool(getattr(hf, "attention_bias", False))
-    return ModelArgs(
+    return ModelConfig(
         **common,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
         norm="rmsnorm",
         norm_eps=hf.rms_norm_eps,
+        norm_bias=False,  # RMSNorm has none
         # Qwen2 always has q/k/v biases and no output-projection bias.
         qkv_bias=True if arch == "qwen2" else attention_bias,
         proj_bias=False if arch == "qwen2" else attention_bias,
@@ -288,7 +242,7 @@ def model_config_from_hf(hf_config: Any, tp_size: int = 1, divisible_by: int = 1
 # --- native -> Hugging Face ----------------------------------------------------------------------
 
 
-def infer_architecture(args: ModelArgs) -> str:
+def infer_architecture(args: ModelConfig) -> str:
     """The Hugging Face ``model_type`` a native model is exported as, when not given.
 
     LayerNorm + GeLU -> ``gpt_neox``; otherwise (RMSNorm + SwiGLU) ``qwen2`` when q/k/v have a
@@ -301,7 +255,7 @@ def infer_architecture(args: ModelArgs) -> str:
     return "mistral" if args.sliding_window is not None else "llama"
 
 
-def _rope_kwargs(args: ModelArgs, arch: str) -> dict[str, Any]:
+def _rope_kwargs(args: ModelConfig, arch: str) -> dict[str, Any]:
     # why: the legacy names are accepted by transformers 4.x and converted by 5.x.
     scaling = None
     if args.rope_scaling is not None:
@@ -323,7 +277,7 @@ def _require(problems: list[str], ok: bool, message: str) -> None:
         problems.append(message)
 
 
-def _neox_kwargs(args: ModelArgs, problems: list[str]) -> dict[str, Any]:
+def _neox_kwargs(args: ModelConfig, problems: list[str]) -> dict[str, Any]:
     n, h = args.num_attention_heads, args.hidden_size
     _require(problems, args.num_kv_heads == n, f"num_kv_heads ({args.num_kv_heads}) != heads ({n})")
     _require(problems, args.kv_channels * n == h, "kv_channels x heads != hidden_size")
@@ -342,7 +296,7 @@ def _neox_kwargs(args: ModelArgs, problems: list[str]) -> dict[str, Any]:
     )
 
 
-def _llama_like_kwargs(args: ModelArgs, arch: str, problems: list[str]) -> dict[str, Any]:
+def _llama_like_kwargs(args: ModelConfig, arch: str, problems: list[str]) -> dict[str, Any]:
     _require(problems, args.norm == "rmsnorm", f"norm {args.norm!r} (needs rmsnorm)")
     _require(problems, args.activation == "swiglu", f"activation {args.activation!r} (swiglu)")
     _require(problems, not args.parallel_residual, "parallel_residual is not supported")
@@ -372,7 +326,7 @@ def _llama_like_kwargs(args: ModelArgs, arch: str, problems: list[str]) -> dict[
     return out
 
 
-def hf_config_kwargs(args: ModelArgs, arch: str) -> dict[str, Any]:
+def hf_config_kwargs(args: ModelConfig, arch: str) -> dict[str, Any]:
     """Keyword arguments of transformers' config class for ``arch`` that describe ``args``.
 
     Args:
@@ -419,7 +373,7 @@ def _effective(args: Any, name: str) -> Any:
     return getattr(args, name)
 
 
-def architecture_mismatches(a: ModelArgs, b: ModelArgs) -> list[str]:
+def architecture_mismatches(a: ModelConfig, b: ModelConfig) -> list[str]:
     """``field: a != b`` for every architectural field where two models differ (``norm_bias``
     only counts for LayerNorm)."""
     return [
@@ -432,7 +386,7 @@ def architecture_mismatches(a: ModelArgs, b: ModelArgs) -> list[str]:
 # --- native model section (YAML data) ------------------------------------------------------------
 
 
-def model_section(args: ModelArgs, divisible_by: int = 128) -> dict[str, Any]:
+def model_section(args: ModelConfig) -> dict[str, Any]:
     """The ``model:`` section for ``args`` as plain data, without derived keys.
 
     Raises:
@@ -446,21 +400,18 @@ def model_section(args: ModelArgs, divisible_by: int = 128) -> dict[str, Any]:
             "from them in the native config and cannot be set yet"
         )
     out = {}
-    for f in dataclasses.fields(ModelArgs):
-        if f.name in _DERIVED:
-            continue
-        value = getattr(args, f.name)
-        out[f.name] = dataclasses.asdict(value) if isinstance(value, RopeScaling) else value
-        if f.name == "vocab_size":
-            out["make_vocab_size_divisible_by"] = divisible_by
+    for f in dataclasses.fields(ModelConfig):
+        if not is_derived(f):
+            value = getattr(args, f.name)
+            out[f.name] = dataclasses.asdict(value) if isinstance(value, RopeScaling) else value
     return out
 
 
-def model_args_from_section(section: Mapping[str, Any], tp_size: int) -> tuple[ModelArgs, int]:
-    """:class:`ModelArgs` and ``make_vocab_size_divisible_by`` from a ``model:`` section.
+def model_config_from_section(section: Mapping[str, Any], tp_size: int) -> ModelConfig:
+    """The :class:`~megatron.config.ModelConfig` of a ``model:`` section, padded for ``tp_size``.
 
-    The section goes through :class:`megatron.config.ModelConfig`, so omitted keys take the
-    trainer's defaults and its field checks apply.
+    Omitted keys take the trainer's defaults and the section's field checks apply; derived keys
+    (present in a resolved ``config.yml``) are derived again.
 
     Args:
         section: the ``model`` mapping of a ``config.yml`` (resolved, as saved with every
@@ -471,27 +422,14 @@ def model_args_from_section(section: Mapping[str, Any], tp_size: int) -> tuple[M
         ValueError: an invalid section, or a key the converter does not know (so a newer config
             is never exported silently wrong).
     """
-    from megatron.config import ConfigError, ModelConfig
-    from megatron.config import RopeScaling as ConfigRopeScaling
-
-    names = {f.name for f in dataclasses.fields(ModelArgs)}
-    unknown = sorted(set(section) - names - {"make_vocab_size_divisible_by"})
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(section) - set(fields))
     if unknown:
         raise ValueError(f"model section: keys unknown to the converter: {unknown}")
-    kw = {k: v for k, v in section.items() if k not in _DERIVED}
+    kw = {k: v for k, v in section.items() if not is_derived(fields[k])}
     try:
         if isinstance(kw.get("rope_scaling"), Mapping):
-            kw["rope_scaling"] = ConfigRopeScaling(**kw["rope_scaling"])
-        cfg = ModelConfig(**kw)
-        cfg = dataclasses.replace(
-            cfg,
-            padded_vocab_size=padded_vocab(
-                cfg.vocab_size, tp_size, cfg.make_vocab_size_divisible_by
-            ),
-        )
-    except (ConfigError, TypeError) as e:
+            kw["rope_scaling"] = RopeScaling(**kw["rope_scaling"])
+        return with_tp_padding(ModelConfig(**kw), tp_size)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"model section: {e}") from e
-    out = {name: getattr(cfg, name) for name in names}
-    if cfg.rope_scaling is not None:
-        out["rope_scaling"] = RopeScaling(**dataclasses.asdict(cfg.rope_scaling))
-    return ModelArgs(**out), cfg.make_vocab_size_divisible_by

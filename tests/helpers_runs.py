@@ -1,0 +1,108 @@
+"""The tiny runs of the end-to-end tests, written once: ``tiny_run_config(preset, ...)``.
+
+Two presets share one model shape (2 layers, hidden 32, 4 heads / 2 KV heads, RMSNorm, SwiGLU):
+
+* ``"markov"``: the synthetic corpus of ``tests/training/helpers.write_markov_corpus`` (token ids
+  below 120, documents of 9-41 tokens): 32-token sequences, lr 1e-2 (cosine, 2 warm-up steps),
+  10 steps of 2 micro-batches of 2, seed 7.
+* ``"chat"``: ChatML conversations tokenized with the tests' 512-token byte-level BPE
+  (``tiny_tokenizer_dir`` in ``tests/conftest.py``): 512-token sequences, lr 2e-3 (constant),
+  global batch 4 in micro-batches of 2, seed 3; the objective and length come from the test.
+
+Dotted keyword overrides replace single values (``**{"training.train_iters": 4}``); a plain key
+sets a whole section (``objective={"name": "dpo", "beta": 0.1}``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+MARKOV_VOCAB = 120
+
+TINY_MODEL = {
+    "num_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_kv_heads": 2,
+    "norm": "rmsnorm",
+    "activation": "swiglu",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "markov": {
+        "model": {
+            **TINY_MODEL,
+            "vocab_size": MARKOV_VOCAB,
+            "make_vocab_size_divisible_by": 32,
+            "max_position_embeddings": 64,
+            "ffn_hidden_size": 64,
+        },
+        "data": {"seq_length": 32},
+        "optimizer": {"lr": 1e-2, "weight_decay": 0.01},
+        "schedule": {"style": "cosine", "warmup_iters": 2},
+        "training": {"train_iters": 10, "micro_batch_size": 2, "global_batch_size": 4, "seed": 7},
+    },
+    "chat": {
+        "model": {
+            **TINY_MODEL,
+            "vocab_size": 512,
+            "make_vocab_size_divisible_by": 64,
+            "max_position_embeddings": 512,
+        },
+        "data": {"seq_length": 512},
+        "optimizer": {"lr": 2e-3},
+        "schedule": {"style": "constant"},
+        "training": {"micro_batch_size": 2, "global_batch_size": 4, "seed": 3},
+    },
+}
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    """``cfg["a"]["b"] = value`` for ``key="a.b"`` (missing sections are created)."""
+    node = cfg
+    *path, last = key.split(".")
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def tiny_run_config(
+    preset: str,
+    *,
+    train: str | Path,
+    valid: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    logs: str | Path | None = None,
+    with_model: bool = True,
+    **overrides: Any,
+) -> dict:
+    """A complete tiny run as a nested dict (write it with ``tests.training.helpers.write_config``).
+
+    Args:
+        preset: ``"markov"`` or ``"chat"`` (see the module docstring).
+        train: prefix of the training data.
+        valid: prefix of held-out data, if any.
+        tokenizer: the tokenizer directory the data was made with, if any.
+        logs: ``logging.dir`` (with ``log_interval`` 1); None leaves the logging section out.
+        with_model: False leaves the model section out, for runs whose model comes from a
+            checkpoint's ``model.yml`` listed before this file.
+        **overrides: dotted keys (or whole sections) applied last.
+
+    Returns:
+        The run config.
+    """
+    cfg = copy.deepcopy(PRESETS[preset])
+    if not with_model:
+        del cfg["model"]
+    cfg["data"]["train"] = [{"path": str(train)}]
+    if valid is not None:
+        cfg["data"]["valid"] = [{"path": str(valid)}]
+    if tokenizer is not None:
+        cfg["data"]["tokenizer"] = str(tokenizer)
+    if logs is not None:
+        cfg["logging"] = {"log_interval": 1, "dir": str(logs)}
+    for key, value in overrides.items():
+        set_dotted(cfg, key, value)
+    return cfg

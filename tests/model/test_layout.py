@@ -1,0 +1,207 @@
+"""Sequence layouts at the attention and log-prob level: causal, segments and prefix-shared.
+
+The prefix-shared row ``[prompt | chosen | rejected]`` must give the per-sequence log-probs (and
+parameter gradients) of the two padded rows ``prompt + chosen`` and ``prompt + rejected``. The
+transformer runs in fp64 there, where the two layouts are the same math with masked keys
+weighted exactly 0 (hidden states agree to ~1e-15). The vocabulary projection then rounds logits to
+fp32 by design (``megatron.parallel.cross_entropy``) and the per-sequence sums are fp32, so a
+hidden-state difference of 1e-15 can still flip the last bit of a token's fp32 log-prob: with at
+most 8 scored tokens per sequence the sums may differ by 8 fp32 ulps, i.e. relative
+8 * 2^-23 ~ 1e-6 — the tolerance used (a layout bug, such as rejected seeing chosen, moves the
+sums by ~1e-1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron.config import ModelConfig
+from megatron.data.batch import Batch, ExtraTargets
+from megatron.model import GPTModel
+from megatron.model.attention import flash_attention, sdpa_attention, select_backend
+from megatron.model.layout import SequenceLayout
+from megatron.objectives.logprobs import sequence_log_probs
+from megatron.parallel import ParallelState
+
+FP32_ULPS = {"rtol": 8 * 2**-23, "atol": 1e-7}  # see the module docstring
+
+
+def prefix_layout(p: int, c: int, r: int) -> SequenceLayout:
+    """One row ``[prompt (p) | chosen (c) | rejected (r)]``: segments 1, 2, 3; prefixes 0, 1, 1."""
+    seg = torch.tensor([[1] * p + [2] * c + [3] * r])
+    pre = torch.tensor([[0] * p + [1] * (c + r)])
+    pos = torch.tensor([list(range(p)) + list(range(p, p + c)) + list(range(p, p + r))])
+    return SequenceLayout(pos, seg, pre)
+
+
+def test_prefix_mask_is_the_documented_rule():
+    """Rows are queries: the prompt is causal; chosen sees prompt + itself; rejected sees the
+    prompt + itself, never chosen."""
+    mask = prefix_layout(2, 2, 2).attention_mask()[0, 0].int()
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],
+            [1, 1, 0, 0, 1, 1],
+        ]
+    )
+    assert torch.equal(mask, expected)
+    assert prefix_layout(2, 2, 2).kind == "prefix"
+
+
+def test_padding_attends_to_itself_and_segments_stay_apart():
+    seg = torch.tensor([[1, 1, 2, 0]])
+    layout = SequenceLayout(torch.tensor([[0, 1, 0, 0]]), seg)
+    mask = layout.attention_mask()[0, 0].int()
+    assert torch.equal(mask, torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    assert layout.kind == "segments" and SequenceLayout.causal(1, 4).kind == "causal"
+    assert SequenceLayout.causal(2, 3).attention_mask() is None
+
+
+def test_bad_layouts_are_refused():
+    pos = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="prefix_ids need segment_ids"):
+        SequenceLayout(pos, None, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 3\)"):
+        SequenceLayout(pos, torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind", ["causal", "segments", "prefix"])
+def test_pipeline_message_round_trip(kind):
+    layout = prefix_layout(3, 2, 2)
+    if kind == "causal":
+        layout = SequenceLayout(layout.position_ids)
+    elif kind == "segments":
+        layout = SequenceLayout(layout.position_ids, layout.segment_ids)
+    back = SequenceLayout.from_tensors(*layout.to_tensors())
+    assert back.kind == kind
+    for a, b in zip(
+        (layout.position_ids, layout.segment_ids, layout.prefix_ids),
+        (back.position_ids, back.segment_ids, back.prefix_ids),
+        strict=True,
+    ):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_flash_refuses_prefix_sharing_and_auto_falls_back():
+    layout = prefix_layout(2, 1, 1)
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="cannot realise a prefix-shared layout"):
+        flash_attention(q, q, q, layout)
+    assert select_backend("auto", torch.bfloat16, torch.device("cpu"), layout) is sdpa_attention
+    assert select_backend("sdpa", torch.float32, torch.device("cpu"), layout) is sdpa_attention
+
+
+def _model() -> GPTModel:
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2, vocab_size=64,
+        make_vocab_size_divisible_by=32, max_position_embeddings=64, norm="rmsnorm",
+        activation="swiglu", ffn_hidden_size=64, rotary_pct=0.5,
+    )  # fmt: skip
+    return GPTModel(cfg, ParallelState.single(), seed=3).double().eval()
+
+
+def _padded(prompt: list[int], completions: list[list[int]]) -> Batch:
+    """One right-padded row per ``prompt + completion``; completion tokens are scored."""
+    width = len(prompt) + max(len(c) for c in completions)
+    n = len(completions)
+    tokens = torch.zeros(n, width, dtype=torch.long)
+    targets = torch.zeros_like(tokens)
+    ids = torch.full_like(tokens, -1)
+    for i, comp in enumerate(completions):
+        seq = torch.tensor(prompt + comp)
+        tokens[i, : seq.numel()] = seq
+        targets[i, : seq.numel() - 1] = seq[1:]
+        ids[i, len(prompt) - 1 : seq.numel() - 1] = i
+    return Batch(
+        tokens=tokens,
+        targets=targets,
+        loss_mask=(ids >= 0).float(),
+        layout=SequenceLayout.causal(n, width),
+        sequence_ids=ids,
+        num_sequences=n,
+    )
+
+
+def _prefix_shared(prompt: list[int], chosen: list[int], rejected: list[int]) -> Batch:
+    """``[prompt | chosen | rejected]`` in one row; the prompt's last hidden state scores the
+    first token of both completions (chosen via ``targets``, rejected via an extra target)."""
+    p, c, r = len(prompt), len(chosen), len(rejected)
+    tokens = torch.tensor([prompt + chosen + rejected])
+    targets = torch.zeros_like(tokens)
+    ids = torch.full_like(tokens, -1)
+    targets[0, p - 1] = chosen[0]
+    ids[0, p - 1] = 0
+    targets[0, p : p + c - 1] = torch.tensor(chosen[1:])
+    ids[0, p : p + c - 1] = 0
+    targets[0, p + c : p + c + r - 1] = torch.tensor(rejected[1:])
+    ids[0, p + c : p + c + r - 1] = 1
+    extra = ExtraTargets(
+        index=torch.tensor([p - 1]),
+        targets=torch.tensor([rejected[0]]),
+        sequence_ids=torch.tensor([1]),
+    )
+    return Batch(
+        tokens=tokens,
+        targets=targets,
+        loss_mask=(ids >= 0).float(),
+        layout=prefix_layout(p, c, r),
+        sequence_ids=ids,
+        num_sequences=2,
+        extra_targets=extra,
+    )
+
+
+def _sums_and_grads(model: GPTModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list]:
+    model.zero_grad()
+    extra = batch.extra_targets
+    args = () if extra is None else (extra.index, extra.targets)
+    out = model(batch.tokens, batch.layout, batch.targets, *args)
+    sums, counts = sequence_log_probs(out["token_logps"], batch, out.get("extra_logps"))
+    (sums * torch.tensor([1.0, -0.5], dtype=sums.dtype)).sum().backward()
+    return sums.detach(), counts, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("lengths", [(5, 4, 3), (1, 1, 1), (3, 1, 6)])
+def test_prefix_shared_row_equals_padded_rows(lengths):
+    """Per-sequence log-prob sums, token counts and parameter gradients are those of the two
+    padded rows (tolerance: see the module docstring)."""
+    p, c, r = lengths
+    g = torch.Generator().manual_seed(sum(lengths))
+    draw = lambda n: torch.randint(0, 64, (n,), generator=g).tolist()  # noqa: E731
+    prompt, chosen, rejected = draw(p), draw(c), draw(r)
+    model = _model()
+    want, want_n, want_g = _sums_and_grads(model, _padded(prompt, [chosen, rejected]))
+    got, got_n, got_g = _sums_and_grads(model, _prefix_shared(prompt, chosen, rejected))
+    torch.testing.assert_close(got, want, **FP32_ULPS)
+    torch.testing.assert_close(got_n, want_n, rtol=0, atol=0)
+    assert torch.equal(got_n, torch.tensor([float(c), float(r)], dtype=got_n.dtype))
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, **FP32_ULPS)
+
+
+def test_extra_targets_need_their_log_probs():
+    batch = _prefix_shared([1, 2], [3], [4, 5])
+    with pytest.raises(ValueError, match="pass their extra_logps"):
+        sequence_log_probs(torch.zeros(batch.shape, dtype=torch.float64), batch)
+
+
+def test_a_leak_from_chosen_to_rejected_is_caught():
+    """The same row with rejected allowed to see chosen (one segment for both) changes the
+    rejected sum far beyond the tolerance: the equality above is not vacuous."""
+    g = torch.Generator().manual_seed(0)
+    prompt, chosen, rejected = (torch.randint(0, 64, (n,), generator=g).tolist() for n in (4, 3, 3))
+    model = _model()
+    batch = _prefix_shared(prompt, chosen, rejected)
+    good = _sums_and_grads(model, batch)[0]
+    seg = batch.layout.segment_ids.clone()
+    seg[seg == 3] = 2
+    leaky = batch.replace(
+        layout=SequenceLayout(batch.layout.position_ids, seg, batch.layout.prefix_ids)
+    )
+    bad = _sums_and_grads(model, leaky)[0]
+    assert abs(float(bad[1] - good[1])) > 1e-3 and float(bad[0]) == pytest.approx(float(good[0]))
