@@ -5,21 +5,48 @@
 The config is loaded and checked *before* any process starts: an error is reported with its file
 and key and nothing is launched. Then the ``launcher`` section decides how ranks start:
 
-* ``torchrun`` (default): ``python -m torch.distributed.run`` with ``nproc_per_node``,
+* ``torchrun`` (default): torchrun (``tools/torchrun.py``: torch's ``torch.distributed.run``
+  without its failure traceback) with ``nproc_per_node``,
   ``num_nodes``, ``node_rank``, ``master_addr``, ``master_port``;
 * ``deepspeed``: the DeepSpeed runner (``--num_gpus``, or ``--hostfile`` for several nodes).
 
 Without CUDA the ranks run on CPU (``DS_ACCELERATOR=cpu``, gloo). ``--dry-run`` prints the
 command instead of running it.
+
+Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 of ``deepy.py`` is forwarded once to every rank,
+which checkpoints at the end of its step and exits (``megatron/training/signals.py``);
+``deepy.py`` waits for the whole launched tree, and SIGKILLs what is left after
+:data:`STOP_GRACE_S` or on a second signal. The launcher runs in a session of its own (a terminal's Ctrl-C reaches only
+``deepy.py``, which forwards it) with a parent-death signal, so a SIGKILL of ``deepy.py`` reaches
+it as SIGTERM; the ranks watch ``deepy.py`` themselves too.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from megatron.config import ConfigError, load_config, split_config_args
+from megatron.training.signals import (
+    EXIT_DIR_ENV,
+    LAUNCHER_PID_ENV,
+    REPEAT_WINDOW_S,
+    recorded_exit_statuses,
+    set_parent_death_signal,
+)
+
+TORCHRUN = Path(__file__).resolve().parent / "tools" / "torchrun.py"
+"""torch.distributed.run's agent, ending with one line instead of a traceback when ranks fail."""
+STOP_GRACE_S = 120.0
+"""Seconds the ranks get to checkpoint and exit after a forwarded signal before the SIGKILL."""
+
+_LAUNCHER_MODULES = ("tools/torchrun.py", "torch.distributed.run", "deepspeed.launcher")
 
 
 def _gpu_count() -> int:
@@ -55,8 +82,7 @@ def launch_command(script: str, files: list[str], overrides: list[str], cfg) -> 
         return [*cmd, script, *user_args]
     return [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        str(TORCHRUN),  # torch.distributed.run without its failure traceback
         f"--nproc_per_node={nproc}",
         f"--nnodes={la.num_nodes}",
         f"--node_rank={la.node_rank}",
@@ -67,7 +93,127 @@ def launch_command(script: str, files: list[str], overrides: list[str], cfg) -> 
     ]
 
 
+def _tree(pid: int) -> tuple[list, list]:
+    """``(launcher processes, rank processes)`` under the launcher ``pid`` (psutil objects).
+
+    A rank is a child of a launcher process (torchrun, the DeepSpeed runner or its per-node
+    ``deepspeed.launcher.launch``) that is not a launcher itself; a rank's own children (data
+    workers, compilers) are neither.
+    """
+    # why: psutil comes with DeepSpeed (a dependency of this project) and reads /proc portably
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [], []
+    launchers, ranks = [], []
+    for p in procs:
+        try:
+            cmdline = " ".join(p.cmdline())
+            is_launcher = p.pid == pid or any(m in cmdline for m in _LAUNCHER_MODULES)
+            (launchers if is_launcher else ranks).append(p)
+        except psutil.Error:
+            continue
+    parents = {p.pid for p in launchers}
+    return launchers, [p for p in ranks if p.ppid() in parents]
+
+
+def _signal_all(procs: list, signum: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(signum)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher ``cmd``, forward SIGTERM/SIGINT/SIGUSR1 to its ranks, wait for it all.
+
+    Returns:
+        The ranks' exit status when the launcher failed because ranks exited non-zero (the
+        highest, e.g. 3 for a diverged run), else the launcher's (128 + N for signal N).
+    """
+    exit_dir = tempfile.mkdtemp(prefix="megatron-exit-")
+    try:
+        code = _run_tree(cmd, {**env, LAUNCHER_PID_ENV: str(os.getpid()), EXIT_DIR_ENV: exit_dir})
+        ranks = recorded_exit_statuses(exit_dir)
+    finally:
+        shutil.rmtree(exit_dir, ignore_errors=True)
+    if code and ranks:
+        worst = max(ranks.values())
+        print(
+            f"deepy.py: the ranks exited with status {sorted(set(ranks.values()))} (see their "
+            f"message above); exit status {worst}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return worst
+    return code
+
+
+def _run_tree(cmd: list[str], env: dict[str, str]) -> int:
+    """Start ``cmd`` in a session of its own and wait for it and every rank it started."""
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, preexec_fn=set_parent_death_signal
+    )
+    stop: dict[str, float] = {}
+
+    def forward(signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if "at" not in stop:
+            stop["at"] = now
+            name = signal.Signals(signum).name
+            print(
+                f"deepy.py: {name}: the ranks checkpoint and stop after their current step "
+                f"(send it again to stop at once; SIGKILL after {STOP_GRACE_S:g} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            launchers, ranks = _tree(proc.pid)
+            # no ranks yet (still starting): the launcher's session holds everything there is
+            if ranks:
+                _signal_all(ranks, signal.SIGTERM)
+            else:
+                _signal_all(launchers, signal.SIGTERM)
+        elif now - stop["at"] >= REPEAT_WINDOW_S:
+            stop["at"] = now - STOP_GRACE_S  # the loop below kills everything now
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: Slurm's warning
+        signal.signal(signum, forward)
+    seen: dict[int, object] = {}  # every rank seen, so that ranks left behind are found too
+    last_scan = 0.0
+    while True:
+        now, running = time.monotonic(), proc.poll() is None
+        if running and now - last_scan >= 1.0:
+            seen.update((p.pid, p) for p in _tree(proc.pid)[1])
+            last_scan = now
+        alive = [p for p in seen.values() if _running(p)]
+        if not running and not alive:
+            break
+        if not running:
+            stop.setdefault("at", now)  # the launcher is gone: its ranks get the grace period
+        if "at" in stop and now - stop["at"] >= STOP_GRACE_S:
+            _signal_all([*_tree(proc.pid)[0], *alive], signal.SIGKILL)
+        time.sleep(0.2)
+    code = proc.returncode
+    return 128 - code if code < 0 else code
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     dry = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
     if len(argv) < 2:
@@ -106,7 +252,7 @@ def main(argv: list[str]) -> int:
     print("launching: " + " ".join(cmd), flush=True)
     if dry:
         return 0
-    return subprocess.call(cmd, env=env)
+    return run_launcher(cmd, env)
 
 
 if __name__ == "__main__":

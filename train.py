@@ -9,9 +9,13 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
+from megatron.ckpt.layout import CheckpointError, tag_for
 from megatron.config import ConfigError, load_config, split_config_args
-from megatron.training.distributed import LaunchEnvError, discover
+from megatron.training import signals
+from megatron.training.distributed import LaunchEnvError, collective_failure, discover
+from megatron.training.guards import DivergenceError
 from megatron.utils import setup_logging
 
 FAULT_ENV = "MEGATRON_FAULT_HANG_AFTER_STEP"
@@ -37,7 +41,12 @@ def _hang_after(step_to_hang: int):
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    parent = os.getppid()  # before anything slow: install() checks the launcher is still there
     setup_logging()
+    signals.install(parent)  # SIGTERM / SIGINT / SIGUSR1: checkpoint at the step's end and stop
     # why: DeepSpeed 0.19's ZeRO calls torch's renamed collective once per rank and run; the
     # FutureWarning is about DeepSpeed's code, not the user's, and floods every rank's output.
     warnings.filterwarnings(
@@ -63,23 +72,49 @@ def main(argv: list[str]) -> int:
     from megatron.training.preflight import preflight
     from megatron.training.trainer import Trainer
 
-    problems = preflight(cfg)
+    problems = preflight(cfg, fingerprints=False)  # the trainer checks the reference cache
     if problems:
         if launch.rank == 0:
             print("cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
         return 2
 
     hooks = [_hang_after(int(os.environ[FAULT_ENV]))] if os.environ.get(FAULT_ENV) else []
-    Trainer(cfg, hooks=hooks).train()
+    try:
+        trainer = Trainer(cfg, hooks=hooks)
+        trainer.train()
+    except CheckpointError as e:  # e.g. a stale reference.cache: every rank finds the same
+        if launch.rank == 0:
+            print(f"cannot start:\n  {e}", file=sys.stderr, flush=True)
+        return 2
+    except DivergenceError as e:  # every rank raises it at the same step: no peer is left waiting
+        if launch.rank == 0:
+            print(f"training diverged:\n  {e}", file=sys.stderr, flush=True)
+        return 3
+    except RuntimeError as e:
+        line = collective_failure(e, launch.rank, cfg.training.collective_timeout_s)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        return 1  # no barrier: a peer is gone
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
-    return 0
+    if trainer.stop_signal is None:
+        return 0
+    save = cfg.checkpoint.save
+    saved = Path(save) / tag_for(trainer.step) if save else None
+    if launch.rank == 0:
+        message = signals.preempted_message(
+            trainer.step, trainer.stop_signal, saved, cfg.checkpoint.load
+        )
+        print(message, file=sys.stderr, flush=True)
+    return 0 if saved else 128 + trainer.stop_signal
 
 
 if __name__ == "__main__":
     code = main(sys.argv[1:])
+    signals.record_exit_status(code)  # deepy.py exits with it (not the launcher's generic 1)
     sys.stdout.flush()
     sys.stderr.flush()
     # why: ending with os._exit avoids DeepSpeed/gloo's occasional SIGABRT at interpreter

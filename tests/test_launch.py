@@ -102,7 +102,7 @@ def test_dry_run_prints_the_launch_commands(run):
     _, cfg = run
     r = deepy(str(cfg), "launcher.nproc_per_node=2", "launcher.master_port=30123", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "torch.distributed.run --nproc_per_node=2 --nnodes=1" in r.stdout
+    assert "tools/torchrun.py --nproc_per_node=2 --nnodes=1" in r.stdout
     assert "--master_port=30123" in r.stdout
     r = deepy(str(cfg), "launcher.type=deepspeed", "launcher.nproc_per_node=2", "--dry-run")
     assert "deepspeed.launcher.runner" in r.stdout and "--num_accelerators 2" in r.stdout

@@ -26,6 +26,9 @@ from megatron.utils import setup_logging  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     setup_logging()
     files, overrides = split_config_args(argv)
     if not files:

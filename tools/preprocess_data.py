@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["fail", "skip"],
         help="bad rows: fail (write nothing, exit 1) or skip (list them in PREFIX.errors.jsonl)",
     )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="accept an input file without rows and a run that writes no rows (a 0-row "
+        "dataset); by default either is an error naming the file",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             boundary=args.boundary,
             from_pairwise=args.from_pairwise,
             on_error=args.on_error,
+            allow_empty=args.allow_empty,
             workers=args.workers,
             chunk_size=args.chunk_size,
             show_progress=not args.no_progress,
@@ -140,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer, options)
     except (DatasetError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the disk filled up while writing
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"error: {where}{exc.strerror or exc}; check the path, its permissions and free "
+            "space, then run again (a dataset without PREFIX.meta.json is not complete)",
+            file=sys.stderr,
+        )
         return 1
     print(summary.format())
     return 0

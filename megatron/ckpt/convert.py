@@ -64,6 +64,7 @@ from megatron.ckpt.hf_mapping import (
     native_shapes,
 )
 from megatron.ckpt.layout import CheckpointError, resolve_checkpoint, tag_for
+from megatron.ckpt.manifest import CHECKPOINT_FORMAT, write_manifest
 from megatron.ckpt.native import (
     checkpoint_tp_size,
     read_model_shards,
@@ -170,7 +171,7 @@ def _write_native(
     atomic_write_text(
         tag_dir / "config.yml", _yaml({"model": resolved, "parallel": parallel}, header)
     )
-    client = {"step": 0, "weights_only": True, "source": source}
+    client = {"step": 0, "weights_only": True, "source": source, "format": CHECKPOINT_FORMAT}
     client["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "as source"
     atomic_write_json(tag_dir / "client_state.json", client)
     model_header = (
@@ -179,6 +180,7 @@ def _write_native(
         f"checkpoint.load: {out} and checkpoint.finetune: true.\n"
     )
     atomic_write_text(out / MODEL_YAML, _yaml({"model": section}, model_header))
+    write_manifest(tag_dir)  # after every file of the tag, before `latest`
     atomic_write_text(out / "latest", tag + "\n")
     return tag_dir
 

@@ -42,6 +42,11 @@ def resolve_checkpoint(load: str | Path) -> tuple[Path, str]:
         return path, tag
     if (path / "client_state.json").is_file():
         return path.parent, path.name
+    if path.is_dir() and path.name.startswith("iter_"):
+        raise CheckpointError(
+            f"checkpoint.load: incomplete save: {path / 'client_state.json'} is missing (the save "
+            "was interrupted); resume from an earlier iter_* or the directory's 'latest'"
+        )
     if not path.exists():
         raise CheckpointError(
             f"checkpoint.load: {path} does not exist; give a directory written by checkpoint.save "

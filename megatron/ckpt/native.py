@@ -18,6 +18,10 @@ model as DeepSpeed wrote it:
 
 :func:`load_tp_shard` returns one rank's weights at any TP size: when the checkpoint was written at
 another TP size it gathers the shards and splits them again (exact; vocabulary padding redone).
+
+Every file is read with ``weights_only=True`` (:func:`megatron.ckpt.safety.safe_load`): tensors,
+plain data and DeepSpeed's few data classes only; ``zero_to_fp32`` (which loads unsafely) gets its
+files only after the same check.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 
-from megatron.ckpt import ConversionError
+from megatron.ckpt import ConversionError, safety
 from megatron.ckpt.hf_mapping import (
     check_native_shards,
     iter_resharded,
@@ -53,6 +57,18 @@ from megatron.utils import log_rank0
 logger = logging.getLogger(__name__)
 _MODEL_FILE = re.compile(r"(?:^|_)mp_rank_(\d+)_model_states\.pt$")
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` memory-mapped (see :mod:`megatron.ckpt.safety`).
+
+    Raises:
+        ConversionError: the file is unreadable, or names code outside the allowed set.
+    """
+    try:
+        return safety.safe_load(path, map_location="cpu", mmap=True)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
 
 
 def model_states_name(tp_rank: int) -> str:
@@ -177,10 +193,7 @@ def _read_layer_shard(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     files = _layer_files(tag_dir).get(tp_rank)
     if not files:
         raise ConversionError(f"{tag_dir}: no pipeline layer files of TP rank {tp_rank}")
-    layers = {
-        i: torch.load(files[i], map_location="cpu", mmap=True, weights_only=True)
-        for i in sorted(files)
-    }
+    layers = {i: _safe_load(files[i]) for i in sorted(files)}
     # why: the files do not record the layer count; the final norm is the one layer whose keys
     # are all norm.* (the transformer layers' norms are input_norm / post_attention_norm).
     norms = [i for i, sd in layers.items() if sd and all(k.startswith("norm.") for k in sd)]
@@ -215,7 +228,7 @@ def checkpoint_tp_size(tag_dir: str | Path) -> int:
             "zero_pp_rank_D_mp_rank_XX_model_states.pt)"
         )
     # DeepSpeed records the TP size in every model file; trust it over the files that are left.
-    first = torch.load(files[min(files)], map_location="cpu", mmap=True, weights_only=False)
+    first = _safe_load(files[min(files)])
     size = int(first.get("mp_world_size") or 0) if isinstance(first, dict) else 0
     size = max(size, max(files) + 1)
     missing = sorted(set(range(size)) - set(files))
@@ -238,6 +251,9 @@ def _zero_fp32(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
             f"{tag_dir}: no ZeRO optimizer partitions (*_{mp}_optim_states.pt) to take fp32 "
             f"weights of TP rank {tp_rank} from (fp32 master weights exist only for ZeRO >= 1)"
         )
+    # why: zero_to_fp32 loads with weights_only=False; the files are first proven safe
+    for f in files:
+        _safe_load(f)
     with tempfile.TemporaryDirectory() as view:
         # why: zero_to_fp32 globs a whole directory; a view with one TP rank's files keeps it
         # from mixing (and counting) the partitions of the other TP ranks.
@@ -280,7 +296,7 @@ def read_model_shard(
         return _read_layer_shard(tag_dir, tp_rank)
     path = tag_dir / model_states_name(tp_rank)
     if path.is_file() and not fp32_master:
-        states = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        states = _safe_load(path)
         module = states.get("module") if isinstance(states, dict) else None
         if not isinstance(module, Mapping):
             raise ConversionError(f"{path} has no 'module' state dict")

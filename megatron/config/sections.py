@@ -404,6 +404,14 @@ class TrainingConfig:
     """Evaluate every this many iterations (needs ``data.valid``); null: no periodic evaluation."""
     eval_iters: int = 10
     """Batches per evaluation."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A step whose loss or gradient norm is NaN/inf on any rank: ``stop`` ends the run (exit status 3) naming the step, the value and the last good checkpoint, before anything is saved for that step; ``skip_step`` drops that optimizer update (weights and optimizer state unchanged; the step still counts and its data is consumed), counts it in the ``skipped_steps`` metric and stops after ``max_consecutive_skips`` in a row. fp16 overflow steps are DeepSpeed's loss scaler's and are not counted."""
+    max_consecutive_skips: int = 5
+    """With ``on_nonfinite: skip_step``: stop after this many skipped steps in a row."""
+    collapse_steps: int = 20
+    """Warn when the per-token loss (lm, sft) sits at ln(model.vocab_size), the uniform distribution's, or the gradient norm is exactly 0, for this many steps in a row; 0: never warn."""
+    collective_timeout_s: float = 300.0
+    """Seconds a collective (all-reduce, broadcast, ...) waits for the other ranks before this rank stops with an error naming the operation; a stalled or dead rank then ends the run instead of hanging it. Raise it when a step or a checkpoint save on one rank takes longer."""
 
     def __post_init__(self) -> None:
         checks = FieldChecks(self)
@@ -415,6 +423,10 @@ class TrainingConfig:
         checks.at_least("gradient_clipping", 0)
         checks.at_least("eval_interval", 1)
         checks.at_least("eval_iters", 1)
+        checks.at_least("max_consecutive_skips", 1)
+        checks.at_least("collapse_steps", 0)
+        if self.collective_timeout_s <= 0:
+            checks.fail("collective_timeout_s", f"({self.collective_timeout_s:g}) must be > 0")
         checks.done()
 
 
@@ -431,7 +443,9 @@ class CheckpointConfig:
     finetune: bool = False
     """Load only the weights from ``load`` (no optimizer, scheduler or data state) and restart at iteration 0."""
     keep_last: int | None = None
-    """Keep only this many most recent checkpoints; null: keep all."""
+    """Keep only this many most recent checkpoints, plus the newest one whose step had a finite loss and gradient norm (see ``training.on_nonfinite``); null: keep all."""
+    allow_changes: bool = False
+    """Resume even though the seed, learning rate, batch sizes or data differ from the checkpoint's config (each change is logged at start-up); false: such a resume is refused before launch."""
 
     def __post_init__(self) -> None:
         checks = FieldChecks(self)
@@ -441,6 +455,10 @@ class CheckpointConfig:
         if self.finetune and self.load is None:
             checks.fail("finetune", "needs checkpoint.load to be set")
         checks.at_least("keep_last", 1)
+        if self.allow_changes and (self.load is None or self.finetune):
+            checks.fail(
+                "allow_changes", "applies to a resume: needs checkpoint.load and no finetune"
+            )
         checks.done()
 
 

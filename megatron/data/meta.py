@@ -15,9 +15,12 @@ per field file ``PREFIX.<field>``), ``scalars`` (``PREFIX.<name>.npy`` files), `
 ``lengths`` (percentiles) and ``max_sequence_length``. ``num_documents`` counts rows (pairs for
 ``pairwise``) and ``num_tokens`` the tokens of all token fields.
 
+``max_token_id`` (every format) maps each token field (``""`` for ``text``) to its largest id.
+
 The file is written last and atomically, so its presence means the files next to it were
 completely written by the same run. :func:`check_dataset_compat` is the start-up check of a
-dataset against the run (batch kind, tokenizer, vocabulary size).
+dataset against the run (batch kind, tokenizer, vocabulary size, token ids below
+``model.vocab_size``: :func:`check_token_ids`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from megatron.data.formats import BATCH_KINDS
-from megatron.data.indexed import DatasetError, DatasetNotFoundError, data_paths
+from megatron.data.formats import BATCH_KINDS, FORMATS
+from megatron.data.indexed import DatasetError, DatasetNotFoundError, IndexedDataset, data_paths
 from megatron.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -183,6 +187,74 @@ def check_meta(
     return meta
 
 
+_SCANNED: dict[tuple[str, int, int], tuple[int, int]] = {}
+"""Id ranges scanned in this process, keyed by ``(path, size, mtime_ns)`` of the ``.bin``."""
+
+
+def _scanned_range(ds: IndexedDataset, bin_path: Path) -> tuple[int, int]:
+    st = bin_path.stat()
+    key = (str(bin_path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SCANNED:
+        start = time.perf_counter()
+        _SCANNED[key] = ds.id_range()
+        logger.info(
+            "%s: scanned %.2f GiB of token ids in %.1f s (no up-to-date max_token_id in meta.json)",
+            bin_path,
+            st.st_size / 2**30,
+            time.perf_counter() - start,
+        )
+    return _SCANNED[key]
+
+
+def check_token_ids(prefix: str | Path, meta: dict[str, Any], vocab_size: int) -> None:
+    """Refuse a dataset holding a token id outside ``[0, vocab_size)`` in any token field.
+
+    why: such an id only fails later, as an ``IndexError`` deep in some rank's embedding. The
+    largest id of each field is recorded in ``meta.json`` (``max_token_id``) at preprocessing
+    time and trusted while the field's ``.bin`` is not newer than ``meta.json``: meta.json is
+    written last, so a ``.bin`` edited after preprocessing is newer. Otherwise (an edited file,
+    a copy that did not keep modification times, an older meta.json without ``max_token_id``,
+    a legacy dataset without meta.json) the ``.bin`` is scanned once per process: about
+    0.07 s/GiB from the page cache, 0.5 s/GiB from a local disk. A stored hash would not avoid
+    that scan (sha256 reads every byte too, at about 1.3 s/GiB), so none is kept.
+
+    Args:
+        prefix: Dataset prefix.
+        meta: Its metadata (``{"format": "text"}`` for a legacy dataset).
+        vocab_size: ``model.vocab_size``.
+
+    Raises:
+        DatasetError: Naming the file, the field, the first bad id, where it is and the fix.
+    """
+    path = meta_path(prefix)
+    meta_mtime = path.stat().st_mtime_ns if path.is_file() else None
+    cached = meta.get("max_token_id")
+    cached = cached if isinstance(cached, dict) else {}
+    fmt = FORMATS.get(meta["format"])
+    for name in [f.name for f in fmt.fields if not f.mask] if fmt else []:
+        ds = IndexedDataset(field_prefix(prefix, name))
+        bin_path = data_paths(ds.prefix)[0]
+        fresh = meta_mtime is not None and bin_path.stat().st_mtime_ns <= meta_mtime
+        if fresh and isinstance(cached.get(name), int):
+            lo, hi = 0, cached[name]
+        else:
+            lo, hi = _scanned_range(ds, bin_path)
+        if lo >= 0 and hi < vocab_size:
+            continue
+        found = ds.find_id_outside(vocab_size)
+        if found is None:
+            continue  # a stale max_token_id; the ids themselves fit
+        doc, offset, bad = found
+        if meta_mtime is None:
+            fix = f"set model.vocab_size above {bad} or rebuild it with tools/preprocess_data.py"
+        else:
+            fix = f"the file changed after preprocessing; {_HINT}"
+        raise DatasetError(
+            f"{prefix}: token id {bad} in {bin_path} (field {name or 'text'!r}, document {doc}, "
+            f"token {offset}) is outside model.vocab_size {vocab_size}; {fix}"
+        )
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenizer_identity(tokenizer_dir: str) -> tuple[str, int]:
     tok = load_tokenizer(tokenizer_dir)
@@ -199,7 +271,8 @@ def check_dataset_compat(
         kind: The objective's batch kind (``sequence``, ``pair``, ``unpaired``, ``prompt``).
         tokenizer_dir: The run's tokenizer (``data.tokenizer``); when given, the dataset must have
             been built with the same vocabulary (``vocab_hash``). None skips that check.
-        vocab_size: ``model.vocab_size``; every token id of the dataset must be below it.
+        vocab_size: ``model.vocab_size``; every token id of the dataset must be below it
+            (:func:`check_token_ids`).
 
     Returns:
         The metadata. A legacy ``text`` dataset without ``meta.json`` yields
@@ -211,6 +284,7 @@ def check_dataset_compat(
     path = meta_path(prefix)
     if not path.is_file() and kind == "sequence" and data_paths(prefix)[0].is_file():
         logger.warning("%s has no meta.json; reading it as a 'text' dataset", prefix)
+        check_token_ids(prefix, {"format": "text"}, vocab_size)
         return {"format": "text"}
     meta = read_meta(prefix)
     fmt = meta["format"]
@@ -239,4 +313,5 @@ def check_dataset_compat(
                 f"{str(tok.get('vocab_hash'))[:12]}...) but data.tokenizer {str(tokenizer_dir)!r} "
                 f"hashes to {run_hash[:12]}...; {_HINT} with --tokenizer {tokenizer_dir}"
             )
+    check_token_ids(prefix, meta, vocab_size)
     return meta

@@ -44,6 +44,10 @@ class PreprocessOptions:
     """``fail``: write nothing and raise on bad rows; ``skip``: drop them, list them in errors.jsonl."""
     max_errors: int = 10
     """With ``on_error="fail"``: stop after this many bad rows and report them."""
+    allow_empty: bool = False
+    """Accept an input file without rows, and a run writing no rows (a 0-row dataset); by default
+    either is an error naming the file (an empty input is usually a wrong path or a failed
+    export)."""
     workers: int = 1
     """Tokenizer processes; 1 tokenizes in this process."""
     chunk_size: int = 512

@@ -10,8 +10,11 @@ Bad rows (invalid UTF-8 or JSON, missing keys, wrong types, empty or identical c
 non-boolean labels, ...) are reported as ``file:line: message``. ``on_error="fail"`` collects up
 to ``max_errors`` of them, writes nothing and raises :class:`PreprocessError`; ``"skip"`` drops
 them. Rows left out by the length policy are *dropped*, never a failure. Every bad or dropped row
-is listed in ``PREFIX.errors.jsonl`` (written with ``on_error="skip"`` or when rows were
-dropped). A ``.json`` array that does not parse as a whole is a file-level :class:`DatasetError`.
+is listed in ``PREFIX.errors.jsonl`` (written when there are any bad or dropped rows; a run
+that writes the dataset without any removes a stale one). A ``.json`` array that does not parse
+as a whole is a file-level :class:`DatasetError`, and so are an input file without rows and a
+run that would write no rows (unless ``allow_empty``), and an output prefix that cannot be
+written (checked before tokenizing).
 
 Files are committed in this order: the old ``PREFIX.meta.json`` is removed, every field's
 ``.bin``/``.idx`` and scalar ``.npy`` is renamed into place, then the new ``meta.json`` is written
@@ -25,6 +28,7 @@ import logging
 import multiprocessing as mp
 import os
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,7 +57,13 @@ from megatron.data.sources import (
     file_sha256,
     iter_rows,
 )
-from megatron.data.writer import ChunkResult, DatasetWriter, PreprocessSummary, finish_dataset
+from megatron.data.writer import (
+    ChunkResult,
+    DatasetWriter,
+    ErrorEntry,
+    PreprocessSummary,
+    finish_dataset,
+)
 from megatron.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,6 +77,7 @@ __all__ = [
     "PreprocessSummary",
     "RowError",
     "check_inputs",
+    "check_output_prefix",
     "file_sha256",
     "iter_rows",
     "preprocess",
@@ -246,8 +257,7 @@ def _run_pipeline(
     """Stream all inputs through the encoders into ``writer``; returns (options used, bad rows)."""
     from tqdm.auto import tqdm
 
-    rows = (row for path in inputs for row in iter_rows(path, options.txt_mode))
-    chunks_in = _chunked(rows, options.chunk_size)
+    chunks_in = _chunked(_counted_rows(inputs, options, summary), options.chunk_size)
     first = next(chunks_in, [])
     if options.workers > 1:
         disable_rust_threads_for_fork()
@@ -267,6 +277,74 @@ def _run_pipeline(
                 continue  # keep reading only to report more bad rows
             writer.add(result)
     return options, errors
+
+
+_ALLOW_EMPTY = "or pass --allow-empty to accept it"
+
+
+def _counted_rows(
+    inputs: Sequence[Path], options: PreprocessOptions, summary: PreprocessSummary
+) -> Iterator[RawRow]:
+    """The rows of every input in order, counted in ``summary.rows_per_input``.
+
+    Raises:
+        DatasetError: An input has no rows (unless ``options.allow_empty``), as soon as it is read.
+    """
+    for path in inputs:
+        summary.rows_per_input[str(path)] = 0
+        for row in iter_rows(path, options.txt_mode):
+            summary.rows_per_input[str(path)] += 1
+            yield row
+        if not summary.rows_per_input[str(path)] and not options.allow_empty:
+            raise DatasetError(
+                f"{path}: input has no rows (an empty file?); nothing was written. Check the "
+                f"--input path {_ALLOW_EMPTY}"
+            )
+
+
+def _check_rows_written(
+    inputs: Sequence[Path], writer: DatasetWriter, errors: list[ErrorEntry], summary: Any
+) -> None:
+    """No row written at all (every row skipped or dropped) is an error."""
+    if writer.rows:
+        return
+    reasons = Counter(e[1] for e in errors)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+    first = f"; first: {errors[0][0]}: {errors[0][2]}" if errors else ""
+    raise DatasetError(
+        f"no rows written: all {summary.rows_read} rows read from "
+        f"{', '.join(map(str, inputs))} were skipped or dropped ({counts}{first}); nothing was "
+        f"written. Fix the input or the length options, {_ALLOW_EMPTY} (a 0-row dataset)"
+    )
+
+
+def check_output_prefix(prefix: str | Path) -> None:
+    """Create the prefix's directory and check that files can be written there.
+
+    Raises:
+        DatasetError: Naming the prefix, the cause and what to do.
+    """
+    what = f"--output-prefix {str(prefix)!r}"
+    if str(prefix).endswith(("/", os.sep)):  # the files would be hidden: DIR/.bin, DIR/.idx
+        raise DatasetError(
+            f"{what} ends in a directory separator; give a path prefix inside the directory, "
+            f"e.g. {Path(prefix) / 'train'}"
+        )
+    parent = Path(prefix).parent
+    existing = next((a for a in (parent, *parent.parents) if a.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DatasetError(
+            f"{what}: {existing} is a file, not a directory; choose another --output-prefix"
+        )
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise DatasetError(
+            f"{what}: cannot write in {parent} ({exc.strerror or exc}); choose a writable "
+            "location or fix the directory's permissions"
+        ) from None
 
 
 def _prepend(first: list[RawRow], rest: Iterator[list[RawRow]]) -> Iterator[list[RawRow]]:
@@ -295,17 +373,19 @@ def preprocess(
     Raises:
         PreprocessError: ``on_error="fail"`` and bad rows were found; nothing is written and an
             existing dataset at the prefix is left intact.
-        DatasetError: Missing/unsupported inputs, a malformed ``.json`` array, conversational rows
-            without a chat template, or an optional scalar given in some rows only.
+        DatasetError: Missing/unsupported inputs, an unwritable ``output_prefix``, a malformed
+            ``.json`` array, conversational rows without a chat template, an optional scalar
+            given in some rows only, or (unless ``allow_empty``) an input without rows or no row
+            written; nothing is written then.
     """
     options = options or PreprocessOptions()
     fmt = get_format(options.data_format)
     start = time.perf_counter()
     paths = [Path(p) for p in inputs]
     check_inputs(paths)
+    check_output_prefix(output_prefix)
     tokenizer = load_tokenizer(tokenizer_dir)
     prefix = str(output_prefix)
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     summary = PreprocessSummary(output_prefix=prefix, data_format=options.data_format)
 
     pipeline_start = time.perf_counter()
@@ -315,6 +395,8 @@ def preprocess(
         if bad and options.on_error == "fail":
             shown = [f"{loc}: {msg}" for loc, _, msg, _ in bad[: options.max_errors]]
             raise PreprocessError(shown, limit_hit=len(bad) >= options.max_errors)
+        if not options.allow_empty:
+            _check_rows_written(paths, writer, errors, summary)
         writer.check_scalars()
     summary.pipeline_s = time.perf_counter() - pipeline_start
     finish_dataset(writer, tokenizer, used, paths, errors, summary)

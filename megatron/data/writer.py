@@ -5,7 +5,8 @@ The layout of a dataset at ``PREFIX`` (see :mod:`megatron.data.formats` for each
 * ``PREFIX.<field>.bin`` / ``.idx``: one indexed dataset per token field, rows aligned (``text``
   uses ``PREFIX.bin`` / ``.idx``);
 * ``PREFIX.<scalar>.npy``: one value per row (``float32`` or ``bool``);
-* ``PREFIX.errors.jsonl``: bad and dropped rows, one JSON object each;
+* ``PREFIX.errors.jsonl``: bad and dropped rows, one JSON object each (rewritten by every run
+  that writes the dataset, removed when it has none);
 * ``PREFIX.meta.json``: written last (:mod:`megatron.data.meta`).
 """
 
@@ -210,6 +211,8 @@ class PreprocessSummary:
     pipeline_s: float = 0.0
     """Wall time of reading, tokenizing and writing (what ``rows_per_s`` divides by)."""
     errors_path: str | None = None
+    rows_per_input: dict[str, int] = field(default_factory=dict)
+    """Rows read from each input (in reading order)."""
     tokenization: str = "whole"
     """``pieces`` (cut at special tokens) or ``whole`` texts."""
 
@@ -315,13 +318,18 @@ def finish_dataset(
     if options.split_special_tokens:
         words = PieceEncoder(tokenizer).word_cache
         summary.tokenization = "pieces, word cache" if words else "pieces"
-    if options.on_error == "skip" or summary.dropped:
-        errors_path = Path(prefix + ".errors.jsonl")
+    errors_path = Path(prefix + ".errors.jsonl")
+    if errors:
         _write_errors(errors_path, errors)
-        summary.errors_path = str(errors_path) if errors else None
+        summary.errors_path = str(errors_path)
+    else:  # why: a report left by an earlier run would describe rows this dataset never had
+        errors_path.unlink(missing_ok=True)
     extra = {}
     if writer.fmt.name != "text":
         extra = _format_meta_extra(writer, tokenizer, options, summary)
+    extra["max_token_id"] = {
+        f.name: writer.writers[f.name].max_id for f in writer.fmt.fields if not f.mask
+    }
     main = writer.writers[writer.fmt.fields[0].name]
     meta = make_meta(
         data_format=writer.fmt.name,

@@ -35,6 +35,7 @@ class LanguageModelling(Objective):
     Config = LMConfig
     batch_kind = "sequence"
     needs_reference_model = False
+    token_nll_metric = "lm/nll"
 
     def loss(
         self, policy: dict[str, torch.Tensor], reference: Any, batch: Batch

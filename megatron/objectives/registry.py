@@ -17,6 +17,9 @@ An objective is a class registered under a name with :func:`register_objective`.
 
 Optional parts of the contract:
 
+* ``token_nll_metric``: the key of the metric holding the per-token NLL of the targets, for
+  objectives whose loss is one (``lm``, ``sft``); the trainer's collapse warning compares it with
+  ``ln(vocab_size)``, the uniform distribution's (:mod:`megatron.training.guards`). Default None.
 * ``model_head``: ``"lm"`` (per-token log-probs of the targets) or ``"value"`` (a scalar per
   token from the model's ``value_head``: reward models); the run's ``model.head`` must match.
 * ``collate_options(pipeline) -> dict``: keyword arguments for the
@@ -65,6 +68,7 @@ class Objective:
     batch_kind: ClassVar[str] = "sequence"
     needs_reference_model: ClassVar[bool] = False
     model_head: ClassVar[str] = "lm"
+    token_nll_metric: ClassVar[str | None] = None
 
     @property
     def model_outputs(self) -> frozenset[str]:

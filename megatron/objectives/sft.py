@@ -82,6 +82,7 @@ class SFT(Objective):
     Config = SFTConfig
     batch_kind = "sequence"
     needs_reference_model = False
+    token_nll_metric = "sft/nll"
 
     def loss(
         self, policy: dict[str, torch.Tensor], reference: Any, batch: Batch

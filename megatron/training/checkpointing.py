@@ -9,10 +9,14 @@ Layout of ``checkpoint.save``::
         client_state.json           # step, consumed samples, sampler state (human-readable)
         config.yml                  # the resolved run config
         rng_state_rank{r}.pt        # python, numpy, torch (cpu/cuda) and TP-tracker RNG per rank
+        manifest.json               # every file's size and sha256, written after all of them
 
 Finding the tag (``latest`` or an ``iter_*`` directory) is :mod:`megatron.ckpt.layout`; the model
 files are :mod:`megatron.ckpt.native`. A crash at any point leaves ``latest`` naming the previous
-complete checkpoint, so a resume never sees a partial one. DeepSpeed's own ``latest`` file is not
+complete checkpoint, so a resume never sees a partial one; ``manifest.json``
+(:mod:`megatron.ckpt.manifest`) lets the pre-launch check name a truncated or missing file. Every
+file is loaded with ``weights_only=True`` (:mod:`megatron.ckpt.safety`), DeepSpeed's only after
+the same check. DeepSpeed's own ``latest`` file is not
 written (``save_latest=False``).
 
 ``checkpoint.finetune`` loads weights only (:func:`load_weights`): from any ZeRO stage, at any TP
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -38,7 +43,10 @@ from megatron.ckpt import ConversionError
 from megatron.ckpt.hf_config import model_config_from_section, with_tp_padding
 from megatron.ckpt.hf_mapping import pipeline_layer_of
 from megatron.ckpt.layout import LATEST, CheckpointError, resolve_checkpoint, tag_for
+from megatron.ckpt.manifest import CHECKPOINT_FORMAT as CKPT_FORMAT
+from megatron.ckpt.manifest import MANIFEST, read_manifest, write_manifest
 from megatron.ckpt.native import checkpoint_tp_size, load_tp_shard, read_checkpoint_config
+from megatron.ckpt.safety import NUMPY_GLOBALS, check_loadable, safe_load, torch_files
 from megatron.config import read_config_file, save_config
 from megatron.model import GPTModel
 from megatron.parallel.random import RNGStatesTracker
@@ -51,11 +59,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+RNG_FORMAT = 2
+"""Version of ``rng_state_rank{r}.pt``: 2 holds tensors and plain data only (loads with
+``weights_only=True``); 1 (no ``format`` key) pickled numpy's state tuple."""
+
+
 def rng_state(tracker: RNGStatesTracker) -> dict[str, Any]:
-    """Every RNG stream this rank uses."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """Every RNG stream this rank uses, as tensors and plain Python data.
+
+    why plain data: the file then loads with ``torch.load(weights_only=True)``, which runs no code
+    from it (numpy's state would otherwise be a pickled ``ndarray``).
+    """
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "format": RNG_FORMAT,
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {
+            "kind": str(kind),
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "tracker": tracker.state_dict(),
     }
@@ -65,8 +91,17 @@ def rng_state(tracker: RNGStatesTracker) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], tracker: RNGStatesTracker) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned (also the format-1 dict of older checkpoints)."""
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+        keys = np.asarray(npy["keys"], dtype=np.uint32)
+        np.random.set_state(
+            (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+        )
+    else:
+        random.setstate(py)
+        np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     tracker.load_state_dict(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
@@ -95,10 +130,12 @@ def save_checkpoint(
     buf = _torch_bytes(rng_state(tracker))
     atomic_write_bytes(tag_dir / f"rng_state_rank{rank}.pt", buf)
     if rank == 0:
-        atomic_write_json(tag_dir / "client_state.json", client_state)
+        # "format" tells an interrupted save (no manifest yet) from one that predates manifests
+        atomic_write_json(tag_dir / "client_state.json", {**client_state, "format": CKPT_FORMAT})
         save_config(config, tag_dir / "config.yml")
-    _barrier()  # every shard and RNG file is on disk before `latest` moves
+    _barrier()  # every shard and RNG file is on disk before the manifest lists them
     if rank == 0:
+        write_manifest(tag_dir)
         atomic_write_text(save_dir / LATEST, tag + "\n")
         if keep_last:
             _prune(save_dir, keep_last, keep=tag)
@@ -113,10 +150,45 @@ def _torch_bytes(obj: Any) -> bytes:
     return b.getvalue()
 
 
+def _step_was_finite(tag_dir: Path) -> bool:
+    """Whether ``tag_dir`` is a saved checkpoint whose step had a finite loss and gradient norm.
+
+    The trainer records ``"finite"`` in the client state (see :mod:`megatron.training.guards`);
+    checkpoints from before that record count as finite, a directory without client state (an
+    interrupted save) does not.
+    """
+    try:
+        client = json.loads((tag_dir / "client_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(client, dict) and client.get("finite", True) is not False
+
+
+def newest_finite_checkpoint(save_dir: Path) -> Path | None:
+    """The newest checkpoint under ``save_dir`` (not past ``latest``) whose step was finite."""
+    latest = save_dir / LATEST
+    try:
+        newest = latest.read_text().strip() if latest.is_file() else None
+    except OSError:
+        newest = None
+    tags = sorted((p for p in save_dir.glob("iter_*") if p.is_dir()), reverse=True)
+    return next(
+        (t for t in tags if (newest is None or t.name <= newest) and _step_was_finite(t)), None
+    )
+
+
 def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, ``keep``, and the newest finite one.
+
+    why the finite one: under ``training.on_nonfinite: skip_step`` the newest ``keep_last``
+    checkpoints may all come from skipped (non-finite) steps; the last finite one is what a user
+    resumes from.
+    """
     tags = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
+    finite = newest_finite_checkpoint(save_dir)
+    protect = {keep, finite.name if finite is not None else keep}
     for old in tags[:-keep_last]:
-        if old.name != keep:
+        if old.name not in protect:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -257,14 +329,35 @@ def checkpoint_head(tag_dir: Path) -> str:
 
 
 def load_checkpoint(
-    engine: Any, load: str | Path, finetune: bool, tracker: RNGStatesTracker
+    engine: Any,
+    load: str | Path,
+    finetune: bool,
+    tracker: RNGStatesTracker,
+    config: Any | None = None,
 ) -> dict[str, Any] | None:
     """Load weights (``finetune``) or everything (full resume) from ``load``.
+
+    The checkpoint was verified before launch (``megatron.training.checkpoint_verify``); this
+    logs what that check accepted: a missing manifest (a checkpoint older than manifests) and,
+    given the run's ``config``, each change a resume with ``checkpoint.allow_changes`` accepts.
 
     Returns:
         The client state for a full resume, ``None`` for ``finetune``.
     """
     root, tag = resolve_checkpoint(load)
+    if not (root / tag / MANIFEST).is_file():
+        log_rank0(
+            "checkpoint.load: %s has no %s (saved before manifests existed): its files' sizes "
+            "and checksums are not verified",
+            root / tag,
+            MANIFEST,
+            level=logging.WARNING,
+        )
+    if config is not None and not finetune:
+        from megatron.training.checkpoint_verify import accepted_changes
+
+        for change in accepted_changes(config, root / tag):
+            log_rank0("resume accepts a change (checkpoint.allow_changes): %s", change)
     if finetune:
         load_weights(engine, root / tag)
         log_rank0("loaded checkpoint %s (weights only)", root / tag)
@@ -275,6 +368,9 @@ def load_checkpoint(
             f"{root / tag} holds weights only (written by tools/ckpts); it cannot be resumed: "
             "set checkpoint.finetune: true to start a run from it"
         )
+    # why: DeepSpeed loads its files with weights_only=False; each is first proven to hold
+    # tensors and plain data only (megatron.ckpt.safety), so a crafted file runs no code
+    check_loadable(torch_files(root / tag))
     load_path, _ = engine.load_checkpoint(
         str(root),
         tag=tag,
@@ -287,11 +383,31 @@ def load_checkpoint(
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
     log_rank0("loaded checkpoint %s (full resume)", root / tag)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     rng_file = root / tag / f"rng_state_rank{rank}.pt"
     if not rng_file.is_file():
-        raise CheckpointError(
-            f"{rng_file} is missing: the checkpoint was written by a different number of ranks; "
-            "resume with the same grid, or set checkpoint.finetune: true to load weights only"
-        )
-    set_rng_state(torch.load(rng_file, weights_only=False), tracker)
+        raise CheckpointError(_missing_rng_message(root / tag, rng_file, world))
+    set_rng_state(safe_load(rng_file, allowed=NUMPY_GLOBALS), tracker)
     return client
+
+
+def _missing_rng_message(tag_dir: Path, rng_file: Path, world: int) -> str:
+    """Why ``rng_file`` is missing: an incomplete save, or a checkpoint of fewer ranks."""
+    ranks = sorted(
+        int(p.stem.removeprefix("rng_state_rank")) for p in tag_dir.glob("rng_state_rank*.pt")
+    )
+    try:
+        listed = rng_file.name in (read_manifest(tag_dir) or {})
+    except ValueError:
+        listed = False
+    if listed or not ranks or ranks != list(range(len(ranks))) or len(ranks) >= world:
+        return (
+            f"{rng_file} is missing: incomplete save ({tag_dir} holds the RNG files of ranks "
+            f"{ranks}); resume from an earlier checkpoint, or set checkpoint.finetune: true to "
+            "load weights only"
+        )
+    return (
+        f"{rng_file} is missing: {tag_dir} was written by {len(ranks)} ranks, this run has "
+        f"{world}; resume with the same number of ranks, or set checkpoint.finetune: true to "
+        "load weights only"
+    )

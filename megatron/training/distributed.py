@@ -26,9 +26,11 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed.distributed_c10d as c10d
 
 # The torchrun / DeepSpeed-runner contract (torch.distributed's ``env://``).
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -254,15 +256,23 @@ def discover(environ: Mapping[str, str], *, cuda: bool | None = None) -> DistEnv
     )
 
 
-def init_distributed(environ: Mapping[str, str] | None = None) -> DistEnv:
+def init_distributed(
+    environ: Mapping[str, str] | None = None, *, timeout_s: float | None = None
+) -> DistEnv:
     """Create the process group (unless the caller did) and hand it to DeepSpeed.
 
     ``torch.distributed.init_process_group`` gets backend, store address, rank and world size as
     arguments; ``os.environ`` is not written (see :func:`export_local_rank` for the one variable
     DeepSpeed's engine needs).
 
+    ``timeout_s`` bounds every collective of every group (see :func:`set_collective_timeout`), so
+    a stalled or dead peer becomes an error instead of a silent hang.
+
     Args:
         environ: the variables to read; default ``os.environ``.
+        timeout_s: collective timeout in seconds (``training.collective_timeout_s``); None:
+            torch's defaults (30 min on gloo, 10 min on NCCL). Not applied to a group the
+            caller made.
 
     Returns:
         This process's :class:`DistEnv`.
@@ -294,8 +304,13 @@ def init_distributed(environ: Mapping[str, str] | None = None) -> DistEnv:
     if cuda:
         torch.cuda.set_device(env.device)
     if not initialized:
+        timeout = set_collective_timeout(timeout_s) if timeout_s is not None else None
         torch.distributed.init_process_group(
-            env.backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size
+            env.backend,
+            init_method=env.init_method,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timeout,
         )
     deepspeed = import_deepspeed()
     # why: with a default group in place, DeepSpeed 0.19's init_distributed only wraps it
@@ -303,6 +318,33 @@ def init_distributed(environ: Mapping[str, str] | None = None) -> DistEnv:
     # the way have defaults and serve only its oneCCL backend and rank-0 log lines.
     deepspeed.init_distributed(dist_backend=env.backend, verbose=False)
     return env
+
+
+def set_collective_timeout(timeout_s: float) -> timedelta:
+    """Make ``timeout_s`` the timeout of every process group created from now on.
+
+    why: ``init_process_group(timeout=...)`` covers the world group only; ``new_group`` without a
+    timeout (ours in ``ParallelState``, DeepSpeed's data/expert/pipeline groups) falls back to
+    ``torch.distributed.distributed_c10d.default_pg_timeout`` (or ``default_pg_nccl_timeout``),
+    module globals read at each call, so those are set too.
+
+    Backends: gloo honours the timeout on every blocking collective and raises
+    ``torch.distributed.DistBackendError`` naming the operation it waited for. NCCL enforces it in
+    its watchdog thread: with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (torch's default since 2.2,
+    kept unless the user sets it) a timed-out collective tears the process down with a
+    ``Watchdog caught collective operation timeout`` error naming the op; set
+    ``TORCH_NCCL_BLOCKING_WAIT=1`` to have the collective raise in Python instead (slower).
+
+    Args:
+        timeout_s: seconds a collective may wait for its peers.
+
+    Returns:
+        The timeout, to pass to ``init_process_group``.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    return timeout
 
 
 def export_local_rank(env: DistEnv) -> None:
@@ -320,3 +362,39 @@ def export_local_rank(env: DistEnv) -> None:
         env: this process's :class:`DistEnv` (from :func:`init_distributed`).
     """
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+
+
+def collective_failure(exc: BaseException, rank: int, timeout_s: float | None) -> str | None:
+    """One line for a collective that timed out or lost a peer; None for any other error.
+
+    The operation is the innermost ``torch.distributed`` collective in the traceback (gloo's own
+    text only says ``recv operation``).
+
+    Args:
+        exc: the exception raised out of a step.
+        rank: this process's global rank.
+        timeout_s: the collective timeout in force (``training.collective_timeout_s``).
+
+    Returns:
+        e.g. ``rank 1: a collective (all_reduce) timed out after 30 s: another rank is stalled
+        or dead (training.collective_timeout_s)``.
+    """
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    op = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith("distributed_c10d.py"):
+            op = tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    what = f"a collective ({op})" if op else "a collective"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        after = f" after {timeout_s:g} s" if timeout_s is not None else ""
+        return (
+            f"rank {rank}: {what} timed out{after}: another rank is stalled or dead "
+            "(training.collective_timeout_s)"
+        )
+    if "closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
+        return f"rank {rank}: {what} failed: another rank died; see its output above"
+    return None

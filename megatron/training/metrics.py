@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from megatron.utils import log_rank0
+from megatron.utils import atomic_write_text, log_rank0
 
 
 def _hms(seconds: float) -> str:
@@ -40,7 +41,8 @@ class MetricsLogger:
     """Writes metrics on rank 0 only; other ranks hold a no-op instance.
 
     Args:
-        run_dir: directory of ``metrics.jsonl`` (appended to, so a resumed run continues it).
+        run_dir: directory of ``metrics.jsonl`` (appended to, so a resumed run continues it;
+            :meth:`resume` first drops the records of steps that will run again).
         enabled: True on global rank 0.
         tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` extra).
         wandb_project: also log to Weights & Biases under this project (needs ``wandb``).
@@ -62,7 +64,8 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -71,6 +74,49 @@ class MetricsLogger:
             import wandb
 
             self._wandb = wandb.init(project=wandb_project, config=config or {}, dir=str(run_dir))
+
+    def resume(self, step: int) -> None:
+        """Drop the records this run writes again, so that each step is in the file once.
+
+        A run starting at ``step`` (the checkpoint's; 0 for a fresh start) logs the train records
+        of steps ``> step`` and the validation records of steps ``> step``, plus step 0's
+        baseline when ``step`` is 0. Records from an earlier attempt that crashed after its last
+        checkpoint are those; the file is rewritten atomically without them (a line that is
+        not JSON, e.g. one cut by the crash, is dropped too).
+
+        Args:
+            step: The step training resumes from.
+        """
+        if not self.enabled:
+            return
+        self._file.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                record_step = None
+            if record_step is not None and (record_step < step or 0 < step == record_step):
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            previous = self.path.with_name(self.path.stem + ".prev.jsonl")
+            # why: a fresh start (step 0) in a reused logging.dir drops every record; keep the
+            # earlier attempt's file next to the new one rather than lose it
+            if step == 0:
+                atomic_write_text(previous, self.path.read_text(encoding="utf-8"))
+            atomic_write_text(self.path, "".join(kept))
+            log_rank0(
+                "%s: dropped %d records of an earlier attempt that this run, starting at step %d, "
+                "logs again%s",
+                self.path,
+                dropped,
+                step,
+                f" (the earlier file is kept as {previous})" if step == 0 else "",
+                level=logging.WARNING,
+            )
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, values: dict[str, float], split: str = "train") -> None:
         """Record ``values`` at ``step`` under ``split`` (``train``/``valid``)."""

@@ -2,7 +2,9 @@
 
 ``deepy.py`` runs them before launching and ``train.py`` before building the trainer, so a missing
 or corrupt data file, a missing checkpoint or a save directory that would be overwritten is one
-clear message naming the config key and the file — never a traceback from inside a rank.
+clear message naming the config key and the file — never a traceback from inside a rank. The
+checkpoint to load is verified against its manifest and its saved config by
+:mod:`megatron.training.checkpoint_verify`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,24 @@ from typing import Any
 
 import torch
 
+from megatron.config.validate import reference_source
 from megatron.data.builders import build_data
 from megatron.data.indexed import DatasetError
 from megatron.objectives import get_objective
+from megatron.training.checkpoint_verify import verify_checkpoint
 from megatron.training.checkpointing import LATEST, CheckpointError, resolve_checkpoint
+from megatron.training.reference import check_cache, expected_cache_key
 
 
-def preflight(cfg: Any) -> list[str]:
-    """Problems with the run's files, each ``dotted.key: message``; empty when all is well."""
+def preflight(cfg: Any, fingerprints: bool = True) -> list[str]:
+    """Problems with the run's files, each ``dotted.key: message``; empty when all is well.
+
+    Args:
+        cfg: the resolved run config.
+        fingerprints: also check that a ``reference.cache`` was computed for this run's
+            reference weights, data and objective (hashes the reference checkpoint's files:
+            ``deepy.py`` does it once before launching; the ranks' trainer checks it again).
+    """
     problems = []
     local = cfg.launcher.num_nodes == 1 and not cfg.launcher.hostfile
     if cfg.training.precision == "fp16" and local and not torch.cuda.is_available():
@@ -43,11 +55,17 @@ def preflight(cfg: Any) -> list[str]:
             )
     except DatasetError as e:
         problems.append(f"data: {e}")
+    if fingerprints and reference_source(cfg) == "cache":
+        try:
+            check_cache(cfg.reference.cache, expected_cache_key(cfg, objective))
+        except CheckpointError as e:
+            problems.append(str(e))
     ck = cfg.checkpoint
     load_root = None
     if ck.load:
         try:
             load_root, _ = resolve_checkpoint(ck.load)
+            problems += verify_checkpoint(cfg)
         except CheckpointError as e:
             problems.append(str(e))
     if ck.save and (Path(ck.save) / LATEST).is_file():

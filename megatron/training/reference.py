@@ -170,24 +170,46 @@ def cache_key(cfg: Any, objective: Any, load: str | None) -> dict[str, str]:
     }
 
 
+def check_cache(path: str | Path, expected: dict[str, str]) -> dict[str, Any]:
+    """The cache's ``meta.json`` after checking it was computed for ``expected`` (:func:`cache_key`).
+
+    Raises:
+        CheckpointError: no cache there, or one computed for other weights, data or objective.
+    """
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(
+            f"reference.cache: {path} holds no meta.json; write the cache with "
+            "tools/precompute_reference.py"
+        )
+    meta = json.loads(meta_file.read_text())
+    diff = [k for k in expected if meta.get("key", {}).get(k) != expected[k]]
+    if diff:
+        raise CheckpointError(
+            f"reference.cache: {path} was computed for different {', '.join(diff)} than "
+            "this run (the fingerprints differ); recompute it with tools/precompute_reference.py"
+        )
+    return meta
+
+
+def expected_cache_key(cfg: Any, objective: Any) -> dict[str, str]:
+    """:func:`cache_key` of the run before it starts: the reference weights it will use come
+    from ``reference.load``, the resumed checkpoint's record, or the finetune source."""
+    client = None
+    if cfg.checkpoint.load and not cfg.checkpoint.finetune:
+        root, tag = resolve_checkpoint(cfg.checkpoint.load)
+        state = root / tag / "client_state.json"
+        client = json.loads(state.read_text()) if state.is_file() else None
+    return cache_key(cfg, objective, initial_weights(cfg, client))
+
+
 class ReferenceCache:
     """Per-example reference values (``SPLIT.npz``: one array per key, row = example id)."""
 
     def __init__(self, path: str | Path, expected: dict[str, str]) -> None:
         self.path = Path(path)
-        meta_file = self.path / "meta.json"
-        if not meta_file.is_file():
-            raise CheckpointError(
-                f"reference.cache: {self.path} holds no meta.json; write the cache with "
-                "tools/precompute_reference.py"
-            )
-        meta = json.loads(meta_file.read_text())
-        diff = [k for k in expected if meta.get("key", {}).get(k) != expected[k]]
-        if diff:
-            raise CheckpointError(
-                f"reference.cache: {self.path} was computed for different {', '.join(diff)} than "
-                "this run (the fingerprints differ); recompute it with tools/precompute_reference.py"
-            )
+        meta = check_cache(self.path, expected)
         self.splits = {s: dict(np.load(self.path / f"{s}.npz")) for s in meta["splits"]}
 
     def lookup(self, batch: Batch, split: str) -> dict[str, torch.Tensor]:

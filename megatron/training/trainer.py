@@ -25,8 +25,9 @@ from megatron.model import GPTModel
 from megatron.model.pipeline import build_pipeline_model, mark_tied_duplicates
 from megatron.objectives import get_objective
 from megatron.parallel import ParallelState, RNGStatesTracker, model_parallel_seed
-from megatron.training import checkpointing
+from megatron.training import checkpointing, signals
 from megatron.training.distributed import export_local_rank, import_deepspeed, init_distributed
+from megatron.training.guards import TrainGuard
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optimizer import build_optimizer, learning_rate, set_learning_rate
 from megatron.training.pipeline_step import (
@@ -60,12 +61,13 @@ class Trainer:
         self.cfg = config
         self.hooks = list(hooks or [])
         self.step = 0
+        self.stop_signal: int | None = None  # set when a rank was signalled to stop early
         self._setup()
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
-        self.dist_env = init_distributed()
+        self.dist_env = init_distributed(timeout_s=cfg.training.collective_timeout_s)
         self.device = self.dist_env.device
         export_local_rank(self.dist_env)  # DeepSpeed's engine reads it from os.environ
         self.state = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
@@ -96,6 +98,7 @@ class Trainer:
             config=config_to_dict(cfg),
         )
         client = self._load() if cfg.checkpoint.load else None
+        self.metrics.resume(self.step)  # drop records of steps an earlier attempt ran past this
         uses_reference = reference_source(cfg) != "none"
         self.reference_load = initial_weights(cfg, client) if uses_reference else None
         self.reference = self._build_reference()
@@ -137,6 +140,16 @@ class Trainer:
         self.grad_norm = grad_norm_meter(
             self.engine, self.optimizer, self.model, self.state, cfg.training.gradient_clipping
         )
+        # after the meter: its pre-hook runs first and the guard's reads its norm
+        self.guard = TrainGuard(
+            cfg.training,
+            self.engine,
+            self.optimizer,
+            self.grad_norm,
+            self.objective.token_nll_metric,
+            cfg.model.vocab_size,
+            cfg.checkpoint.save,
+        )
 
     def _sampler(self, n: int, shuffle: bool) -> GlobalBatchSampler:
         t = self.cfg.training
@@ -152,7 +165,9 @@ class Trainer:
 
     def _load(self) -> dict[str, Any] | None:
         ck = self.cfg.checkpoint
-        client = checkpointing.load_checkpoint(self.engine, ck.load, ck.finetune, self.tracker)
+        client = checkpointing.load_checkpoint(
+            self.engine, ck.load, ck.finetune, self.tracker, config=self.cfg
+        )
         if client is not None:
             self.step = int(client["step"])
             self.sampler.load_state_dict(client["sampler"])
@@ -200,6 +215,7 @@ class Trainer:
             "step": self.step,
             "sampler": self.sampler.state_dict(),
             "reference_load": self.reference_load,
+            "finite": self.guard.finite,  # keep_last never prunes the newest finite checkpoint
         }
         checkpointing.save_checkpoint(
             self.engine,
@@ -224,6 +240,16 @@ class Trainer:
         """Train to ``training.train_iters``; returns the logged values of every step run here."""
         cfg, t = self.cfg, self.cfg.training
         first, history = self.step, []
+        if self.step >= t.train_iters:
+            log_rank0(
+                "run already finished: step %d of training.train_iters %d in %s; nothing to do "
+                "(raise training.train_iters to continue)",
+                self.step,
+                t.train_iters,
+                cfg.checkpoint.load,
+            )
+            self.metrics.close()
+            return history
         batches = iter(self.sampler)
         if self.step == 0 and t.eval_interval and self.valid_data is not None:
             self.evaluate()  # the untrained baseline
@@ -246,10 +272,14 @@ class Trainer:
             )
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
+            diverged = self.guard.check(self.step, values)  # the same verdict on every rank
             history.append(values)
             self.metrics.log(self.step, values)
             if self.step % cfg.logging.log_interval == 0 or self.step == t.train_iters:
                 self.metrics.console(self.step, t.train_iters, values, first)
+            if diverged is not None:
+                self.metrics.close()
+                raise diverged  # a DivergenceError, before any evaluation or save of this step
             if t.eval_interval and self.valid_data is not None and self.step % t.eval_interval == 0:
                 self.evaluate()
             ck = cfg.checkpoint
@@ -257,7 +287,11 @@ class Trainer:
                 self._save()
             for hook in self.hooks:
                 hook(self, self.step)
-        if t.eval_interval and self.valid_data is not None and self.step % t.eval_interval:
+            if (stop := signals.stop_agreed(self.device)) is not None:
+                self.stop_signal = stop  # saved below; train.py says where to resume
+                break
+        final_eval = t.eval_interval and self.valid_data is not None and not self.stop_signal
+        if final_eval and self.step % t.eval_interval:
             self.evaluate()  # the final weights, when the last step was not an evaluation step
         if cfg.checkpoint.save and (
             not cfg.checkpoint.save_interval or self.step % cfg.checkpoint.save_interval

@@ -77,6 +77,7 @@ def test_jsonl_round_trip_and_meta(tmp_path, tiny_tokenizer_dir, tokenizer, engl
         "sources": [{"path": str(src), "sha256": file_sha256(src)}],
         "created_by": "tools/preprocess_data.py",
         "version": 1,
+        "max_token_id": {"": int(ds.tokens.max())},
     }
     check_meta(prefix, "text", tokenizer.vocab_hash(), vocab_size=512)
     with pytest.raises(DatasetError, match=r"text\.meta\.json: tokenizer\.vocab_hash is '.*--tok"):

@@ -11,7 +11,9 @@ import math
 
 import pytest
 
+from megatron.config import load_config
 from megatron.data.preprocess import PreprocessOptions, preprocess
+from megatron.training.preflight import preflight
 from tests.data.conftest import CHATML, conversational_pairs, write_jsonl
 from tests.dist_pool import DistPool
 from tests.helpers_runs import tiny_run_config
@@ -120,6 +122,14 @@ def test_cache_equals_coresident_reference_and_mismatch_is_refused(env):
     # the same cache for another reference (other seed -> other initial weights) is refused
     err = pools[1].run(start_error_in_pool, cfg, [f"reference.cache={cache}", "training.seed=4"])[0]
     assert err and "was computed for different weights" in err
+    # deepy.py finds it before launching anything (preflight), as one line
+    stale = preflight(load_config([cfg], [f"reference.cache={cache}", "training.seed=4"]))
+    assert [p for p in stale if p.startswith("reference.cache:")] == [
+        f"reference.cache: {cache} was computed for different weights than this run (the "
+        "fingerprints differ); recompute it with tools/precompute_reference.py"
+    ]
+    fresh = preflight(load_config([cfg], [f"reference.cache={cache}"]))
+    assert not [p for p in fresh if p.startswith("reference.cache:")]
     # ... and for another reduction of the token log-probs (LD-DPO)
     err = pools[1].run(
         start_error_in_pool, cfg, [f"reference.cache={cache}", "objective.ld_alpha=0.5"]

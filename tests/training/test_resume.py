@@ -9,32 +9,22 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from megatron.config import load_config
-from megatron.training.distributed import free_port
 from tests.training.helpers import read_losses, run_config, write_config, write_markov_corpus
+from tests.training.stop_helpers import deepy_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _launch(cfg_path: Path, *overrides: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [
-        sys.executable,
-        "deepy.py",
-        "train.py",
-        str(cfg_path),
-        "launcher.nproc_per_node=2",
-        f"launcher.master_port={free_port()}",
-        *overrides,
-    ]
     return subprocess.Popen(
-        cmd,
+        deepy_command(cfg_path, *overrides),
         cwd=ROOT,
         env=env,
         start_new_session=True,
