@@ -151,6 +151,32 @@ def _objective(cfg: RunConfig) -> list[str]:
     return out + list(cls.check_config(cfg))
 
 
+def _layout(cfg: RunConfig) -> list[str]:
+    if cfg.data.layout != "prefix_shared":
+        return []
+    cls, out = get_objective(cfg.objective.name), []
+    if cls.batch_kind != "pair":
+        out.append(
+            f"data.layout (prefix_shared) needs an objective with pair batches (prompt, chosen, "
+            f"rejected); objective {cls.name!r} reads {cls.batch_kind!r} batches: use "
+            "data.layout: packed or padded"
+        )
+    if cfg.model.attention_backend == "flash":
+        out.append(
+            "data.layout (prefix_shared) cannot be used with model.attention_backend (flash): "
+            "flash-attn cannot realise a prefix-shared row; use sdpa, or auto (which picks SDPA "
+            "for these rows)"
+        )
+    if cfg.parallel.pipeline > 1:
+        out.append(
+            f"data.layout (prefix_shared) cannot be used with parallel.pipeline "
+            f"({cfg.parallel.pipeline}) > 1 yet: pipeline messages do not carry extra targets "
+            "(the first rejected token, scored at the prompt's last position); use data.layout: "
+            "packed"
+        )
+    return out
+
+
 def reference_source(cfg: RunConfig) -> str:
     """The effective ``reference.source`` (``auto`` resolved against the objective)."""
     needs = get_objective(cfg.objective.name)(cfg.objective.params).needs_reference_model
@@ -192,6 +218,7 @@ _RULES: tuple[Callable[[RunConfig], list[str]], ...] = (
     _schedule,
     _evaluation,
     _objective,
+    _layout,
     _reference,
 )
 

@@ -11,7 +11,7 @@ before any rank starts), then opens them, applies ``data.split``, blends by weig
 batch kind     formats              collate
 =============  ===================  ===============================================
 ``sequence``   ``text``, ``sft``    fixed windows (text); padded/packed (sft)
-``pair``       ``pairwise``         padded/packed, pairs kept whole
+``pair``       ``pairwise``         padded/packed/prefix_shared, pairs kept whole
 ``unpaired``   ``unpaired``         padded/packed, KL sequences appended
 ``prompt``     ``prompt``           padded/packed
 =============  ===================  ===============================================

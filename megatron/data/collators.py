@@ -8,7 +8,10 @@ A micro-batch is first turned into an ordered list of *sequences* (token ids plu
 * **padded**: one sequence per row, rows padded on the right to the longest sequence rounded up
   to ``pad_to_multiple_of`` (never to ``seq_length`` unless the data is that long);
 * **packed**: sequences placed first-fit-decreasing into rows of capacity ``seq_length``
-  (several per row, never split), ``s`` = the fullest row rounded up likewise.
+  (several per row, never split), ``s`` = the fullest row rounded up likewise;
+* **prefix_shared** (``pair`` kind only): each pair becomes one span ``[prompt | chosen |
+  rejected]``, the prompt stored once; spans are packed first-fit-decreasing like sequences (see
+  :meth:`Collator._prefix_shared` for the rows it writes).
 
 Sequence order (``sequence_ids``): ``sequence`` kind (sft): sample ``i`` is sequence ``i``.
 ``pair``: chosen ``0..P-1`` then rejected ``P..2P-1`` (``prompt + chosen/rejected``; chosen
@@ -40,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron.data.batch import KL_SEQUENCES, Batch
+from megatron.data.batch import KL_SEQUENCES, Batch, ExtraTargets
 from megatron.model.layout import SequenceLayout
 
 Seq = tuple[np.ndarray, np.ndarray]
@@ -153,6 +156,8 @@ def place_packed(lengths: Sequence[int], capacity: int) -> list[tuple[int, int]]
 
 
 LAYOUTS = {"padded": place_padded, "packed": place_packed}
+PREFIX_SHARED = "prefix_shared"
+"""The layout of ``pair`` batches that stores each prompt once (:meth:`Collator._prefix_shared`)."""
 
 
 class Collator:
@@ -160,8 +165,9 @@ class Collator:
 
     Args:
         kind: ``sequence``, ``pair``, ``unpaired`` or ``prompt``.
-        layout: ``padded`` or ``packed``.
-        seq_length: Row capacity (packed) and the longest sequence accepted (both layouts).
+        layout: ``padded``, ``packed`` or ``prefix_shared`` (``pair`` only).
+        seq_length: Row capacity (packed, prefix_shared) and the longest sequence accepted
+            (prefix_shared: the longest ``prompt + chosen + rejected``).
         pad_to_multiple_of: Row length is rounded up to a multiple of this (capped at
             ``seq_length``).
         with_margin: ``pair`` batches carry ``margin`` (every dataset of the blend has one).
@@ -193,8 +199,11 @@ class Collator:
             raise ValueError(
                 f"unknown batch kind {kind!r}; choose from {sorted(SEQUENCE_BUILDERS)}"
             )
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
+        if layout not in (*LAYOUTS, PREFIX_SHARED):
+            choices = sorted((*LAYOUTS, PREFIX_SHARED))
+            raise ValueError(f"unknown layout {layout!r}; choose from {choices}")
+        if layout == PREFIX_SHARED and kind != "pair":
+            raise ValueError(f"layout {PREFIX_SHARED!r} needs pair batches, got kind {kind!r}")
         self.kind, self.layout = kind, layout
         self.seq_length, self.multiple = int(seq_length), int(pad_to_multiple_of)
         self.with_margin, self.with_kl, self.separate_kl = with_margin, with_kl, separate_kl
@@ -215,7 +224,10 @@ class Collator:
         side = None
         if self.kind == "unpaired" and self.with_kl and self.separate_kl:
             seqs, side = seqs[: len(samples)], seqs[len(samples) :]
-        batch = self._layout(seqs)
+        if self.layout == PREFIX_SHARED:
+            batch = self._prefix_shared(seqs, [len(x["prompt"]) for x in samples])
+        else:
+            batch = self._layout(seqs)
         if side is not None:
             kl = self._layout(side)
             batch.stats["real_tokens"] += kl.stats.pop("real_tokens")
@@ -236,14 +248,18 @@ class Collator:
         where = LAYOUTS[self.layout](lengths, self.seq_length)
         batch = self._fill(seqs, where)
         if self.score_token is not None:
-            batch.score_index = self._score_index(seqs, where, batch.tokens.shape[1])
+            width = batch.tokens.shape[1]
+            starts = [row * width + o for row, o in where]
+            batch.score_index = torch.tensor(
+                [start + k for start, k in zip(starts, self._score_tokens(seqs), strict=True)],
+                dtype=torch.int64,
+            )
         return batch
 
-    def _score_index(
-        self, seqs: list[Seq], where: list[tuple[int, int]], width: int
-    ) -> torch.Tensor:
+    def _score_tokens(self, seqs: list[Seq]) -> list[int]:
+        """Per sequence, the index (within the sequence) of the token it is scored at."""
         out = []
-        for i, ((row, o), (tok, _)) in enumerate(zip(where, seqs, strict=True)):
+        for i, (tok, _) in enumerate(seqs):
             k = tok.size - 1
             if self.score_token == "eos":
                 hits = np.flatnonzero(tok == self.eos_id)
@@ -254,8 +270,8 @@ class Collator:
                         "objective.score_token: last"
                     )
                 k = int(hits[-1])
-            out.append(row * width + o + k)
-        return torch.tensor(out, dtype=torch.int64)
+            out.append(k)
+        return out
 
     def _fill(self, seqs: list[Seq], where: list[tuple[int, int]]) -> Batch:
         rows = 1 + max((r for r, _ in where), default=0)
@@ -290,3 +306,126 @@ class Collator:
             num_sequences=len(seqs),
             stats={"packing_efficiency": float(real / (rows * width)), "real_tokens": float(real)},
         )
+
+    def _prefix_shared(self, seqs: list[Seq], prompt_lengths: list[int]) -> Batch:
+        """Lay a pair batch out as spans ``[prompt | chosen | rejected]``, the prompt once.
+
+        ``seqs`` are the pair kind's ``2P`` sequences (chosen ``i`` = ``prompt_i + chosen_i``,
+        rejected ``P + i``), whose ``trained`` flags decide what is scored, so exactly the tokens
+        the padded layout trains are trained. Spans are packed first-fit-decreasing
+        (:func:`place_packed`) into rows of ``seq_length``. For pair ``i`` with a prompt of ``p``,
+        a chosen of ``c`` and a rejected of ``r`` tokens at row offset ``o``:
+
+        * ``segment_ids`` ``g, g + 1, g + 2`` (prompt, chosen, rejected; ``g`` = 1, 4, 7, ... per
+          row) and ``prefix_ids`` ``0`` on the prompt, ``g`` on both completions, so chosen and
+          rejected each attend to the prompt and themselves, never to each other;
+        * positions ``0..p-1`` (prompt), ``p..p+c-1`` (chosen), ``p..p+r-1`` (rejected);
+        * chosen reads its targets from the grid like a packed ``prompt + chosen``: the prompt's
+          positions predict the next prompt token (mask 0), the prompt's last position predicts
+          ``chosen[0]`` (sequence ``i``), chosen's last position nothing;
+        * rejected's positions predict the next rejected token (sequence ``P + i``), its last
+          nothing; ``rejected[0]`` is an extra target read at the prompt's last hidden state
+          (``ExtraTargets(index=row * s + o + p - 1, targets=rejected[0], sequence_ids=P + i)``).
+
+        An empty completion is scored on no token (as in the padded layout, where
+        ``prompt + []`` has no target); an empty prompt leaves both completions' first tokens
+        unscored (no hidden state precedes them, as in the padded layout). ``score_index`` is the
+        flat index of each sequence's scored token (last, or last EOS) where it lies in the span;
+        ``stats`` count each prompt once. ``extra_targets`` is always set (``k = 0`` when no pair
+        has both a prompt and a rejected token).
+
+        Raises:
+            ValueError: a span longer than ``seq_length``, or a sequence without EOS with
+                ``score_token="eos"``.
+        """
+        n_pairs = len(prompt_lengths)
+        spans = [
+            seqs[i][0].size + seqs[n_pairs + i][0].size - p for i, p in enumerate(prompt_lengths)
+        ]
+        too_long = [i for i, n in enumerate(spans) if n > self.seq_length]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(
+                f"pair {i} of the micro-batch has {spans[i]} tokens (prompt + chosen + rejected in "
+                f"one data.layout: {PREFIX_SHARED} span), more than data.seq_length "
+                f"{self.seq_length}"
+            )
+        where = place_packed(spans, self.seq_length)
+        rows = 1 + max((r for r, _ in where), default=0)
+        ends = [o + n for (_, o), n in zip(where, spans, strict=True)]
+        width = _round_up(max(ends, default=1), self.multiple, self.seq_length)
+        batch, columns = _fill_prefix_shared(seqs, prompt_lengths, where, rows, width)
+        real = sum(spans)
+        batch.stats = {
+            "packing_efficiency": float(real / (rows * width)),
+            "real_tokens": float(real),
+        }
+        if self.score_token is not None:
+            batch.score_index = torch.tensor(
+                [int(columns[j][k]) for j, k in enumerate(self._score_tokens(seqs))],
+                dtype=torch.int64,
+            )
+        return batch
+
+
+def _fill_prefix_shared(
+    seqs: list[Seq],
+    prompt_lengths: list[int],
+    where: list[tuple[int, int]],
+    rows: int,
+    width: int,
+) -> tuple[Batch, list[np.ndarray]]:
+    """The rows of :meth:`Collator._prefix_shared` (no stats, no ``score_index``).
+
+    Returns:
+        The batch and, per sequence, the flat ``row * s + column`` index of each of its tokens.
+    """
+    n_pairs = len(prompt_lengths)
+    tokens, targets, positions, segments, prefixes = (
+        np.zeros((rows, width), np.int64) for _ in range(5)
+    )
+    seq_ids = np.full((rows, width), -1, np.int64)
+    mask = np.zeros((rows, width), np.float32)
+    flat_targets, flat_mask, flat_ids = (a.reshape(-1) for a in (targets, mask, seq_ids))
+    columns: list[np.ndarray] = [np.zeros(0, np.int64)] * (2 * n_pairs)
+    extra: dict[str, list[np.ndarray]] = {"index": [], "targets": [], "sequence_ids": []}
+    next_segment = [1] * rows
+    for i, ((row, o), p) in enumerate(zip(where, prompt_lengths, strict=True)):
+        (chosen, _), (rejected, _) = seqs[i], seqs[n_pairs + i]
+        assert (chosen[:p] == rejected[:p]).all(), "a pair's two sequences share its prompt"
+        c, r = chosen.size - p, rejected.size - p
+        span = p + c + r
+        g = next_segment[row]
+        next_segment[row] += 3
+        tokens[row, o : o + span] = np.concatenate([chosen, rejected[p:]])
+        positions[row, o : o + span] = np.concatenate([np.arange(p + c), p + np.arange(r)])
+        segments[row, o : o + span] = np.repeat([g, g + 1, g + 2], [p, c, r])
+        prefixes[row, o + p : o + span] = g
+        start = row * width + o
+        columns[i] = start + np.arange(p + c)
+        columns[n_pairs + i] = start + np.concatenate([np.arange(p), np.arange(p + c, span)])
+        for j in (i, n_pairs + i):
+            tok, trained = seqs[j]
+            at, tgt, tr = columns[j][:-1], tok[1:], trained[1:]
+            # why: a target of rejected read at a prompt position (its first token) shares that
+            # position with chosen's target, which owns the grid there: it becomes an extra target.
+            shared = (np.arange(at.size) < p) if j >= n_pairs else np.zeros(at.size, bool)
+            grid = ~shared
+            flat_targets[at[grid]] = tgt[grid]
+            flat_mask[at[grid]] = tr[grid]
+            flat_ids[at[grid & tr]] = j
+            keep = shared & tr
+            extra["index"].append(at[keep])
+            extra["targets"].append(tgt[keep])
+            extra["sequence_ids"].append(np.full(int(keep.sum()), j))
+    cat = lambda parts: torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *parts]))  # noqa: E731
+    batch = Batch(
+        tokens=torch.from_numpy(tokens),
+        targets=torch.from_numpy(targets),
+        loss_mask=torch.from_numpy(mask),
+        layout=SequenceLayout(*(torch.from_numpy(a) for a in (positions, segments, prefixes))),
+        sequence_ids=torch.from_numpy(seq_ids),
+        num_sequences=2 * n_pairs,
+        extra_targets=ExtraTargets(**{k: cat(v).long() for k, v in extra.items()}),
+    )
+    return batch, columns

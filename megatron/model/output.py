@@ -23,7 +23,9 @@ materialised.
 *Extra targets* (``extra_index [k]``, flat ``row * s + column`` indices of hidden states, with
 ``extra_targets [k]`` token ids) score a hidden state against a token other than the next one: in a
 prefix-shared row ``[prompt | chosen | rejected]`` the prompt's last hidden state predicts the first
-token of both completions. Their log-probs come back as ``extra_logps [k]`` fp32.
+token of both completions. Their log-probs come back as ``extra_logps [k]`` fp32, and with
+``log_sum_sq_probs`` requested also ``extra_log_sum_sq_probs [k]`` fp32 (``log sum_v p_v^2`` at
+each extra target's hidden state, for WPO's weights).
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def token_log_probs(
 
     Returns:
         The requested ``[b, s]`` fp32 tensors by name (``token_logps`` and ``log_z`` are always
-        computed together), plus ``extra_logps [k]`` fp32 when extra targets are given.
+        computed together), plus ``extra_logps [k]`` fp32 when extra targets are given (and
+        ``extra_log_sum_sq_probs [k]`` fp32 when ``log_sum_sq_probs`` is requested too).
     """
     b, s, h = hidden.shape
     flat = hidden.reshape(b * s, h)  # [b, s, h] -> [b*s, h]
@@ -116,4 +119,6 @@ def token_log_probs(
         result["log_sum_sq_probs"] = out[2][:n].view(b, s)
     if extra_index is not None:
         result["extra_logps"] = out[0][n : n + k]
+        if with_sq:
+            result["extra_log_sum_sq_probs"] = out[2][n : n + k]
     return result

@@ -172,13 +172,15 @@ def cpo_loss(
     Args:
         cfg: a :class:`CPOConfig` or ``SimPOConfig`` (``beta``, ``loss_type``, ``label_smoothing``,
             ``cpo_alpha``, ``simpo_gamma``, ``alpha``).
-        policy: ``{"token_logps": [b, s] fp32, ...}``.
-        batch: pair batch (``loss_mask``, ``sequence_ids``, ``num_sequences`` = 2P).
+        policy: ``{"token_logps": [b, s] fp32, ...}``, plus ``"extra_logps": [k]`` for a batch
+            with extra targets (prefix-shared rows).
+        batch: pair batch (``loss_mask``, ``sequence_ids``, ``num_sequences`` = 2P, optional
+            ``extra_targets``).
 
     Returns:
         ``(loss 0-d fp32, metrics)`` with TRL's ``rewards/*``, ``logps/*`` and ``nll_loss``.
     """
-    lp = pair_log_probs(policy["token_logps"], batch)
+    lp = pair_log_probs(policy["token_logps"], batch, policy.get("extra_logps"))
     valid = lp.valid
     if cfg.loss_type in MEAN_LOGPS_LOSS_TYPES:
         chosen, rejected = lp.chosen_means, lp.rejected_means

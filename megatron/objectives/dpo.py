@@ -355,20 +355,32 @@ LOSSES: dict[str, Callable[[DPOTerms, DPOConfig], torch.Tensor]] = {
 
 # ----------------------------------------------------------------------------- the objective
 def wpo_weights(
-    token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, batch: Batch
+    token_logps: torch.Tensor,
+    log_sum_sq_probs: torch.Tensor,
+    batch: Batch,
+    extra_logps: torch.Tensor | None = None,
+    extra_log_sum_sq_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """WPO pair weights ``w_w * w_l`` (``[P]`` fp32, no gradient).
 
     ``w = exp(mean over target tokens of (log p_t - log sum_v p_v^2))``, TRL 1.16's
-    ``use_weighting`` (token count clamped to >= 1).
+    ``use_weighting`` (token count clamped to >= 1); the extra targets of prefix-shared rows are
+    target tokens too.
 
     Args:
         token_logps: ``[b, s]`` policy log-probs of the targets.
         log_sum_sq_probs: ``[b, s]`` ``log sum_v p_v^2`` of the policy at each position.
         batch: a pair batch.
+        extra_logps: ``[k]`` policy log-probs of the batch's extra targets, if it has any.
+        extra_log_sum_sq_probs: ``[k]`` ``log sum_v p_v^2`` at the extra targets' hidden states.
     """
+    extra = None
+    if extra_logps is not None:
+        if extra_log_sum_sq_probs is None:
+            raise ValueError("wpo_weights: extra_logps need their extra_log_sum_sq_probs")
+        extra = extra_logps - extra_log_sum_sq_probs
     with torch.no_grad():
-        sums, counts = sequence_log_probs(token_logps - log_sum_sq_probs, batch)
+        sums, counts = sequence_log_probs(token_logps - log_sum_sq_probs, batch, extra)
         chosen, rejected = split_pairs(torch.exp(sums / counts.clamp(min=1.0)))
     return chosen * rejected
 
@@ -405,32 +417,49 @@ class DPO(Objective):
             ]
         return []
 
-    def sequence_log_probs(self, token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def sequence_log_probs(
+        self,
+        token_logps: torch.Tensor,
+        batch: Batch,
+        extra_logps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-sequence log-probs ``[2P]`` fp32 as this objective reduces them (sum, or LD-DPO).
 
         The reference log-probs must be reduced the same way: see :meth:`reference_log_probs`.
+
+        Args:
+            token_logps: ``[b, s]`` log-probs of the targets.
+            batch: the pair batch.
+            extra_logps: ``[k]`` log-probs of its extra targets (prefix-shared rows), if any.
         """
         if self.config.ld_alpha is None:
-            return sequence_log_probs(token_logps, batch)[0]
-        return ld_pair_log_probs(token_logps, batch, self.config.ld_alpha)
+            return sequence_log_probs(token_logps, batch, extra_logps)[0]
+        return ld_pair_log_probs(token_logps, batch, self.config.ld_alpha, extra_logps)
 
     def reference_cache_params(self) -> dict[str, Any]:
         """LD-DPO reduces token log-probs differently; the reference must match."""
         return {"ld_alpha": self.config.ld_alpha}
 
     def reference_log_probs(
-        self, token_logps: torch.Tensor, batch: Batch
+        self,
+        token_logps: torch.Tensor,
+        batch: Batch,
+        *,
+        extra_logps: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The ``reference`` argument of :meth:`loss` from the reference model's token log-probs.
 
         Args:
             token_logps: ``[b, s]`` reference log-probs of the targets (no gradient needed).
             batch: the pair batch.
+            extra_logps: ``[k]`` reference log-probs of its extra targets (prefix-shared rows).
 
         Returns:
-            ``{"chosen_logps": [P], "rejected_logps": [P]}`` fp32, detached.
+            ``{"chosen_logps": [P], "rejected_logps": [P]}`` fp32, detached: per example, the
+            same values whatever the batch's layout.
         """
-        chosen, rejected = split_pairs(self.sequence_log_probs(token_logps.detach(), batch))
+        extra = None if extra_logps is None else extra_logps.detach()
+        chosen, rejected = split_pairs(self.sequence_log_probs(token_logps.detach(), batch, extra))
         return {"chosen_logps": chosen, "rejected_logps": rejected}
 
     def terms(
@@ -441,13 +470,14 @@ class DPO(Objective):
     ) -> DPOTerms:
         """Per-pair quantities of the micro-batch (invalid pairs zeroed), see :class:`DPOTerms`."""
         cfg = self.config
-        token_logps = policy["token_logps"]
-        raw: PairLogProbs = pair_log_probs(token_logps, batch)
+        token_logps, extra_logps = policy["token_logps"], policy.get("extra_logps")
+        raw: PairLogProbs = pair_log_probs(token_logps, batch, extra_logps)
         valid = raw.valid
         if cfg.ld_alpha is None:
             chosen, rejected = raw.chosen_sums, raw.rejected_sums
         else:
-            chosen, rejected = split_pairs(ld_pair_log_probs(token_logps, batch, cfg.ld_alpha))
+            ld = ld_pair_log_probs(token_logps, batch, cfg.ld_alpha, extra_logps)
+            chosen, rejected = split_pairs(ld)
         if cfg.reference_free:
             ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
         elif reference is None:
@@ -481,12 +511,14 @@ class DPO(Objective):
 
         Args:
             policy: ``{"token_logps": [b, s] fp32, ...}``; with ``use_weighting`` also
-                ``"log_sum_sq_probs": [b, s] fp32`` (``log sum_v p_v^2`` per position).
+                ``"log_sum_sq_probs": [b, s] fp32`` (``log sum_v p_v^2`` per position). A batch
+                with extra targets (prefix-shared rows) also needs ``"extra_logps": [k]`` (and
+                with ``use_weighting`` ``"extra_log_sum_sq_probs": [k]``).
             reference: ``{"chosen_logps": [P], "rejected_logps": [P]}`` fp32 per-sequence
                 reference log-probs reduced by :meth:`reference_log_probs`; ``None`` when
                 ``reference_free``.
             batch: pair batch: ``loss_mask [b, s]`` fp32, ``sequence_ids [b, s]`` int64,
-                ``num_sequences`` (2P).
+                ``num_sequences`` (2P), optional ``extra_targets``.
 
         Returns:
             ``(loss 0-d fp32, metrics)``: TRL's ``rewards/*`` (``beta * rho``), ``logps/*``
@@ -497,7 +529,13 @@ class DPO(Objective):
         weights = cfg.loss_weights or [1.0] * len(cfg.loss_type)
         pair_weight = None
         if cfg.use_weighting:
-            pair_weight = wpo_weights(policy["token_logps"], policy["log_sum_sq_probs"], batch)
+            pair_weight = wpo_weights(
+                policy["token_logps"],
+                policy["log_sum_sq_probs"],
+                batch,
+                policy.get("extra_logps"),
+                policy.get("extra_log_sum_sq_probs"),
+            )
         loss = torch.zeros((), dtype=torch.float32, device=t.valid.device)
         for loss_type, weight in zip(cfg.loss_type, weights, strict=True):
             per_pair = LOSSES[loss_type](t, cfg)

@@ -152,7 +152,17 @@ class KTO(Objective):
 
         The KL sequences come from ``kl_token_logps`` over ``batch.sub_batches[KL_SEQUENCES]`` when
         the batch has that sub-batch, else from the sequences ``n .. 2n-1`` of the batch itself.
+
+        Raises:
+            ValueError: the batch has extra targets (unpaired batches are never prefix-shared; an
+                empty ``extra_targets`` is accepted).
         """
+        for part in (batch, *batch.sub_batches.values()):
+            if part.extra_targets is not None and part.extra_targets.index.numel():
+                raise ValueError(
+                    "kto: unpaired batches cannot be prefix-shared (the batch has extra targets); "
+                    "use data.layout: padded or packed"
+                )
         sums, counts = sequence_log_probs(token_logps, batch)
         n = batch.kl_start
         if not self.uses_kl:
@@ -175,12 +185,15 @@ class KTO(Objective):
         self,
         token_logps: torch.Tensor,
         batch: Batch,
+        *,
+        extra_logps: torch.Tensor | None = None,
         side: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{"completion_logps": [n], "kl_logps": [n]}`` fp32 reference sums (detached).
 
         ``side[KL_SEQUENCES]`` holds ``{"token_logps": ...}`` of that sub-batch when the batch has
-        it.
+        it. ``extra_logps`` is accepted for the common signature; a batch with extra targets is
+        refused (see :meth:`_split`).
         """
         completion, _, kl, _ = self._split(token_logps.detach(), batch, self._kl_tokens(side))
         return {"completion_logps": completion, "kl_logps": kl}

@@ -23,11 +23,37 @@ from megatron.data.batch import Batch
 # 0..P-1 chosen, P..2P-1 rejected, chosen i paired with rejected P+i.
 
 
-def _target_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(valid [b*s] bool, ids [b*s] int64)``: tokens counted for a sequence, ids clamped to >= 0."""
+def _scored(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(valid [b*s + k] bool, ids [b*s + k] int64)`` of the grid's targets, then the extra
+    targets': which count for a sequence, and its id (clamped to >= 0)."""
     ids = batch.sequence_ids.reshape(-1)
     valid = (batch.loss_mask.reshape(-1) > 0) & (ids >= 0)
+    extra = batch.extra_targets
+    if extra is not None:
+        valid = torch.cat([valid, extra.sequence_ids >= 0])
+        ids = torch.cat([ids, extra.sequence_ids])
     return valid, ids.clamp(min=0)
+
+
+def _scored_values(
+    token_logps: torch.Tensor, batch: Batch, extra_logps: torch.Tensor | None
+) -> torch.Tensor:
+    """``[b*s + k]`` fp32: ``token_logps`` flattened, then ``extra_logps`` (the order of
+    :func:`_scored`); not masked."""
+    values = token_logps.reshape(-1).float()
+    extra = batch.extra_targets
+    if extra is None:
+        return values
+    if extra_logps is None:
+        if extra.index.numel():
+            raise ValueError("the batch has extra targets: pass their extra_logps")
+        extra_logps = values.new_zeros(0)
+    if extra_logps.shape != extra.index.shape:
+        raise ValueError(
+            f"extra_logps has shape {tuple(extra_logps.shape)}, the batch has "
+            f"{extra.index.numel()} extra targets"
+        )
+    return torch.cat([values, extra_logps.float()])
 
 
 def sequence_log_probs(
@@ -48,75 +74,92 @@ def sequence_log_probs(
 
     Returns:
         ``(sums [N] fp32, counts [N] fp32)``; a sequence without target tokens has sum 0, count 0.
+
+    Raises:
+        ValueError: the batch has extra targets and ``extra_logps`` is missing or mis-shaped.
     """
-    n = batch.num_sequences
-    valid, ids = _target_tokens(batch)
-    values = torch.where(valid, token_logps.reshape(-1).float(), 0.0)
-    extra = batch.extra_targets
-    if extra is not None and extra.index.numel():
-        if extra_logps is None:
-            raise ValueError("the batch has extra targets: pass their extra_logps")
-        extra_valid = extra.sequence_ids >= 0
-        valid = torch.cat([valid, extra_valid])
-        ids = torch.cat([ids, extra.sequence_ids.clamp(min=0)])
-        values = torch.cat([values, torch.where(extra_valid, extra_logps.float(), 0.0)])
-    zeros = torch.zeros(n, dtype=torch.float32, device=token_logps.device)
+    valid, ids = _scored(batch)
+    values = torch.where(valid, _scored_values(token_logps, batch, extra_logps), 0.0)
+    zeros = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)
     sums = zeros.index_add(0, ids, values)
     counts = zeros.index_add(0, ids, valid.float())
     return sums, counts
 
 
-def token_positions(batch: Batch) -> torch.Tensor:
-    """1-based position of each target token within its sequence (0 where not a target).
-
-    Positions follow the row-major order of the ``[b, s]`` grid, which is each sequence's token
-    order in the padded and packed layouts since a sequence's targets are contiguous. (Extra
-    targets of prefix-shared rows are not numbered here.)
-
-    Args:
-        batch: its ``loss_mask``, ``sequence_ids`` and ``num_sequences``.
-
-    Returns:
-        ``[b, s]`` int64.
-    """
-    if batch.extra_targets is not None:
-        raise ValueError("token_positions does not number extra targets (prefix-shared rows)")
+def _positions(batch: Batch) -> torch.Tensor:
+    """``[b*s + k]`` int64 1-based position of each target in its sequence (0: not a target), in
+    the order of :func:`_scored`; an extra target comes before its sequence's grid targets."""
     n = batch.num_sequences
-    valid, ids = _target_tokens(batch)
+    valid, ids = _scored(batch)
     key = torch.where(valid, ids, n)  # non-targets sort last, under their own key
+    grid = batch.sequence_ids.numel()
+    # why: a stable sort of [extra keys, grid keys] ranks each sequence's extra targets first,
+    # then its grid targets in row-major order.
+    key = torch.cat([key[grid:], key[:grid]])
     sorted_key, order = torch.sort(key, stable=True)
     counts = torch.bincount(key, minlength=n + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
     positions = torch.empty_like(rank).scatter_(0, order, rank + 1)
-    return torch.where(valid, positions, 0).view_as(batch.sequence_ids)
+    positions = torch.cat([positions[key.numel() - grid :], positions[: key.numel() - grid]])
+    return torch.where(valid, positions, 0)
 
 
-def ld_pair_log_probs(token_logps: torch.Tensor, batch: Batch, alpha: float) -> torch.Tensor:
+def token_positions(batch: Batch) -> torch.Tensor:
+    """1-based position of each grid target token within its sequence (0 where not a target).
+
+    Positions follow the row-major order of the ``[b, s]`` grid, which is each sequence's token
+    order in the padded, packed and prefix-shared layouts since a sequence's grid targets are
+    contiguous. An extra target (prefix-shared rows: a completion's first token, scored at the
+    prompt's last hidden state) is the first target of its sequence: it takes position 1 and the
+    sequence's grid targets follow from 2 (see :func:`extra_token_positions`).
+
+    Args:
+        batch: its ``loss_mask``, ``sequence_ids``, ``num_sequences`` and ``extra_targets``.
+
+    Returns:
+        ``[b, s]`` int64.
+    """
+    return _positions(batch)[: batch.sequence_ids.numel()].view_as(batch.sequence_ids)
+
+
+def extra_token_positions(batch: Batch) -> torch.Tensor:
+    """``[k]`` int64 1-based position of each extra target within its sequence (0: counts for no
+    sequence); see :func:`token_positions`. Empty without extra targets."""
+    return _positions(batch)[batch.sequence_ids.numel() :]
+
+
+def ld_pair_log_probs(
+    token_logps: torch.Tensor,
+    batch: Batch,
+    alpha: float,
+    extra_logps: torch.Tensor | None = None,
+) -> torch.Tensor:
     """LD-DPO (arXiv:2409.06411) length-desensitised per-sequence log-probs of a pair batch.
 
     With ``l = min(|y_w|, |y_l|)`` for each pair, the first ``l`` target tokens of both
     completions count fully and the rest ("verbose tail") with weight ``alpha``:
     ``log pi(y) = sum_{t <= l} log p_t + alpha * sum_{t > l} log p_t``. This is TRL 1.16
-    ``DPOTrainer._compute_loss`` with ``ld_alpha`` (``shared_mask`` / ``tail_mask``).
+    ``DPOTrainer._compute_loss`` with ``ld_alpha`` (``shared_mask`` / ``tail_mask``). Token
+    positions ``t`` are those of :func:`token_positions` (extra targets first).
 
     Args:
         token_logps: ``[b, s]`` log-probs of the targets.
         batch: a pair batch (``num_sequences`` = 2P).
         alpha: weight of the tail tokens, in [0, 1].
+        extra_logps: ``[k]`` log-probs of the batch's extra targets (prefix-shared rows).
 
     Returns:
         ``[2P]`` fp32 (chosen then rejected).
     """
-    _, counts = sequence_log_probs(token_logps.detach(), batch)
+    valid, ids = _scored(batch)
+    values = _scored_values(token_logps, batch, extra_logps)
+    zeros = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)
+    counts = zeros.index_add(0, ids, valid.float())
     chosen, rejected = split_pairs(counts)
     shared = torch.minimum(chosen, rejected).repeat(2)  # [2P]
-    valid, ids = _target_tokens(batch)
-    positions = token_positions(batch).reshape(-1)
-    weight = torch.where(positions <= shared[ids], 1.0, alpha)
-    values = torch.where(valid, token_logps.reshape(-1).float() * weight, 0.0)
-    zeros = torch.zeros(counts.numel(), dtype=torch.float32, device=token_logps.device)
-    return zeros.index_add(0, ids, values)
+    weight = torch.where(_positions(batch) <= shared[ids], 1.0, alpha)
+    return zeros.index_add(0, ids, torch.where(valid, values * weight, 0.0))
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

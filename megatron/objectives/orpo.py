@@ -70,19 +70,24 @@ class ORPOConfig:
 
 
 def orpo_loss(
-    beta: float, token_logps: torch.Tensor, batch: Batch
+    beta: float,
+    token_logps: torch.Tensor,
+    batch: Batch,
+    extra_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ORPO loss of a pair micro-batch.
 
     Args:
         beta: odds-ratio weight (the paper's ``lambda``).
         token_logps: ``[b, s]`` fp32 policy log-probs of the targets.
-        batch: pair batch (``loss_mask``, ``sequence_ids``, ``num_sequences`` = 2P).
+        batch: pair batch (``loss_mask``, ``sequence_ids``, ``num_sequences`` = 2P, optional
+            ``extra_targets``).
+        extra_logps: ``[k]`` fp32 policy log-probs of the batch's extra targets, if any.
 
     Returns:
         ``(loss 0-d fp32, metrics)``, metrics detached.
     """
-    lp = pair_log_probs(token_logps, batch)
+    lp = pair_log_probs(token_logps, batch, extra_logps)
     valid = lp.valid
     chosen = zero_invalid(lp.chosen_means, valid).clamp(max=-1e-6)
     rejected = zero_invalid(lp.rejected_means, valid).clamp(max=-1e-6)
@@ -109,4 +114,4 @@ class ORPO(Objective):
         self, policy: dict[str, torch.Tensor], reference: Any, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """See :func:`orpo_loss`; ``reference`` is unused (``None``)."""
-        return orpo_loss(self.config.beta, policy["token_logps"], batch)
+        return orpo_loss(self.config.beta, policy["token_logps"], batch, policy.get("extra_logps"))

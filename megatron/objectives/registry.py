@@ -33,6 +33,11 @@ Optional parts of the contract:
   *without gradient* through the policy (``policy[name]`` = the model's output dict) and the
   reference model (``reference_log_probs(token_logps, batch, side={name: output})``); KTO's KL
   sequences. Ignored where the batch has no such sub-batch.
+* Extra targets (``Batch.extra_targets``: prefix-shared rows score a completion's first token at
+  the prompt's last hidden state): the model returns their log-probs as ``extra_logps [k]`` (and
+  ``extra_log_sum_sq_probs [k]`` with ``log_sum_sq_probs``); ``loss`` reads them from ``policy``
+  and ``reference_log_probs`` gets them as ``extra_logps``. The pair objectives count them; an
+  objective whose batches cannot have them refuses such a batch with a clear error.
 * ``data_warnings(dataset) -> list[str]``: advice about the training data, logged at start-up
   (KTO's desirable/undesirable balance).
 * ``dp_means(policy, reference, batch) -> {name: (sum, count)}``: batch statistics the loss
@@ -86,11 +91,16 @@ class Objective:
     def loss(self, policy: Any, reference: Any, batch: Any) -> tuple[Any, dict[str, Any]]:
         raise NotImplementedError
 
-    def reference_log_probs(self, token_logps: Any, batch: Any) -> dict[str, Any]:
-        """The ``reference`` argument of :meth:`loss` from reference token log-probs ``[b, s]``.
+    def reference_log_probs(
+        self, token_logps: Any, batch: Any, *, extra_logps: Any = None
+    ) -> dict[str, Any]:
+        """The ``reference`` argument of :meth:`loss` from reference token log-probs ``[b, s]``
+        (and ``extra_logps [k]``, those of the batch's extra targets, when it has any).
 
         Returns a dict of per-example tensors (first dimension = examples of the micro-batch, in
-        batch order), which is also what a reference cache stores per example.
+        batch order), which is also what a reference cache stores per example: the values must
+        not depend on the batch's layout (padded, packed or prefix-shared), so that one cache
+        serves every layout.
         """
         raise NotImplementedError(f"objective {self.name!r} does not use reference log-probs")
 

@@ -70,7 +70,8 @@ class SimPO(Objective):
         """See :func:`megatron.objectives.cpo.cpo_loss`; ``reference`` is unused (``None``).
 
         Args:
-            policy: ``{"token_logps": [b, s] fp32, ...}``.
+            policy: ``{"token_logps": [b, s] fp32, ...}`` (and ``"extra_logps": [k]`` for a
+                batch with extra targets).
             reference: unused.
             batch: pair batch (``loss_mask``, ``sequence_ids``, ``num_sequences`` = 2P).
 

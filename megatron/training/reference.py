@@ -15,8 +15,11 @@ Three sources (``reference.source``, see :func:`megatron.config.validate.referen
 * ``none``.
 
 In each case the objective turns reference token log-probs into what its loss consumes
-(``objective.reference_log_probs(token_logps, batch)`` -> dict of ``[n]`` tensors), so the cache
-stores exactly those per-example values.
+(``objective.reference_log_probs(token_logps, batch, extra_logps=...)`` -> dict of ``[n]``
+tensors), so the cache stores exactly those per-example values. They do not depend on how the
+collator lays the examples out in rows (``data.layout``: padded, packed, prefix-shared, whose
+extra targets reach the objective as ``extra_logps``), so neither does the cache key: a cache
+computed under one layout serves them all.
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
 from megatron.training.step import forward_outputs
 from megatron.utils import atomic_write_json, log_rank0
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""2: the data fingerprint leaves out the fields that only arrange rows (:data:`LAYOUT_FIELDS`)."""
+LAYOUT_FIELDS = ("layout", "pad_to_multiple_of", "num_workers")
+"""``data`` fields left out of the data fingerprint: they arrange (or load) the same examples
+into rows differently but change no example's reference values (up to fp32 round-off of the
+forward), so a cache computed under ``data.layout: padded`` is valid for ``packed`` and
+``prefix_shared`` too."""
 
 
 def initial_weights(cfg: Any, client_state: dict[str, Any] | None) -> str | None:
@@ -110,13 +119,12 @@ class ReferenceModel:
         self.load = load
 
     @torch.no_grad()
-    def token_log_probs(self, batch: Batch) -> torch.Tensor:
-        """``[b, s]`` fp32 reference log-probs of ``batch.targets``."""
-        if batch.extra_targets is not None:
-            raise ValueError(
-                "the reference model does not score extra targets (prefix-shared rows) yet"
-            )
-        return forward_outputs(self.model, batch)["token_logps"]
+    def outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Reference log-probs of the batch's targets: ``{"token_logps": [b, s] fp32}``, plus
+        ``"extra_logps": [k] fp32`` when the batch has extra targets (prefix-shared rows)."""
+        out = forward_outputs(self.model, batch)
+        keep = ("token_logps", "extra_logps")
+        return {k: out[k] for k in keep if k in out}
 
 
 # ---- cache ------------------------------------------------------------------------------------
@@ -148,11 +156,13 @@ def weights_fingerprint(cfg: Any, load: str | None) -> str:
 
 
 def data_fingerprint(cfg: Any, split: str) -> str:
-    """sha256 over the data config and every source's meta.json (which holds source hashes)."""
+    """sha256 over the data config (less :data:`LAYOUT_FIELDS`) and every source's meta.json
+    (which holds source hashes)."""
     from megatron.data.meta import read_meta
 
     d = config_to_dict(cfg.data)
-    h = hashlib.sha256(json.dumps({"split": split, **d}, sort_keys=True, default=str).encode())
+    kept = {k: v for k, v in d.items() if k not in LAYOUT_FIELDS}
+    h = hashlib.sha256(json.dumps({"split": split, **kept}, sort_keys=True, default=str).encode())
     for key in ("train", "valid", "test"):
         for src in d.get(key) or []:
             h.update(json.dumps(read_meta(src["path"]), sort_keys=True).encode())
@@ -259,16 +269,27 @@ def reference_values(
     model: ReferenceModel, objective: Any, batch: Batch
 ) -> dict[str, torch.Tensor]:
     """``objective.reference_log_probs`` of a batch through the reference model, its side
-    sub-batches (``objective.side_batches``) included."""
-    token_logps = model.token_log_probs(batch)
+    sub-batches (``objective.side_batches``) and extra targets included.
+
+    Args:
+        model: anything with ``outputs(batch) -> {"token_logps": [b, s], "extra_logps": [k]?}``
+            (a :class:`ReferenceModel`).
+        objective: the registered objective.
+        batch: the micro-batch.
+
+    Returns:
+        The objective's per-example reference values (e.g. DPO's ``chosen_logps [P]``).
+    """
+    out = model.outputs(batch)
     side = {
-        name: {"token_logps": model.token_log_probs(batch.sub_batches[name])}
+        name: model.outputs(batch.sub_batches[name])
         for name in objective.side_batches
         if name in batch.sub_batches
     }
-    if side:
-        return objective.reference_log_probs(token_logps, batch, side=side)
-    return objective.reference_log_probs(token_logps, batch)
+    kwargs: dict[str, Any] = {"side": side} if side else {}
+    if "extra_logps" in out:
+        kwargs["extra_logps"] = out["extra_logps"]
+    return objective.reference_log_probs(out["token_logps"], batch, **kwargs)
 
 
 def _rank_rows(n: int, state: ParallelState) -> np.ndarray:

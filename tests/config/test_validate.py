@@ -301,3 +301,41 @@ def test_reference_load_only_with_a_model(tmp_path):
         ConfigError, match=r"reference\.load is only used with reference\.source 'model'"
     ):
         load(tmp_path, "objective: {name: dpo}\nreference: {source: cache, cache: x, load: y}\n")
+
+
+def test_prefix_shared_layout_needs_pair_batches(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.layout \(prefix_shared\) needs an objective with pair batches .* "
+        r"objective 'sft' reads 'sequence' batches",
+    ):
+        load(tmp_path, "objective: {name: sft}\ndata: {layout: prefix_shared}\n")
+    cfg = load(tmp_path, "objective: {name: simpo}\ndata: {layout: prefix_shared}\n")
+    assert cfg.data.layout == "prefix_shared" and validate_config(cfg) == []
+
+
+def test_prefix_shared_layout_refuses_flash_attention(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.layout \(prefix_shared\) cannot be used with model\.attention_backend "
+        r"\(flash\): flash-attn cannot realise",
+    ):
+        load(
+            tmp_path,
+            "objective: {name: simpo}\ndata: {layout: prefix_shared}\n"
+            "model: {attention_backend: flash}\n",
+        )
+    auto = "objective: {name: simpo}\ndata: {layout: prefix_shared}\nmodel: {attention_backend: auto}\n"
+    assert validate_config(load(tmp_path, auto)) == []
+
+
+def test_prefix_shared_layout_refuses_pipeline(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.layout \(prefix_shared\) cannot be used with parallel\.pipeline \(2\) > 1 "
+        r"yet: pipeline messages do not carry extra targets",
+    ):
+        load(
+            tmp_path,
+            "objective: {name: simpo}\ndata: {layout: prefix_shared}\nparallel: {pipeline: 2}\n",
+        )

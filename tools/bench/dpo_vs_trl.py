@@ -18,17 +18,26 @@ reference being the initial policy. Each side trains in its own fresh subprocess
 ``ru_maxrss`` is its own peak): ours as ``Trainer(load_config(...)).train()`` after
 ``init_distributed()`` (single rank), TRL as ``DPOTrainer(...).train()`` with a reference model.
 
-Reported: tokens/s (prompt + completion tokens of both sequences of every pair) over the whole
-``train()`` call (set-up before it excluded; TRL's ``train()`` also builds its dataloader and
-prepares the model) and over steps 2..N only (steady state; mean tokens per step, since the two
-sides draw the pairs in different orders), peak RSS of each process, the ratios ours / TRL, and both
-loss curves; also the peak RSS reached before ``train()`` (model building and loading). The
-two sides shuffle the pairs with different generators, so per-step losses differ
-after the first step (the first step's loss is the same, ln 2); with ``--pairs`` fewer than
-``steps x batch`` the pairs repeat and both curves should fall alike.
+``--layout`` sets our side's ``data.layout`` (``padded``, the config default; ``packed``;
+``prefix_shared``: each pair one span ``[prompt | chosen | rejected]``, the prompt computed once);
+TRL always pads. ``--prompt-scale K`` (K > 0) prepends earlier user/assistant turns to every
+prompt until its tokens are about K times its completions' mean (a multi-turn-like mix; the
+generated prompts are already about 2x); 0 keeps the generated prompts. The header gives the
+measured prompt / completion token ratio.
+
+Reported: tokens/s (prompt + completion tokens of both sequences of every pair, whatever the
+layout computes) and pairs/s over the whole ``train()`` call (set-up before it excluded; TRL's
+``train()`` also builds its dataloader and prepares the model) and over steps 2..N only (steady
+state; mean tokens per step, since the two sides draw the pairs in different orders), peak RSS of
+each process, the ratios ours / TRL, and both loss curves; also the peak RSS reached before
+``train()`` (model building and loading). The two sides shuffle the pairs with different
+generators, so per-step losses differ after the first step (the first step's loss is the same,
+ln 2); with ``--pairs`` fewer than ``steps x batch`` the pairs repeat and both curves should fall
+alike.
 
 Example:
     python tools/bench/dpo_vs_trl.py --work /tmp/dpo_vs_trl --steps 40 --batch 4 --pairs 16
+    python tools/bench/dpo_vs_trl.py --layout prefix_shared --prompt-scale 4 --steps 30 --batch 8
 """
 
 from __future__ import annotations
@@ -98,6 +107,8 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     tok.save_pretrained(work / "hf")
     convert_hf_to_native(work / "hf", work / "native", tp_size=1, divisible_by=64)
     rows = conversational_pairs(args.pairs, seed=1)
+    if args.prompt_scale > 0:
+        _lengthen_prompts(rows, args.prompt_scale, make_english_corpus(40 * len(rows), seed=5), tok)
     write_jsonl(work / "pairs.jsonl", rows)
     (work / "chatml.jinja").write_text(CHATML)
     options = PreprocessOptions(data_format="pairwise", chat_template=str(work / "chatml.jinja"))
@@ -110,14 +121,48 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     from megatron.data.indexed import IndexedDataset
 
     lens = {k: IndexedDataset(f"{work / 'pairs'}.{k}") for k in ("prompt", "chosen", "rejected")}
-    tokens = sum(
-        2 * len(lens["prompt"][i]) + len(lens["chosen"][i]) + len(lens["rejected"][i])
-        for i in range(len(rows))
-    )
+    n = range(len(rows))
+    prompt = sum(len(lens["prompt"][i]) for i in n)
+    completion = sum(len(lens["chosen"][i]) + len(lens["rejected"][i]) for i in n) / 2
+    tokens = 2 * prompt + 2 * completion
     # every step draws `batch` pairs (KTO: `batch` examples, two per pair); epochs repeat the
     # dataset: mean tokens of the whole run
     pairs_per_step = args.batch / 2 if args.objective == "kto" else args.batch
-    return {"pairs": len(rows), "tokens": tokens * args.steps * pairs_per_step / len(rows)}
+    return {
+        "pairs": len(rows),
+        "tokens": tokens * args.steps * pairs_per_step / len(rows),
+        "trained_pairs": args.steps * pairs_per_step,
+        "prompt_ratio": prompt / completion,
+        "prompt_mean": prompt / len(rows),
+        "completion_mean": completion / len(rows),
+    }
+
+
+def _lengthen_prompts(rows: list[dict], scale: float, docs: list[str], tok: Any) -> None:
+    """Prepend history turns (user/assistant, drawn from ``docs``) to every prompt, in place,
+    until its tokens (ChatML applied) are about ``scale`` times its two completions' mean."""
+
+    def count(msgs: list[dict], generation_prompt: bool = False) -> int:
+        text = tok.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return len(tok(text, add_special_tokens=False).input_ids)
+
+    turns = iter(docs)
+    for row in rows:
+        prompt = count(row["prompt"], generation_prompt=True)
+        completion = sum(count(row["prompt"] + row[k]) - prompt for k in ("chosen", "rejected"))
+        target = scale * completion / 2
+        head = 1 if row["prompt"][0]["role"] == "system" else 0
+        while True:  # add a user/assistant exchange while it brings the prompt nearer the target
+            history = [
+                {"role": "user", "content": next(turns)},
+                {"role": "assistant", "content": next(turns)},
+            ]
+            longer = row["prompt"][:head] + history + row["prompt"][head:]
+            if abs(count(longer, generation_prompt=True) - target) >= abs(prompt - target):
+                break
+            row["prompt"], prompt = longer, count(longer, generation_prompt=True)
 
 
 OBJECTIVES = {
@@ -140,6 +185,7 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
             "train": [{"path": str(work / ("unpaired" if args.objective == "kto" else "pairs"))}],
             "seq_length": 1024,
             "tokenizer": str(work / "native" / "hf"),
+            "layout": args.layout,
         },
         "objective": OBJECTIVES[args.objective](args),
         "checkpoint": {"load": str(work / "native"), "finetune": True},
@@ -286,6 +332,18 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, each side")
+    p.add_argument(
+        "--layout",
+        choices=["padded", "packed", "prefix_shared"],
+        default="padded",  # DataConfig.layout's default
+        help="our side's data.layout (TRL always pads)",
+    )
+    p.add_argument(
+        "--prompt-scale",
+        type=float,
+        default=0.0,
+        help="K > 0: prompts about K times their completions (prepended turns); 0: as generated",
+    )
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
@@ -307,22 +365,33 @@ def main() -> None:
         f"lr {args.lr}, beta {args.beta}; fp32 CPU, {args.threads} threads per side"
     )
     print(
-        f"{'side':<6}{'train() s':>10}{'tokens/s':>10}{'steady s':>10}{'steady tok/s':>14}"
-        f"{'peak RSS GiB':>14}{'after set-up':>14}"
+        f"our layout {args.layout}; prompt {info['prompt_mean']:.0f} tokens, completion "
+        f"{info['completion_mean']:.0f} tokens (mean), prompt/completion "
+        f"{info['prompt_ratio']:.2f} (--prompt-scale {args.prompt_scale:g})"
     )
-    tps, steady = {}, {}
+    print(
+        f"{'side':<6}{'train() s':>10}{'tokens/s':>10}{'steady s':>10}{'steady tok/s':>14}"
+        f"{'peak RSS GiB':>14}{'after set-up':>14}{'s/step':>9}{'pairs/s':>9}{'steady pairs/s':>16}"
+    )
+    tps, steady, pps, steady_pps = {}, {}, {}, {}
     later = info["tokens"] * (args.steps - 1) / args.steps  # mean tokens of steps 2..N
+    later_pairs = info["trained_pairs"] * (args.steps - 1) / args.steps
     for side, r in results.items():
         tps[side] = info["tokens"] / r["seconds"]
         steady[side] = later / r["steady"] if r["steady"] else float("nan")
+        pps[side] = info["trained_pairs"] / r["seconds"]
+        steady_pps[side] = later_pairs / r["steady"] if r["steady"] else float("nan")
         print(
             f"{side:<6}{r['seconds']:>10.2f}{tps[side]:>10.0f}{r['steady']:>10.2f}"
             f"{steady[side]:>14.0f}{r['maxrss'] / GIB:>14.3f}{r['setup'] / GIB:>14.3f}"
+            f"{r['seconds'] / args.steps:>9.3f}{pps[side]:>9.2f}{steady_pps[side]:>16.2f}"
         )
     ours, trl = results["ours"], results["trl"]
     print(
         f"ratio ours/TRL: tokens/s {tps['ours'] / tps['trl']:.2f} (whole train()), "
         f"{steady['ours'] / steady['trl']:.2f} (steps 2..N); "
+        f"pairs/s {pps['ours'] / pps['trl']:.2f} (whole train()), "
+        f"{steady_pps['ours'] / steady_pps['trl']:.2f} (steps 2..N); "
         f"peak RSS {ours['maxrss'] / trl['maxrss']:.2f}"
     )
     print("step  ours      TRL")
