@@ -9,6 +9,11 @@ Examples:
     python tools/inspect_data.py data/prefs                 # statistics
     python tools/inspect_data.py data/prefs --index 0 --index 7
     python tools/inspect_data.py data/sft --index 3 --tokens
+    python tools/inspect_data.py data/prefs --layouts --micro-batch 8 --seq-length 2048
+
+``--layouts`` (pairwise data) collates the pairs in every row layout (``padded``, ``packed``,
+``prefix_shared``) and prints the token slots each costs and the speed-up they project over
+``padded`` (:mod:`megatron.data.projection`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one in meta.json)")
     p.add_argument("--tokens", action="store_true", help="also list the row's tokens one by one")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument(
+        "--layouts", action="store_true", help="project the cost of each row layout (pairwise)"
+    )
+    p.add_argument("--micro-batch", type=int, default=8, help="pairs per micro-batch (--layouts)")
+    p.add_argument("--seq-length", type=int, default=2048, help="data.seq_length (--layouts)")
+    p.add_argument(
+        "--max-rows", type=int, default=20_000, help="pairs to project, from the first (--layouts)"
+    )
     return p.parse_args(argv)
 
 
@@ -170,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         names = FIELDS.get(meta["format"], ())
         fields = {n: IndexedDataset(field_prefix(args.prefix, n)) for n in names}
         print("\n".join(statistics(args.prefix, meta, fields)))
+        if args.layouts:
+            print("\n".join(layout_projection(args, meta)))
         if not args.index:
             return 0
         tok = load_tokenizer(args.tokenizer or meta["tokenizer"]["name"])
@@ -188,6 +203,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokens:
             print("\n".join(token_table(fields, meta, i, tok)))
     return 0
+
+
+def layout_projection(args: argparse.Namespace, meta: dict[str, Any]) -> list[str]:
+    """The ``--layouts`` table (pairwise datasets only)."""
+    from megatron.data.datasets import PairwiseDataset
+    from megatron.data.projection import format_projection, project_layouts
+
+    if meta["format"] != "pairwise":
+        raise DatasetError(
+            f"--layouts projects pairwise datasets; {args.prefix} is {meta['format']}"
+        )
+    if args.micro_batch < 1 or args.seq_length < 2:
+        raise DatasetError("--micro-batch must be >= 1 and --seq-length >= 2")
+    ds = PairwiseDataset(args.prefix, args.seq_length, meta)
+    costs = project_layouts(
+        ds, ("padded", "packed", "prefix_shared"), args.micro_batch, args.seq_length,
+        max_rows=args.max_rows,
+    )  # fmt: skip
+    head = (
+        f"layouts       first {min(len(ds), args.max_rows)} pairs, micro-batch "
+        f"{args.micro_batch}, seq_length {args.seq_length}"
+    )
+    return [head, *format_projection(costs)]
 
 
 if __name__ == "__main__":

@@ -167,13 +167,6 @@ def _layout(cfg: RunConfig) -> list[str]:
             "flash-attn cannot realise a prefix-shared row; use sdpa, or auto (which picks SDPA "
             "for these rows)"
         )
-    if cfg.parallel.pipeline > 1:
-        out.append(
-            f"data.layout (prefix_shared) cannot be used with parallel.pipeline "
-            f"({cfg.parallel.pipeline}) > 1 yet: pipeline messages do not carry extra targets "
-            "(the first rejected token, scored at the prompt's last position); use data.layout: "
-            "packed"
-        )
     return out
 
 

@@ -128,19 +128,24 @@ class Batch:
 
     # ---- pipeline messages --------------------------------------------------------------------
     def pipeline_inputs(self) -> tuple[torch.Tensor, ...]:
-        """``(tokens, position_ids, segment_ids, prefix_ids, targets)`` for the first stage."""
+        """``(tokens, position_ids, segment_ids, prefix_ids, targets, extra)`` for the first stage.
+
+        ``extra`` is ``[2, k + 1]`` int64: column 0 a placeholder (pipeline messages must not be
+        empty), then the extra targets' flat hidden-state indices (row 0) and token ids (row 1);
+        the last stage scores them (:func:`megatron.model.pipeline.unpack_extra`).
+        """
+        extra = torch.zeros(2, 1, dtype=torch.long, device=self.tokens.device)
         if self.extra_targets is not None:
-            raise ValueError(
-                "targets read from another position (prefix-shared rows) are not supported with "
-                "parallel.pipeline > 1"
-            )
-        return (self.tokens, *self.layout.to_tensors(), self.targets)
+            pairs = torch.stack([self.extra_targets.index, self.extra_targets.targets])
+            extra = torch.cat([extra, pairs.to(extra)], dim=1)
+        return (self.tokens, *self.layout.to_tensors(), self.targets, extra)
 
     def label_fields(self) -> tuple[str, ...]:
         """The fields :meth:`pipeline_labels` sends, in order (the same for every micro-batch of
         one step, since one collator makes them)."""
         present = tuple(f for f in _LABEL_TENSORS if getattr(self, f) is not None)
-        return present + tuple(f for f in _LABEL_INTS if getattr(self, f) is not None)
+        extra = ("extra_targets",) if self.extra_targets is not None else ()
+        return present + extra + tuple(f for f in _LABEL_INTS if getattr(self, f) is not None)
 
     def pipeline_labels(self, fields: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
         """The last stage's labels: ``fields`` of this batch as tensors."""
@@ -149,7 +154,12 @@ class Batch:
                 f"sub-batches ({sorted(self.sub_batches)}) cannot travel through a pipeline; "
                 "the objective's collate_options(pipeline=True) must not ask for them"
             )
-        return tuple(torch.as_tensor(getattr(self, f)) for f in fields)
+        return tuple(self._label(f) for f in fields)
+
+    def _label(self, name: str) -> torch.Tensor:
+        if name == "extra_targets":  # [3, k]: index, targets, sequence_ids
+            return torch.stack(list(dataclasses.astuple(self.extra_targets)))
+        return torch.as_tensor(getattr(self, name))
 
     @classmethod
     def from_pipeline_labels(
@@ -157,7 +167,9 @@ class Batch:
     ) -> Batch:
         """The last stage's view of a batch: its label fields; the inputs stay on the first
         stage (``tokens``/``targets`` are empty ``[b, 0]`` placeholders)."""
-        values = dict(zip(fields, labels, strict=True))
+        values: dict = dict(zip(fields, labels, strict=True))
+        if "extra_targets" in values:
+            values["extra_targets"] = ExtraTargets(*values["extra_targets"].unbind(0))
         for f in _LABEL_INTS:
             if f in values:
                 values[f] = int(values[f])

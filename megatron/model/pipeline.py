@@ -5,10 +5,11 @@ Shapes: b batch, s sequence, h hidden, v padded vocabulary, p TP size.
 Stage functions pass one tuple between pipeline stages::
 
     (hidden [b, s, h] float, position_ids [b, s] int64, segment_ids [b, s] | [b, 1] int64,
-     prefix_ids [b, s] | [b, 1] int64, targets [b, s] int64)
+     prefix_ids [b, s] | [b, 1] int64, targets [b, s] int64, extra [2, k + 1] int64)
 
 the layout as :meth:`~megatron.model.layout.SequenceLayout.to_tensors` packs it (a ``[b, 1]``
-tensor stands for "absent", because pipeline messages must be tensors). The first stage embeds
+tensor stands for "absent", because pipeline messages must be tensors) and the extra targets of
+prefix-shared rows (flat hidden-state index and token id, after a placeholder column). The first stage embeds
 ``tokens``; the last one turns the final-norm hidden states into the per-token outputs the model
 was built with (:mod:`megatron.model.output`: log-probs of ``targets`` through the vocab-parallel
 ``lm_head``, chunked). The objective is evaluated on the last stage by DeepSpeed's ``loss_fn``
@@ -37,9 +38,15 @@ from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbeddin
 from megatron.parallel.random import RNGStatesTracker
 from megatron.parallel.state import ParallelState
 
-Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-LM_STAGE_OUTPUTS = ("token_logps", "log_z", "log_sum_sq_probs")
-"""Order of the last stage's output tuple (those the model was built with)."""
+Activations = tuple[torch.Tensor, ...]
+LM_STAGE_OUTPUTS = (
+    "token_logps",
+    "log_z",
+    "log_sum_sq_probs",
+    "extra_logps",
+    "extra_log_sum_sq_probs",
+)
+"""Order of the last stage's output tuple (an output not requested is an empty tensor)."""
 
 
 class EmbeddingPipe(VocabParallelEmbedding):
@@ -79,9 +86,9 @@ class TransformerLayerPipe(TransformerLayer):
             super().__init__(cfg, state, tracker, dtype)
 
     def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
-        x, position_ids, segment_ids, prefix_ids, targets = inputs
+        x, position_ids, segment_ids, prefix_ids, *rest = inputs
         layout = SequenceLayout.from_tensors(position_ids, segment_ids, prefix_ids)
-        return super().forward(x, layout), position_ids, segment_ids, prefix_ids, targets
+        return super().forward(x, layout), position_ids, segment_ids, prefix_ids, *rest
 
 
 class FinalNormPipe(nn.Module):
@@ -97,6 +104,12 @@ class FinalNormPipe(nn.Module):
         return (self.norm(x), *rest)
 
 
+def unpack_extra(extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index [k], targets [k])`` of the message's ``extra`` ``[2, k + 1]`` (see
+    :meth:`megatron.data.batch.Batch.pipeline_inputs`; column 0 is a placeholder)."""
+    return extra[0, 1:], extra[1, 1:]
+
+
 def _log_probs(
     weight: torch.Tensor,
     cfg: Any,
@@ -104,16 +117,25 @@ def _log_probs(
     outputs: frozenset[str],
     inputs: Activations,
 ) -> tuple[torch.Tensor, ...]:
-    hidden, targets = inputs[0], inputs[-1]
-    out = token_log_probs(hidden, weight, targets, state.tp_group, cfg.vocab_size, outputs)
-    return tuple(out[k] for k in LM_STAGE_OUTPUTS if k in out)
+    hidden, targets = inputs[0], inputs[4]
+    index, extra_targets = unpack_extra(inputs[5])
+    out = token_log_probs(
+        hidden, weight, targets, state.tp_group, cfg.vocab_size, outputs,
+        extra_index=index, extra_targets=extra_targets,
+    )  # fmt: skip
+    empty = out["extra_logps"].new_zeros(0)  # an output not asked for
+    return tuple(out.get(k, empty) for k in LM_STAGE_OUTPUTS)
 
 
 def stage_outputs(values: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
     """The last stage's return value as the model's named outputs (what objectives read)."""
     if torch.is_tensor(values):  # ValueHeadPipe
         return {"values": values}
-    return dict(zip(LM_STAGE_OUTPUTS, values, strict=False))
+    out = dict(zip(LM_STAGE_OUTPUTS, values, strict=True))
+    for name in ("log_sum_sq_probs", "extra_log_sum_sq_probs"):
+        if out[name].numel() == 0 and out["token_logps"].numel() > 0:
+            del out[name]  # not requested (the tuple has a fixed arity)
+    return out
 
 
 class LMHeadPipe(ColumnParallelLinear):

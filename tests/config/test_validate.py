@@ -329,13 +329,7 @@ def test_prefix_shared_layout_refuses_flash_attention(tmp_path):
     assert validate_config(load(tmp_path, auto)) == []
 
 
-def test_prefix_shared_layout_refuses_pipeline(tmp_path):
-    with pytest.raises(
-        ConfigError,
-        match=r"data\.layout \(prefix_shared\) cannot be used with parallel\.pipeline \(2\) > 1 "
-        r"yet: pipeline messages do not carry extra targets",
-    ):
-        load(
-            tmp_path,
-            "objective: {name: simpo}\ndata: {layout: prefix_shared}\nparallel: {pipeline: 2}\n",
-        )
+def test_prefix_shared_layout_works_with_pipeline_parallelism(tmp_path):
+    """Pipeline messages carry the extra targets (megatron/data/batch.py pipeline_inputs)."""
+    cfg = "objective: {name: simpo}\ndata: {layout: prefix_shared}\nparallel: {pipeline: 2}\n"
+    assert validate_config(load(tmp_path, cfg)) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -52,16 +54,29 @@ def test_pipeline_labels_round_trip(layout):
     for name in ("loss_mask", "sequence_ids", "example_ids", "labels"):
         assert torch.equal(getattr(back, name), getattr(batch, name))
     assert back.num_sequences == 6 and back.kl_start == 3 and back.margin is None
-    tokens, pos, seg, pre, targets = batch.pipeline_inputs()
+    tokens, pos, seg, pre, targets, extra = batch.pipeline_inputs()
     again = SequenceLayout.from_tensors(pos, seg, pre)
     assert torch.equal(tokens, batch.tokens) and torch.equal(targets, batch.targets)
     assert again.kind == ("causal" if layout == "padded" else "segments")
+    assert extra.shape == (2, 1)  # the placeholder column only: no extra targets
 
 
-def test_what_a_pipeline_cannot_carry_is_refused():
+def test_extra_targets_travel_to_the_last_stage():
+    """Prefix-shared rows: the first stage's message carries (index, target) after a placeholder
+    column; the last stage's labels rebuild the ExtraTargets with their sequence ids."""
+    batch = _unpaired("padded", separate_kl=False)
+    extra = ExtraTargets(torch.tensor([3, 9]), torch.tensor([11, 12]), torch.tensor([0, 4]))
+    batch = batch.replace(extra_targets=extra)
+    message = batch.pipeline_inputs()[-1]
+    assert message.tolist() == [[0, 3, 9], [0, 11, 12]]
+    fields = batch.label_fields()
+    assert "extra_targets" in fields
+    back = Batch.from_pipeline_labels(batch.pipeline_labels(fields), fields).extra_targets
+    for a, b in zip(dataclasses.astuple(back), dataclasses.astuple(extra), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sub_batches_cannot_travel_through_a_pipeline():
     batch = _unpaired("padded", separate_kl=True)
     with pytest.raises(ValueError, match=r"sub-batches \(\['kl'\]\) cannot travel"):
         batch.pipeline_labels(batch.label_fields())
-    extra = ExtraTargets(torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="not supported with parallel.pipeline > 1"):
-        batch.replace(extra_targets=extra).pipeline_inputs()

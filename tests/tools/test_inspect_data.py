@@ -56,3 +56,8 @@ def test_cli_pairwise_then_inspect(tmp_path, tiny_tokenizer_dir, capsys):
     assert " T '<|im_end|>'" in out and " . '<|im_start|>'" in out
     assert inspect.main([str(prefix), "--index", "5"]) == 1
     assert inspect.main([str(tmp_path / "missing")]) == 1
+    assert inspect.main([str(prefix), "--layouts", "--micro-batch", "4", "--seq-length", "64"]) == 0
+    table = capsys.readouterr().out.split("layouts ")[1].splitlines()
+    assert [ln.split()[0] for ln in table[2:5]] == ["padded", "packed", "prefix_shared"]
+    assert float(table[4].split()[-2]) > 1.0  # prefix sharing saves token slots: one prompt less
+

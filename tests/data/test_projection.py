@@ -1,0 +1,42 @@
+"""The layout cost projection (megatron/data/projection.py), against hand-counted token slots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megatron.data.projection import format_projection, project_layouts
+
+
+def _pair(p: int, c: int, r: int) -> dict:
+    return {
+        "prompt": np.arange(1, p + 1),
+        "chosen": np.arange(1, c + 1),
+        "rejected": np.arange(1, r + 1),
+    }
+
+
+def test_hand_counted_costs():
+    """Two pairs (prompt 3, chosen 2, rejected 1), one micro-batch, seq_length 16, no rounding.
+
+    padded: sequences 5, 5, 4, 4 in 4 rows of width 5 -> 20 slots, 18 real, 4 * 25 attention.
+    packed: first-fit decreasing puts 5 + 5 + 4 in one row and 4 in a second: width 14 -> 28
+    slots, 18 real, 2 * 196. prefix_shared: two spans of 3 + 2 + 1 = 6 in one row of width 12
+    -> 12 slots, 12 real (each prompt once), 144.
+    """
+    costs = project_layouts([_pair(3, 2, 1)] * 2, ("padded", "packed", "prefix_shared"), 2, 16, 1)
+    got = {c.layout: (c.rows, c.grid, c.real, c.attention) for c in costs}
+    assert got == {
+        "padded": (4, 20, 18, 100),
+        "packed": (2, 28, 18, 392),
+        "prefix_shared": (1, 12, 12, 144),
+    }
+    assert costs[2].efficiency == pytest.approx(1.0)
+    table = format_projection(costs)
+    assert table[0].split()[:2] == ["layout", "rows"]
+    assert table[3].split()[-2:] == [f"{20 / 12:.2f}", f"{100 / 144:.2f}"]
+
+
+def test_max_rows_limits_the_pairs():
+    costs = project_layouts([_pair(2, 2, 2)] * 10, ("padded",), 4, 16, 1, max_rows=3)
+    assert costs[0].rows == 6 and costs[0].real == 3 * 8
