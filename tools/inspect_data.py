@@ -218,7 +218,8 @@ def layout_projection(args: argparse.Namespace, meta: dict[str, Any]) -> list[st
         raise DatasetError("--micro-batch must be >= 1 and --seq-length >= 2")
     ds = PairwiseDataset(args.prefix, args.seq_length, meta)
     costs = project_layouts(
-        ds, ("padded", "packed", "prefix_shared"), args.micro_batch, args.seq_length,
+        ds, ("padded", "packed", "prefix_shared", "prefix_shared_packed"), args.micro_batch,
+        args.seq_length,
         max_rows=args.max_rows,
     )  # fmt: skip
     head = (

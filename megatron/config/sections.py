@@ -255,8 +255,8 @@ class DataConfig:
     """Train/valid/test fractions of every ``train`` dataset's rows, e.g. ``[0.98, 0.02, 0]`` (a seeded split; pairs stay whole); null: use ``valid``/``test``."""
     seq_length: int
     """Tokens per row: the row capacity of the packed and prefix_shared layouts and the longest sequence (prompt + completion; prefix_shared: prompt + chosen + rejected) accepted."""
-    layout: Literal["padded", "packed", "prefix_shared"] = "padded"
-    """Sequence layout of post-training batches: ``padded``: one sequence per row padded to the micro-batch's longest (rounded up to ``pad_to_multiple_of``); ``packed``: several per row packed up to ``seq_length`` (block-diagonal attention); ``prefix_shared`` (objectives with pair batches only; not with ``model.attention_backend: flash``): each pair as one span ``[prompt | chosen | rejected]`` storing the prompt once, rejected attending to the prompt but not to chosen, spans packed like ``packed`` (the whole span must fit ``seq_length``). ``text`` data always uses full windows."""
+    layout: Literal["padded", "packed", "prefix_shared", "prefix_shared_packed"] = "padded"
+    """Sequence layout of post-training batches: ``padded``: one sequence per row padded to the micro-batch's longest (rounded up to ``pad_to_multiple_of``); ``packed``: several per row packed up to ``seq_length`` (block-diagonal attention); ``prefix_shared`` (objectives with pair batches only; not with ``model.attention_backend: flash``): each pair as one span ``[prompt | chosen | rejected]`` storing the prompt once, rejected attending to the prompt but not to chosen, one span per row (the whole span must fit ``seq_length``); ``prefix_shared_packed``: the same spans packed several per row like ``packed`` (fewer token slots, but more attention work with dense attention). ``text`` data always uses full windows."""
     pad_to_multiple_of: int = 8
     """Round each micro-batch's row length up to a multiple of this (capped at ``seq_length``)."""
     seed: int = 1234

@@ -152,18 +152,18 @@ def _objective(cfg: RunConfig) -> list[str]:
 
 
 def _layout(cfg: RunConfig) -> list[str]:
-    if cfg.data.layout != "prefix_shared":
+    if not cfg.data.layout.startswith("prefix_shared"):
         return []
     cls, out = get_objective(cfg.objective.name), []
     if cls.batch_kind != "pair":
         out.append(
-            f"data.layout (prefix_shared) needs an objective with pair batches (prompt, chosen, "
+            f"data.layout ({cfg.data.layout}) needs an objective with pair batches (prompt, chosen, "
             f"rejected); objective {cls.name!r} reads {cls.batch_kind!r} batches: use "
             "data.layout: packed or padded"
         )
     if cfg.model.attention_backend == "flash":
         out.append(
-            "data.layout (prefix_shared) cannot be used with model.attention_backend (flash): "
+            f"data.layout ({cfg.data.layout}) cannot be used with model.attention_backend (flash): "
             "flash-attn cannot realise a prefix-shared row; use sdpa, or auto (which picks SDPA "
             "for these rows)"
         )

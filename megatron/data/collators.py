@@ -158,6 +158,13 @@ def place_packed(lengths: Sequence[int], capacity: int) -> list[tuple[int, int]]
 LAYOUTS = {"padded": place_padded, "packed": place_packed}
 PREFIX_SHARED = "prefix_shared"
 """The layout of ``pair`` batches that stores each prompt once (:meth:`Collator._prefix_shared`)."""
+PREFIX_LAYOUTS = {PREFIX_SHARED: place_padded, "prefix_shared_packed": place_packed}
+"""Prefix-shared layouts and where they put the spans: one per row (rows padded to the longest
+span), or several per row of ``seq_length``. why: with dense attention (SDPA and a mask, the
+only backend that realises prefix sharing) a row of length ``s`` costs ``s^2`` in attention, so
+packing spans into long rows saves linear-layer slots but multiplies attention work (measured on
+the DPO benchmark's pairs: packed spans 1.57x fewer token slots than padded but 3.2x more
+attention; one span per row 1.72x and 1.47x fewer, ``megatron/data/projection.py``)."""
 
 
 class Collator:
@@ -199,11 +206,11 @@ class Collator:
             raise ValueError(
                 f"unknown batch kind {kind!r}; choose from {sorted(SEQUENCE_BUILDERS)}"
             )
-        if layout not in (*LAYOUTS, PREFIX_SHARED):
-            choices = sorted((*LAYOUTS, PREFIX_SHARED))
+        if layout not in (*LAYOUTS, *PREFIX_LAYOUTS):
+            choices = sorted((*LAYOUTS, *PREFIX_LAYOUTS))
             raise ValueError(f"unknown layout {layout!r}; choose from {choices}")
-        if layout == PREFIX_SHARED and kind != "pair":
-            raise ValueError(f"layout {PREFIX_SHARED!r} needs pair batches, got kind {kind!r}")
+        if layout in PREFIX_LAYOUTS and kind != "pair":
+            raise ValueError(f"layout {layout!r} needs pair batches, got kind {kind!r}")
         self.kind, self.layout = kind, layout
         self.seq_length, self.multiple = int(seq_length), int(pad_to_multiple_of)
         self.with_margin, self.with_kl, self.separate_kl = with_margin, with_kl, separate_kl
@@ -224,7 +231,7 @@ class Collator:
         side = None
         if self.kind == "unpaired" and self.with_kl and self.separate_kl:
             seqs, side = seqs[: len(samples)], seqs[len(samples) :]
-        if self.layout == PREFIX_SHARED:
+        if self.layout in PREFIX_LAYOUTS:
             batch = self._prefix_shared(seqs, [len(x["prompt"]) for x in samples])
         else:
             batch = self._layout(seqs)
@@ -312,8 +319,9 @@ class Collator:
 
         ``seqs`` are the pair kind's ``2P`` sequences (chosen ``i`` = ``prompt_i + chosen_i``,
         rejected ``P + i``), whose ``trained`` flags decide what is scored, so exactly the tokens
-        the padded layout trains are trained. Spans are packed first-fit-decreasing
-        (:func:`place_packed`) into rows of ``seq_length``. For pair ``i`` with a prompt of ``p``,
+        the padded layout trains are trained. ``prefix_shared`` puts one span per row,
+        ``prefix_shared_packed`` packs them first-fit-decreasing (:func:`place_packed`) into
+        rows of ``seq_length`` (see :data:`PREFIX_LAYOUTS`). For pair ``i`` with a prompt of ``p``,
         a chosen of ``c`` and a rejected of ``r`` tokens at row offset ``o``:
 
         * ``segment_ids`` ``g, g + 1, g + 2`` (prompt, chosen, rejected; ``g`` = 1, 4, 7, ... per
@@ -347,10 +355,10 @@ class Collator:
             i = too_long[0]
             raise ValueError(
                 f"pair {i} of the micro-batch has {spans[i]} tokens (prompt + chosen + rejected in "
-                f"one data.layout: {PREFIX_SHARED} span), more than data.seq_length "
+                f"one data.layout: {self.layout} span), more than data.seq_length "
                 f"{self.seq_length}"
             )
-        where = place_packed(spans, self.seq_length)
+        where = PREFIX_LAYOUTS[self.layout](spans, self.seq_length)
         rows = 1 + max((r for r, _ in where), default=0)
         ends = [o + n for (_, o), n in zip(where, spans, strict=True)]
         width = _round_up(max(ends, default=1), self.multiple, self.seq_length)

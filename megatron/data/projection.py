@@ -53,7 +53,7 @@ def project_layouts(
 
     Args:
         dataset: indexable pairs (``prompt``, ``chosen``, ``rejected`` token arrays).
-        layouts: e.g. ``("padded", "packed", "prefix_shared")``.
+        layouts: e.g. ``("padded", "packed", "prefix_shared", "prefix_shared_packed")``.
         micro_batch: pairs per micro-batch (``training.micro_batch_size``).
         seq_length: ``data.seq_length``.
         pad_to_multiple_of: ``data.pad_to_multiple_of``.
@@ -80,12 +80,12 @@ def format_projection(costs: list[LayoutCost]) -> list[str]:
     """A table of the costs with the projected speed-ups over the first layout."""
     base = costs[0]
     lines = [
-        f"{'layout':<14} {'rows':>7} {'token slots':>12} {'real':>10} {'efficiency':>10} "
+        f"{'layout':<20} {'rows':>7} {'token slots':>12} {'real':>10} {'efficiency':>10} "
         f"{'x linear':>9} {'x attention':>11}"
     ]
     for c in costs:
         lines.append(
-            f"{c.layout:<14} {c.rows:>7} {c.grid:>12} {c.real:>10} {c.efficiency:>10.1%} "
+            f"{c.layout:<20} {c.rows:>7} {c.grid:>12} {c.real:>10} {c.efficiency:>10.1%} "
             f"{base.grid / max(c.grid, 1):>9.2f} {base.attention / max(c.attention, 1):>11.2f}"
         )
     return lines

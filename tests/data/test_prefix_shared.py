@@ -34,10 +34,25 @@ def _pair(prompt: list[int], chosen: list[int], rejected: list[int], margin: flo
     }
 
 
-def test_rows_follow_the_rule_hand_checked():
-    """Two pairs in one row: ``[10 11 12 | 20 21 | 30 31 32]`` then ``[13 | 22 | 33 34]``."""
+def test_one_span_per_row_hand_checked():
+    """``prefix_shared``: each span in its own row, rows padded to the longest span (8 -> 8)."""
+    samples = [_pair([10, 11, 12], [20, 21], [30, 31, 32]), _pair([13], [22], [33, 34])]
+    b = Collator("pair", "prefix_shared", 16, 4, score_token="last")(samples)
+    assert b.tokens.tolist() == [[10, 11, 12, 20, 21, 30, 31, 32], [13, 22, 33, 34, 0, 0, 0, 0]]
+    assert b.layout.segment_ids.tolist() == [[1, 1, 1, 2, 2, 3, 3, 3], [1, 2, 3, 3, 0, 0, 0, 0]]
+    assert b.layout.prefix_ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0, 0]]
+    assert b.layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 1, 2, 0, 0, 0, 0]]
+    extra = b.extra_targets
+    assert extra.index.tolist() == [2, 8] and extra.targets.tolist() == [30, 33]
+    assert b.score_index.tolist() == [4, 9, 7, 11]
+    assert b.stats == {"packing_efficiency": 0.75, "real_tokens": 12.0}
+
+
+def test_packed_rows_follow_the_rule_hand_checked():
+    """``prefix_shared_packed``: two pairs in one row: ``[10 11 12 | 20 21 | 30 31 32]`` then
+    ``[13 | 22 | 33 34]``."""
     samples = [_pair([10, 11, 12], [20, 21], [30, 31, 32], 0.5), _pair([13], [22], [33, 34], 1.5)]
-    collate = Collator("pair", "prefix_shared", 16, 4, with_margin=True, score_token="last")
+    collate = Collator("pair", "prefix_shared_packed", 16, 4, with_margin=True, score_token="last")
     b = collate(samples)
     assert b.tokens.tolist() == [[10, 11, 12, 20, 21, 30, 31, 32, 13, 22, 33, 34]]
     assert b.layout.kind == "prefix"
@@ -77,13 +92,14 @@ def _per_sequence(batch: Batch, values: torch.Tensor, extra: torch.Tensor | None
     return sequence_log_probs(values.double(), batch, None if extra is None else extra.double())
 
 
+@pytest.mark.parametrize("layout", ["prefix_shared", "prefix_shared_packed"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_trained_tokens_are_those_of_the_padded_layout(seed):
+def test_trained_tokens_are_those_of_the_padded_layout(seed, layout):
     """Per sequence, the count and the sum (and sum of squares) of the trained target ids are
     the padded layout's: the same tokens are trained, each once. Empty completions included."""
     samples = _pairs(7, seed) + [_pair([5, 6], [], [7, 8]), _pair([9], [10], [])]
     padded = Collator("pair", "padded", 48)(samples)
-    shared = Collator("pair", "prefix_shared", 48)(samples)
+    shared = Collator("pair", layout, 48)(samples)
     ex = shared.extra_targets.targets
     for f in (lambda t: t, lambda t: t * t):
         want = _per_sequence(padded, f(padded.targets), None)
@@ -96,7 +112,10 @@ def test_trained_tokens_are_those_of_the_padded_layout(seed):
     assert shared.stats["real_tokens"] == sum(
         x["prompt"].size + x["chosen"].size + x["rejected"].size for x in samples
     )
-    assert shared.tokens.shape[0] < 9  # several pairs per row
+    if layout == "prefix_shared":
+        assert shared.tokens.shape[0] == 9  # one pair per row
+    else:
+        assert shared.tokens.shape[0] < 9  # several pairs per row
 
 
 @pytest.mark.parametrize("score_token", ["last", "eos"])
@@ -164,16 +183,18 @@ def _sequence_log_probs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     return sequence_log_probs(out["token_logps"], batch, out.get("extra_logps"))
 
 
+@pytest.mark.parametrize("layout", ["prefix_shared", "prefix_shared_packed"])
 @pytest.mark.parametrize("prompts", [(1, 4), (12, 30)], ids=["short_prompts", "long_prompts"])
-def test_log_probs_equal_the_padded_layouts(prompts):
+def test_log_probs_equal_the_padded_layouts(prompts, layout):
     """A real tiny GPTModel: per-sequence log-prob sums and token counts of the prefix-shared
-    rows (several pairs per row) are the padded rows' (tolerance: see the module docstring)."""
+    rows (one or several pairs per row) are the padded rows' (tolerance: see the module
+    docstring)."""
     samples = _pairs(6, seed=prompts[0], prompt_range=prompts, completion_range=(1, 9))
     samples.append(_pair(samples[0]["prompt"].tolist(), [11, 12], []))  # an empty rejected
     model = _model()
     want, want_n = _sequence_log_probs(model, Collator("pair", "padded", 64)(samples))
-    shared = Collator("pair", "prefix_shared", 64)(samples)
-    assert shared.tokens.shape[0] < len(samples)
+    shared = Collator("pair", layout, 64)(samples)
+    assert (shared.tokens.shape[0] < len(samples)) == (layout == "prefix_shared_packed")
     got, got_n = _sequence_log_probs(model, shared)
     torch.testing.assert_close(got_n, want_n, rtol=0, atol=0)
     tol = torch.tensor([2 * n * ulp(float(s)) for n, s in zip(want_n, want, strict=True)])

@@ -334,7 +334,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, each side")
     p.add_argument(
         "--layout",
-        choices=["padded", "packed", "prefix_shared"],
+        choices=["padded", "packed", "prefix_shared", "prefix_shared_packed"],
         default="padded",  # DataConfig.layout's default
         help="our side's data.layout (TRL always pads)",
     )
