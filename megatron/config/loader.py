@@ -31,7 +31,9 @@ from megatron.config.sections import (
 )
 from megatron.config.typed import BAD, UNSET, Converter, Problems, describe_value, did_you_mean
 from megatron.config.validate import validate_config
+from megatron.data.collators import default_layout
 from megatron.errors import ConfigError
+from megatron.objectives.registry import get_objective
 
 OVERRIDE = "<override>"
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -227,6 +229,11 @@ def _derive_training(training: dict[str, Any] | None, dp: int | None, problems: 
 
 
 def _derive_defaults(kw: dict[str, dict[str, Any] | None]) -> None:
+    data, objective = kw.get("data"), kw.get("objective")
+    if data is not None and objective is not None and data.get("layout", "auto") == "auto":
+        backend = (kw.get("model") or {}).get("attention_backend", "auto")
+        kind = get_objective(objective["name"]).batch_kind
+        data["layout"] = default_layout(kind, backend)
     training, schedule = kw.get("training"), kw.get("schedule")
     if schedule is not None and schedule.get("decay_iters") is None and training:
         train_iters = training.get("train_iters")

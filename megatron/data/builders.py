@@ -28,7 +28,7 @@ from typing import Any
 
 from megatron.data.batch import Batch
 from megatron.data.blending import BlendedDataset, SubsetDataset, split_indices
-from megatron.data.collators import Collator, collate_sequences
+from megatron.data.collators import Collator, collate_sequences, default_layout
 from megatron.data.datasets import DATASET_CLASSES, UnpairedDataset
 from megatron.data.indexed import DatasetError
 from megatron.data.meta import check_dataset_compat
@@ -114,9 +114,12 @@ def _collate(
                 "meta.json (special_ids.eos) does not give; use score_token: last"
             )
         options["eos_id"] = eos
+    layout = data_cfg.layout
+    if layout == "auto":  # a section built in code; load_config resolves it (default_layout)
+        layout = default_layout(kind, "auto")
     return Collator(
         kind,
-        data_cfg.layout,
+        layout,
         data_cfg.seq_length,
         data_cfg.pad_to_multiple_of,
         with_margin,

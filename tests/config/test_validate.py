@@ -333,3 +333,20 @@ def test_prefix_shared_layout_works_with_pipeline_parallelism(tmp_path):
     """Pipeline messages carry the extra targets (megatron/data/batch.py pipeline_inputs)."""
     cfg = "objective: {name: simpo}\ndata: {layout: prefix_shared}\nparallel: {pipeline: 2}\n"
     assert validate_config(load(tmp_path, cfg)) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "want"),
+    [
+        ("objective: {name: dpo}\n", "prefix_shared"),
+        ("objective: {name: reward}\nmodel: {head: value}\n", "prefix_shared"),
+        ("objective: {name: sft}\n", "padded"),
+        ("objective: {name: kto}\n", "padded"),
+        ("objective: {name: dpo}\nmodel: {attention_backend: flash}\n", "padded"),
+        ("objective: {name: dpo}\ndata: {layout: packed}\n", "packed"),
+    ],
+)
+def test_data_layout_auto_resolves_at_load(tmp_path, extra, want):
+    """data.layout: auto (the default) is the fastest exact layout measured: prefix_shared for
+    pair objectives unless flash attention is asked for, padded otherwise; explicit values stay."""
+    assert load(tmp_path, extra).data.layout == want
