@@ -106,3 +106,23 @@ def tiny_run_config(
     for key, value in overrides.items():
         set_dotted(cfg, key, value)
     return cfg
+
+
+def tiny_model_config(head: str = "lm") -> Any:
+    """The 2-layer GQA/SwiGLU/partial-rotary ``ModelConfig`` (vocab 64) of the layout tests."""
+    from megatron.config import ModelConfig
+
+    return ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2, vocab_size=64,
+        make_vocab_size_divisible_by=32, max_position_embeddings=64, norm="rmsnorm",
+        activation="swiglu", ffn_hidden_size=64, rotary_pct=0.5, head=head,
+    )  # fmt: skip
+
+
+def tiny_fp64_model() -> Any:
+    """:func:`tiny_model_config` as an fp64 ``GPTModel`` in eval mode (seed 3): exact-layout tests
+    compare in fp64 where the transformer is concerned."""
+    from megatron.model import GPTModel
+    from megatron.parallel import ParallelState
+
+    return GPTModel(tiny_model_config(), ParallelState.single(), seed=3).double().eval()

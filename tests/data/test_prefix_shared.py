@@ -21,6 +21,7 @@ from megatron.data.batch import Batch
 from megatron.data.collators import Collator
 from megatron.model.layout import SequenceLayout
 from megatron.objectives.logprobs import sequence_log_probs
+from tests.helpers_runs import tiny_fp64_model
 from tests.numerics import ulp
 
 
@@ -163,16 +164,7 @@ def test_edge_cases_and_errors():
 
 
 def _model():
-    from megatron.config import ModelConfig
-    from megatron.model import GPTModel
-    from megatron.parallel import ParallelState
-
-    cfg = ModelConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2, vocab_size=64,
-        make_vocab_size_divisible_by=32, max_position_embeddings=64, norm="rmsnorm",
-        activation="swiglu", ffn_hidden_size=64, rotary_pct=0.5,
-    )  # fmt: skip
-    return GPTModel(cfg, ParallelState.single(), seed=3).double().eval()
+    return tiny_fp64_model()
 
 
 def _sequence_log_probs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.config import ModelConfig
 from megatron.data.batch import Batch, ExtraTargets
 from megatron.model import GPTModel
 from megatron.model.attention import flash_attention, sdpa_attention, select_backend
 from megatron.model.layout import SequenceLayout
 from megatron.objectives.logprobs import sequence_log_probs
-from megatron.parallel import ParallelState
+from tests.helpers_runs import tiny_fp64_model
 
 FP32_ULPS = {"rtol": 8 * 2**-23, "atol": 1e-7}  # see the module docstring
 
@@ -96,13 +95,8 @@ def test_flash_refuses_prefix_sharing_and_auto_falls_back():
     assert select_backend("sdpa", torch.float32, torch.device("cpu"), layout) is sdpa_attention
 
 
-def _model() -> GPTModel:
-    cfg = ModelConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2, vocab_size=64,
-        make_vocab_size_divisible_by=32, max_position_embeddings=64, norm="rmsnorm",
-        activation="swiglu", ffn_hidden_size=64, rotary_pct=0.5,
-    )  # fmt: skip
-    return GPTModel(cfg, ParallelState.single(), seed=3).double().eval()
+def _model():
+    return tiny_fp64_model()
 
 
 def _padded(prompt: list[int], completions: list[list[int]]) -> Batch:

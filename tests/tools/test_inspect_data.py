@@ -60,4 +60,3 @@ def test_cli_pairwise_then_inspect(tmp_path, tiny_tokenizer_dir, capsys):
     table = capsys.readouterr().out.split("layouts ")[1].splitlines()
     assert [ln.split()[0] for ln in table[2:5]] == ["padded", "packed", "prefix_shared"]
     assert float(table[4].split()[-2]) > 1.0  # prefix sharing saves token slots: one prompt less
-

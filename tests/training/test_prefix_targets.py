@@ -37,6 +37,7 @@ from megatron.parallel import ParallelState
 from megatron.training import reference
 from megatron.training.reference import ReferenceModel, cache_key, reference_values
 from megatron.training.step import forward_outputs
+from tests.helpers_runs import tiny_model_config
 
 FP32_ULPS = {"rtol": 8 * 2**-23, "atol": 8 * 2**-18}  # see the module docstring
 VOCAB = 64
@@ -58,11 +59,7 @@ CASES = {
 
 
 def _model_cfg(head: str = "lm") -> ModelConfig:
-    return ModelConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2, vocab_size=VOCAB,
-        make_vocab_size_divisible_by=32, max_position_embeddings=64, norm="rmsnorm",
-        activation="swiglu", ffn_hidden_size=64, rotary_pct=0.5, head=head,
-    )  # fmt: skip
+    return tiny_model_config(head)  # its vocab is VOCAB
 
 
 def _pairs(seed: int = 0) -> list[tuple[list[int], list[int], list[int]]]:
