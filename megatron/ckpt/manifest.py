@@ -55,20 +55,34 @@ def _listed(tag_dir: Path) -> list[Path]:
     )
 
 
-def write_manifest(tag_dir: str | Path) -> Path:
-    """Write ``tag_dir/manifest.json`` listing every file of the directory (call on one rank,
-    once all ranks' files are on disk).
+def manifest_entries(tag_dir: str | Path, share: int = 0, shares: int = 1) -> dict[str, Any]:
+    """``{relative path: {size, sha256}}`` of every ``shares``-th file of ``tag_dir`` from
+    ``share`` on (the files in sorted order), so that several ranks can hash one checkpoint
+    together: each its own share, the union is the whole directory.
+    """
+    tag_dir = Path(tag_dir)
+    files = _listed(tag_dir)[share::shares]
+    digests = _hash_all(files)
+    return {
+        p.relative_to(tag_dir).as_posix(): {"size": p.stat().st_size, "sha256": d}
+        for p, d in zip(files, digests, strict=True)
+    }
+
+
+def write_manifest(tag_dir: str | Path, entries: dict[str, Any] | None = None) -> Path:
+    """Write ``tag_dir/manifest.json`` (call on one rank, once all ranks' files are on disk).
+
+    Args:
+        tag_dir: the ``iter_XXXXXXX`` directory.
+        entries: the files' :func:`manifest_entries` when the ranks hashed them together;
+            ``None``: hash every file here.
 
     Returns:
         The manifest's path.
     """
     tag_dir = Path(tag_dir)
-    files = _listed(tag_dir)
-    digests = _hash_all(files)
-    entries = {
-        p.relative_to(tag_dir).as_posix(): {"size": p.stat().st_size, "sha256": d}
-        for p, d in zip(files, digests, strict=True)
-    }
+    if entries is None:
+        entries = manifest_entries(tag_dir)
     path = tag_dir / MANIFEST
     atomic_write_json(path, {"version": MANIFEST_VERSION, "files": entries})
     return path

@@ -44,7 +44,7 @@ from megatron.ckpt.hf_config import model_config_from_section, with_tp_padding
 from megatron.ckpt.hf_mapping import pipeline_layer_of
 from megatron.ckpt.layout import LATEST, CheckpointError, resolve_checkpoint, tag_for
 from megatron.ckpt.manifest import CHECKPOINT_FORMAT as CKPT_FORMAT
-from megatron.ckpt.manifest import MANIFEST, read_manifest, write_manifest
+from megatron.ckpt.manifest import MANIFEST, manifest_entries, read_manifest, write_manifest
 from megatron.ckpt.native import checkpoint_tp_size, load_tp_shard, read_checkpoint_config
 from megatron.ckpt.safety import NUMPY_GLOBALS, check_loadable, safe_load, torch_files
 from megatron.config import read_config_file, save_config
@@ -134,8 +134,14 @@ def save_checkpoint(
         atomic_write_json(tag_dir / "client_state.json", {**client_state, "format": CKPT_FORMAT})
         save_config(config, tag_dir / "config.yml")
     _barrier()  # every shard and RNG file is on disk before the manifest lists them
+    # why: every rank hashes a share of the files (rank 0 alone would read the whole checkpoint)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    shares = [manifest_entries(tag_dir, rank, world)]
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, manifest_entries(tag_dir, rank, world))
     if rank == 0:
-        write_manifest(tag_dir)
+        write_manifest(tag_dir, {k: v for share in shares for k, v in share.items()})
         atomic_write_text(save_dir / LATEST, tag + "\n")
         if keep_last:
             _prune(save_dir, keep_last, keep=tag)
