@@ -72,7 +72,10 @@ def main(argv: list[str]) -> int:
     from megatron.training.preflight import preflight
     from megatron.training.trainer import Trainer
 
-    problems = preflight(cfg, fingerprints=False)  # the trainer checks the reference cache
+    # the trainer checks the reference cache on every rank; deepy.py (when it launched us) hashed
+    # the checkpoint once already, else rank 0 does it here
+    hashed = signals.LAUNCHER_PID_ENV in os.environ
+    problems = preflight(cfg, fingerprints=False, checksums=launch.rank == 0 and not hashed)
     if problems:
         if launch.rank == 0:
             print("cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)

@@ -118,11 +118,11 @@ def resume_changes(saved: dict[str, Any], run: dict[str, Any]) -> list[str]:
     ]
 
 
-def _completeness(tag_dir: Path) -> list[str]:
+def _completeness(tag_dir: Path, checksums: bool = True) -> list[str]:
     client = tag_dir / "client_state.json"
     if not client.is_file():
         return [f"checkpoint.load: incomplete save: {client} is missing"]
-    problems = verify_manifest(tag_dir)
+    problems = verify_manifest(tag_dir, checksums)
     if problems is not None:
         return [f"checkpoint.load: {p}" for p in problems]
     import json
@@ -140,15 +140,17 @@ def _completeness(tag_dir: Path) -> list[str]:
     return []
 
 
-def verify_checkpoint(cfg: Any) -> list[str]:
+def verify_checkpoint(cfg: Any, checksums: bool = True) -> list[str]:
     """Problems of ``cfg.checkpoint.load`` for this run, each one line; empty when it is usable.
+
+    ``checksums`` also compares every file's sha256 with the manifest (sizes always are).
 
     Raises:
         CheckpointError: nothing loadable at ``checkpoint.load`` (the caller reports it).
     """
     ck = cfg.checkpoint
     tag_dir = _tag_dir(ck.load)
-    problems = _completeness(tag_dir)
+    problems = _completeness(tag_dir, checksums)
     try:
         saved = _saved_config(tag_dir)
     except CheckpointError as e:

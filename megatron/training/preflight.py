@@ -23,7 +23,7 @@ from megatron.training.checkpointing import LATEST, CheckpointError, resolve_che
 from megatron.training.reference import check_cache, expected_cache_key
 
 
-def preflight(cfg: Any, fingerprints: bool = True) -> list[str]:
+def preflight(cfg: Any, fingerprints: bool = True, checksums: bool = True) -> list[str]:
     """Problems with the run's files, each ``dotted.key: message``; empty when all is well.
 
     Args:
@@ -31,6 +31,8 @@ def preflight(cfg: Any, fingerprints: bool = True) -> list[str]:
         fingerprints: also check that a ``reference.cache`` was computed for this run's
             reference weights, data and objective (hashes the reference checkpoint's files:
             ``deepy.py`` does it once before launching; the ranks' trainer checks it again).
+        checksums: also compare the checkpoint's files with their manifest sha256 (sizes are
+            always compared): a full read of the checkpoint, so once per launch, not per rank.
     """
     problems = []
     local = cfg.launcher.num_nodes == 1 and not cfg.launcher.hostfile
@@ -65,7 +67,7 @@ def preflight(cfg: Any, fingerprints: bool = True) -> list[str]:
     if ck.load:
         try:
             load_root, _ = resolve_checkpoint(ck.load)
-            problems += verify_checkpoint(cfg)
+            problems += verify_checkpoint(cfg, checksums)
         except CheckpointError as e:
             problems.append(str(e))
     if ck.save and (Path(ck.save) / LATEST).is_file():
