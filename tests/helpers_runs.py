@@ -126,3 +126,35 @@ def tiny_fp64_model() -> Any:
     from megatron.parallel import ParallelState
 
     return GPTModel(tiny_model_config(), ParallelState.single(), seed=3).double().eval()
+
+
+def padded_batch(pairs: list[tuple[list[int], list[int], list[int]]]) -> Any:
+    """One right-padded causal row per sequence: chosen 0..P-1, then rejected P..2P-1 (the
+    padded twin of the prefix-shared rows the exact-layout tests build)."""
+    import torch
+
+    from megatron.data.batch import Batch
+    from megatron.model.layout import SequenceLayout
+
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    width = max(len(p) + len(c) for p, c in seqs)
+    n = len(seqs)
+    tokens = torch.zeros(n, width, dtype=torch.long)
+    targets = torch.zeros_like(tokens)
+    ids = torch.full_like(tokens, -1)
+    score = []
+    for i, (prompt, comp) in enumerate(seqs):
+        seq = torch.tensor(prompt + comp)
+        tokens[i, : seq.numel()] = seq
+        targets[i, : seq.numel() - 1] = seq[1:]
+        ids[i, len(prompt) - 1 : seq.numel() - 1] = i
+        score.append(i * width + seq.numel() - 1)
+    return Batch(
+        tokens=tokens,
+        targets=targets,
+        loss_mask=(ids >= 0).float(),
+        layout=SequenceLayout.causal(n, width),
+        sequence_ids=ids,
+        num_sequences=n,
+        score_index=torch.tensor(score),
+    )

@@ -21,7 +21,7 @@ from megatron.model import GPTModel
 from megatron.model.attention import flash_attention, sdpa_attention, select_backend
 from megatron.model.layout import SequenceLayout
 from megatron.objectives.logprobs import sequence_log_probs
-from tests.helpers_runs import tiny_fp64_model
+from tests.helpers_runs import padded_batch, tiny_fp64_model
 
 FP32_ULPS = {"rtol": 8 * 2**-23, "atol": 1e-7}  # see the module docstring
 
@@ -99,28 +99,6 @@ def _model():
     return tiny_fp64_model()
 
 
-def _padded(prompt: list[int], completions: list[list[int]]) -> Batch:
-    """One right-padded row per ``prompt + completion``; completion tokens are scored."""
-    width = len(prompt) + max(len(c) for c in completions)
-    n = len(completions)
-    tokens = torch.zeros(n, width, dtype=torch.long)
-    targets = torch.zeros_like(tokens)
-    ids = torch.full_like(tokens, -1)
-    for i, comp in enumerate(completions):
-        seq = torch.tensor(prompt + comp)
-        tokens[i, : seq.numel()] = seq
-        targets[i, : seq.numel() - 1] = seq[1:]
-        ids[i, len(prompt) - 1 : seq.numel() - 1] = i
-    return Batch(
-        tokens=tokens,
-        targets=targets,
-        loss_mask=(ids >= 0).float(),
-        layout=SequenceLayout.causal(n, width),
-        sequence_ids=ids,
-        num_sequences=n,
-    )
-
-
 def _prefix_shared(prompt: list[int], chosen: list[int], rejected: list[int]) -> Batch:
     """``[prompt | chosen | rejected]`` in one row; the prompt's last hidden state scores the
     first token of both completions (chosen via ``targets``, rejected via an extra target)."""
@@ -169,7 +147,7 @@ def test_prefix_shared_row_equals_padded_rows(lengths):
     draw = lambda n: torch.randint(0, 64, (n,), generator=g).tolist()  # noqa: E731
     prompt, chosen, rejected = draw(p), draw(c), draw(r)
     model = _model()
-    want, want_n, want_g = _sums_and_grads(model, _padded(prompt, [chosen, rejected]))
+    want, want_n, want_g = _sums_and_grads(model, padded_batch([(prompt, chosen, rejected)]))
     got, got_n, got_g = _sums_and_grads(model, _prefix_shared(prompt, chosen, rejected))
     torch.testing.assert_close(got, want, **FP32_ULPS)
     torch.testing.assert_close(got_n, want_n, rtol=0, atol=0)

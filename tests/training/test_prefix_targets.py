@@ -37,7 +37,7 @@ from megatron.parallel import ParallelState
 from megatron.training import reference
 from megatron.training.reference import ReferenceModel, cache_key, reference_values
 from megatron.training.step import forward_outputs
-from tests.helpers_runs import tiny_model_config
+from tests.helpers_runs import padded_batch, tiny_model_config
 
 FP32_ULPS = {"rtol": 8 * 2**-23, "atol": 8 * 2**-18}  # see the module docstring
 VOCAB = 64
@@ -66,32 +66,6 @@ def _pairs(seed: int = 0) -> list[tuple[list[int], list[int], list[int]]]:
     g = torch.Generator().manual_seed(seed)
     draw = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()  # noqa: E731
     return [(draw(p), draw(c), draw(r)) for p, c, r in LENGTHS]
-
-
-def padded_batch(pairs: list[tuple[list[int], list[int], list[int]]]) -> Batch:
-    """One right-padded causal row per sequence: chosen 0..P-1, then rejected P..2P-1."""
-    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-    width = max(len(p) + len(c) for p, c in seqs)
-    n = len(seqs)
-    tokens = torch.zeros(n, width, dtype=torch.long)
-    targets = torch.zeros_like(tokens)
-    ids = torch.full_like(tokens, -1)
-    score = []
-    for i, (prompt, comp) in enumerate(seqs):
-        seq = torch.tensor(prompt + comp)
-        tokens[i, : seq.numel()] = seq
-        targets[i, : seq.numel() - 1] = seq[1:]
-        ids[i, len(prompt) - 1 : seq.numel() - 1] = i
-        score.append(i * width + seq.numel() - 1)
-    return Batch(
-        tokens=tokens,
-        targets=targets,
-        loss_mask=(ids >= 0).float(),
-        layout=SequenceLayout.causal(n, width),
-        sequence_ids=ids,
-        num_sequences=n,
-        score_index=torch.tensor(score),
-    )
 
 
 def prefix_shared_batch(
