@@ -225,7 +225,9 @@ class NonFiniteUpdateFilter:
         bad = norm is not None and not math.isfinite(norm)
         if not bad and grads:
             bad = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        flag = torch.tensor([float(bad)])
+        # on the parameters' device: NCCL reduces CUDA tensors only
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
+        flag = torch.tensor([float(bad)], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.dropped = bool(flag.item())
@@ -297,7 +299,8 @@ class TrainGuard:
         dropped = ds_skipped > self._ds_skipped or bool(self.filter and self.filter.dropped)
         self._ds_skipped = ds_skipped
         local = [not _finite(loss), not self.loss_scaled and not _finite(grad_norm), dropped]
-        flags = torch.tensor([float(x) for x in local])
+        # on the engine's device: NCCL reduces CUDA tensors only
+        flags = torch.tensor([float(x) for x in local], device=self.engine.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         agreed = StepFlags(*(bool(x) for x in flags.tolist()))
