@@ -59,3 +59,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """:func:`atomic_write_bytes` for an indented JSON document."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def update_hash(h: Any, path: str | Path, block: int = 16 << 20) -> Any:
+    """Feed the bytes of the file ``path`` to the hashlib object ``h`` (``block`` bytes at a
+    time) and return ``h``."""
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from megatron.utils import atomic_write_json
+from megatron.utils import atomic_write_json, update_hash
 
 MANIFEST = "manifest.json"
 """Name of the manifest in a tag directory."""
@@ -28,16 +28,11 @@ MANIFEST_VERSION = 1
 CHECKPOINT_FORMAT = 2
 """``client_state.json``'s ``format``: checkpoints from 2 on are complete only with a manifest
 (older ones, without the key, predate manifests)."""
-_CHUNK = 16 << 20
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file's bytes."""
+    return update_hash(hashlib.sha256(), path).hexdigest()
 
 
 def _hash_all(paths: list[Path]) -> list[str]:

@@ -40,7 +40,7 @@ from megatron.model import DTYPES, GPTModel
 from megatron.parallel import ParallelState
 from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
 from megatron.training.step import forward_outputs
-from megatron.utils import atomic_write_json, log_rank0
+from megatron.utils import atomic_write_json, log_rank0, update_hash
 
 CACHE_VERSION = 2
 """2: the data fingerprint leaves out the fields that only arrange rows (:data:`LAYOUT_FIELDS`)."""
@@ -128,12 +128,6 @@ class ReferenceModel:
 
 
 # ---- cache ------------------------------------------------------------------------------------
-def _file_digest(path: Path, h: Any) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-
-
 def weights_fingerprint(cfg: Any, load: str | None) -> str:
     """sha256 of the reference weights' files, or of the architecture + seed when seeded."""
     h = hashlib.sha256()
@@ -151,7 +145,7 @@ def weights_fingerprint(cfg: Any, load: str | None) -> str:
     files = sorted(p for p in (root / tag).iterdir() if p.name.endswith("model_states.pt"))
     for p in files:
         h.update(p.name.encode())
-        _file_digest(p, h)
+        update_hash(h, p)
     return h.hexdigest()
 
 
