@@ -231,9 +231,7 @@ def _derive_training(training: dict[str, Any] | None, dp: int | None, problems: 
 def _derive_defaults(kw: dict[str, dict[str, Any] | None]) -> None:
     data, objective = kw.get("data"), kw.get("objective")
     if data is not None and objective is not None and data.get("layout", "auto") == "auto":
-        backend = (kw.get("model") or {}).get("attention_backend", "auto")
-        kind = get_objective(objective["name"]).batch_kind
-        data["layout"] = default_layout(kind, backend)
+        data["layout"] = default_layout(get_objective(objective["name"]).batch_kind)
     training, schedule = kw.get("training"), kw.get("schedule")
     if schedule is not None and schedule.get("decay_iters") is None and training:
         train_iters = training.get("train_iters")

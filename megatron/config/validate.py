@@ -161,12 +161,6 @@ def _layout(cfg: RunConfig) -> list[str]:
             f"rejected); objective {cls.name!r} reads {cls.batch_kind!r} batches: use "
             "data.layout: packed or padded"
         )
-    if cfg.model.attention_backend == "flash":
-        out.append(
-            f"data.layout ({cfg.data.layout}) cannot be used with model.attention_backend (flash): "
-            "flash-attn cannot realise a prefix-shared row; use sdpa, or auto (which picks SDPA "
-            "for these rows)"
-        )
     return out
 
 

@@ -116,7 +116,7 @@ def _collate(
         options["eos_id"] = eos
     layout = data_cfg.layout
     if layout == "auto":  # a section built in code; load_config resolves it (default_layout)
-        layout = default_layout(kind, "auto")
+        layout = default_layout(kind)
     return Collator(
         kind,
         layout,

@@ -160,24 +160,23 @@ PREFIX_SHARED = "prefix_shared"
 """The layout of ``pair`` batches that stores each prompt once (:meth:`Collator._prefix_shared`)."""
 PREFIX_LAYOUTS = {PREFIX_SHARED: place_padded, "prefix_shared_packed": place_packed}
 """Prefix-shared layouts and where they put the spans: one per row (rows padded to the longest
-span), or several per row of ``seq_length``. why: with dense attention (SDPA and a mask, the
-only backend that realises prefix sharing) a row of length ``s`` costs ``s^2`` in attention, so
-packing spans into long rows saves linear-layer slots but multiplies attention work (measured on
-the DPO benchmark's pairs: packed spans 1.57x fewer token slots than padded but 3.2x more
-attention; one span per row 1.72x and 1.47x fewer, ``megatron/data/projection.py``)."""
+span), or several per row of ``seq_length``. Packing the spans saves the padding's token slots
+(linear layers, MLP, vocabulary projection) and costs no extra attention: the attention backends
+attend per span (SDPA gathers the spans into their own rows, flash-attn uses varlen;
+:mod:`megatron.model.layout`)."""
 
 
-def default_layout(batch_kind: str, attention_backend: str) -> str:
+def default_layout(batch_kind: str) -> str:
     """What ``data.layout: auto`` resolves to.
 
-    ``prefix_shared`` for pair batches (one span ``[prompt | chosen | rejected]`` per row: the
-    fastest layout measured for DPO on CPU, 1.7-2.0x TRL's pairs/s against 1.1-1.35x for
-    ``padded``; README "Objectives"), unless the attention backend is ``flash``, which cannot
-    realise prefix sharing; ``padded`` otherwise (``packed`` was slower than ``padded`` with
-    SDPA's dense masks). Measured on CPU only: on GPUs with flash-attn set ``data.layout``.
+    ``prefix_shared_packed`` for pair batches, with every attention backend: each prompt is
+    computed once and the spans are packed, so no token slot is padding and attention costs only
+    each span's own (the fastest layout measured for DPO on CPU, README "Objectives"; flash-attn
+    realises it by varlen key gathering). ``padded`` for the other batch kinds (``data.layout:
+    packed`` is available).
     """
-    if batch_kind == "pair" and attention_backend != "flash":
-        return "prefix_shared"
+    if batch_kind == "pair":
+        return "prefix_shared_packed"
     return "padded"
 
 

@@ -6,7 +6,10 @@ rows) and three quantities are summed over the micro-batches:
 * ``grid``: ``b * s`` token slots of the collated ``[b, s]`` batch — the linear layers, the MLP
   and the vocabulary projection cost this much (padding included: they compute it);
 * ``real``: tokens that are not padding (for ``prefix_shared`` the prompt counts once per pair);
-* ``attention``: ``b * s^2`` query-key pairs — what dense attention (SDPA with a mask) costs.
+* ``attention``: query-key scores of the batch's attention plan
+  (:func:`megatron.model.layout.attention_scores`): ``b * s^2`` for a dense mask, ``n * L^2``
+  when the rows' ``n`` groups (packed sequences, prefix-shared spans; ``L`` the longest) are
+  gathered into their own rows — so packing no longer multiplies attention work.
 
 The projected speed-up of layout ``L`` over ``padded`` is ``grid(padded) / grid(L)`` where the
 linear layers dominate (short rows, wide models) and tends to ``attention(padded) /
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron.data.collators import Collator
+from megatron.model.layout import attention_scores
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ def project_layouts(
         for start in range(0, n, micro_batch):
             batch = collate([dataset[i] for i in range(start, min(start + micro_batch, n))])
             b, s = batch.tokens.shape
-            rows, grid, attention = rows + b, grid + b * s, attention + b * s * s
+            rows, grid = rows + b, grid + b * s
+            attention += attention_scores(batch.layout)
             real += int(batch.stats["real_tokens"])
         out.append(LayoutCost(layout, rows, grid, real, attention))
     return out

@@ -50,8 +50,14 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, dim: int, base: float, interleaved: bool = False, scaling: Any = None):
         super().__init__()
-        self.dim, self.interleaved = dim, interleaved
+        self.dim, self.interleaved, self.base, self.scaling = dim, interleaved, base, scaling
         self.register_buffer("inv_freq", inverse_frequencies(dim, base, scaling), persistent=False)
+        # what the tables depend on: layers with equal keys share one table per layout
+        self.key = (dim, base, interleaved, repr(scaling))
+
+    def rebuild_buffers(self, device: torch.device) -> None:
+        """Recompute ``inv_freq`` on ``device`` (a model built on the meta device has none)."""
+        self.inv_freq = inverse_frequencies(self.dim, self.base, self.scaling).to(device)
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``[b, s]`` positions -> cos, sin of shape ``[b, s, 1, d]``."""
@@ -71,4 +77,5 @@ class RotaryEmbedding(torch.nn.Module):
         else:
             half = self.dim // 2
             turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        return torch.cat([rot * cos + turned * sin, rest], dim=-1)
+        rotated = rot * cos + turned * sin
+        return rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], dim=-1)

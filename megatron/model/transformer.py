@@ -106,7 +106,10 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(b, s, self.nkp, self.q_per_kv + 2, self.hn)  # [b, s, nkp, q/kv + 2, hn]
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.np, self.hn)  # [b, s, np, hn]
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # [b, s, nkp, hn]
-        cos, sin = self.rotary.cos_sin(layout.position_ids, q.dtype)
+        cos, sin = layout.memo(
+            ("rotary", self.rotary.key, q.dtype),
+            lambda: self.rotary.cos_sin(layout.position_ids, q.dtype),
+        )
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if kv_cache is not None:
             k, v, mask = kv_cache.update(k, v, self.window)  # [b, t, nkp, hn], [b, 1, s, t]

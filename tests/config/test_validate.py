@@ -314,19 +314,14 @@ def test_prefix_shared_layout_needs_pair_batches(tmp_path):
     assert cfg.data.layout == "prefix_shared" and validate_config(cfg) == []
 
 
-def test_prefix_shared_layout_refuses_flash_attention(tmp_path):
-    with pytest.raises(
-        ConfigError,
-        match=r"data\.layout \(prefix_shared\) cannot be used with model\.attention_backend "
-        r"\(flash\): flash-attn cannot realise",
-    ):
-        load(
-            tmp_path,
+def test_prefix_shared_layout_accepts_every_attention_backend(tmp_path):
+    """flash-attn realises prefix sharing by varlen key gathering (megatron.model.attention)."""
+    for backend in ("flash", "auto", "sdpa"):
+        text = (
             "objective: {name: simpo}\ndata: {layout: prefix_shared}\n"
-            "model: {attention_backend: flash}\n",
+            f"model: {{attention_backend: {backend}}}\n"
         )
-    auto = "objective: {name: simpo}\ndata: {layout: prefix_shared}\nmodel: {attention_backend: auto}\n"
-    assert validate_config(load(tmp_path, auto)) == []
+        assert validate_config(load(tmp_path, text)) == []
 
 
 def test_prefix_shared_layout_works_with_pipeline_parallelism(tmp_path):
@@ -338,15 +333,15 @@ def test_prefix_shared_layout_works_with_pipeline_parallelism(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "want"),
     [
-        ("objective: {name: dpo}\n", "prefix_shared"),
-        ("objective: {name: reward}\nmodel: {head: value}\n", "prefix_shared"),
+        ("objective: {name: dpo}\n", "prefix_shared_packed"),
+        ("objective: {name: reward}\nmodel: {head: value}\n", "prefix_shared_packed"),
         ("objective: {name: sft}\n", "padded"),
         ("objective: {name: kto}\n", "padded"),
-        ("objective: {name: dpo}\nmodel: {attention_backend: flash}\n", "padded"),
+        ("objective: {name: dpo}\nmodel: {attention_backend: flash}\n", "prefix_shared_packed"),
         ("objective: {name: dpo}\ndata: {layout: packed}\n", "packed"),
     ],
 )
 def test_data_layout_auto_resolves_at_load(tmp_path, extra, want):
-    """data.layout: auto (the default) is the fastest exact layout measured: prefix_shared for
-    pair objectives unless flash attention is asked for, padded otherwise; explicit values stay."""
+    """data.layout: auto (the default) is the fastest exact layout measured: prefix_shared_packed
+    for pair objectives (any attention backend), padded otherwise; explicit values stay."""
     assert load(tmp_path, extra).data.layout == want

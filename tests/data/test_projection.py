@@ -21,24 +21,26 @@ def test_hand_counted_costs():
 
     padded: sequences 5, 5, 4, 4 in 4 rows of width 5 -> 20 slots, 18 real, 4 * 25 attention.
     packed: first-fit decreasing puts 5 + 5 + 4 in one row and 4 in a second: width 14 -> 28
-    slots, 18 real, 2 * 196. prefix_shared: two spans of 3 + 2 + 1 = 6, one per row of width 6
-    -> 12 slots, 12 real (each prompt once), 2 * 36; prefix_shared_packed: both spans in one row
-    of width 12 -> 12 slots, 12 real, 144.
+    slots, 18 real; its 4 sequences gathered into rows of 5 cost 4 * 25 scores (the dense mask,
+    2 * 196, would cost more than twice that). prefix_shared: two spans of 3 + 2 + 1 = 6, one
+    per row of width 6 -> 12 slots, 12 real (each prompt once), 2 * 36 (gathering would save
+    nothing); prefix_shared_packed: both spans in one row of width 12 -> 12 slots, 12 real, the
+    two spans gathered: 2 * 36 (dense: 144).
     """
     layouts = ("padded", "packed", "prefix_shared", "prefix_shared_packed")
     costs = project_layouts([_pair(3, 2, 1)] * 2, layouts, 2, 16, 1)
     got = {c.layout: (c.rows, c.grid, c.real, c.attention) for c in costs}
     assert got == {
         "padded": (4, 20, 18, 100),
-        "packed": (2, 28, 18, 392),
+        "packed": (2, 28, 18, 100),
         "prefix_shared": (2, 12, 12, 72),
-        "prefix_shared_packed": (1, 12, 12, 144),
+        "prefix_shared_packed": (1, 12, 12, 72),
     }
     assert costs[2].efficiency == pytest.approx(1.0)
     table = format_projection(costs)
     assert table[0].split()[:2] == ["layout", "rows"]
     assert table[3].split()[-2:] == [f"{20 / 12:.2f}", f"{100 / 72:.2f}"]
-    assert table[4].split()[-2:] == [f"{20 / 12:.2f}", f"{100 / 144:.2f}"]
+    assert table[4].split()[-2:] == [f"{20 / 12:.2f}", f"{100 / 72:.2f}"]
 
 
 def test_max_rows_limits_the_pairs():

@@ -1,4 +1,4 @@
-"""flash-attn (varlen) against torch SDPA on a packed bf16 batch: the same outputs (GPU only).
+"""flash-attn (varlen) against torch SDPA on packed and prefix-shared bf16 batches (GPU only).
 
 Rows pack several sequences (segment ids 1, 2, ...; 0 = padding, positions restart per
 sequence). Both backends must realise the block-diagonal causal rule of
@@ -78,3 +78,31 @@ def test_flash_equals_sdpa_on_a_packed_bf16_batch():
             row = [t[r : r + 1, piece] for t in (q, k, v)]
             _assert_bf16_close(flash[r : r + 1, piece], flash_attention(*row, alone), bound, 2)
             start += n
+
+
+@pytest.mark.gpu(needs=["flash-attn"])
+def test_flash_equals_sdpa_on_packed_prefix_shared_bf16_rows():
+    """Prefix-shared spans packed per row: flash-attn's varlen path (each completion's keys =
+    its prompt's + its own, no mask) against SDPA's grouped mask, on the scored tokens (same
+    tolerance as above); also with a sliding window, measured in positions by both."""
+    from tests.model.test_layout import _packed
+
+    device = torch.device("cuda")
+    rows = [[(30, 12, 20), (8, 16, 4)], [(50, 6, 7)], [(3, 40, 1), (10, 10, 10)]]
+    layout = _packed(rows).to(device)
+    b, s = layout.position_ids.shape
+    torch.manual_seed(1)
+    q = torch.randn(b, s, NP, HN, device=device, dtype=torch.bfloat16)
+    k = torch.randn(b, s, NK, HN, device=device, dtype=torch.bfloat16)
+    v = torch.randn(b, s, NK, HN, device=device, dtype=torch.bfloat16)
+    scored = layout.segment_ids != 0
+    kv = k.float().repeat_interleave(NP // NK, dim=2)
+    s_max = float((torch.einsum("bsnh,btnh->bnst", q.float(), kv) / HN**0.5).abs().max())
+    bound = U_BF16 * (1 + s_max) * float(v.float().abs().max())
+    for window in (None, 16):
+        reference = sdpa_attention(q.float(), k.float(), v.float(), layout, window=window)
+        flash = flash_attention(q, k, v, layout, window=window)
+        _assert_bf16_close(flash[scored], reference[scored], bound, kernels=1)
+        _assert_bf16_close(
+            flash[scored], sdpa_attention(q, k, v, layout, window=window)[scored], bound, 2
+        )

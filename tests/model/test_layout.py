@@ -18,8 +18,8 @@ import torch
 
 from megatron.data.batch import Batch, ExtraTargets
 from megatron.model import GPTModel
-from megatron.model.attention import flash_attention, sdpa_attention, select_backend
-from megatron.model.layout import SequenceLayout
+from megatron.model.attention import sdpa_attention, select_backend
+from megatron.model.layout import GroupedAttention, SequenceLayout
 from megatron.objectives.logprobs import sequence_log_probs
 from tests.helpers_runs import padded_batch, tiny_fp64_model
 
@@ -86,13 +86,12 @@ def test_pipeline_message_round_trip(kind):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_flash_refuses_prefix_sharing_and_auto_falls_back():
+def test_auto_backend_is_sdpa_without_cuda():
     layout = prefix_layout(2, 1, 1)
-    q = torch.zeros(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="cannot realise a prefix-shared layout"):
-        flash_attention(q, q, q, layout)
     assert select_backend("auto", torch.bfloat16, torch.device("cpu"), layout) is sdpa_attention
     assert select_backend("sdpa", torch.float32, torch.device("cpu"), layout) is sdpa_attention
+    with pytest.raises(RuntimeError, match="needs the flash-attn package, a CUDA device"):
+        select_backend("flash", torch.bfloat16, torch.device("cpu"), layout)
 
 
 def _model():
@@ -177,3 +176,132 @@ def test_a_leak_from_chosen_to_rejected_is_caught():
     )
     bad = _sums_and_grads(model, leaky)[0]
     assert abs(float(bad[1] - good[1])) > 1e-3 and float(bad[0]) == pytest.approx(float(good[0]))
+
+
+def _spans_row(spans: list[tuple[int, int, int]], width: int) -> tuple[list, list, list]:
+    """One row packing prefix-shared spans ``(p, c, r)`` (or plain sequences ``(n, 0, 0)``),
+    right-padded to ``width``: ``(segment_ids, prefix_ids, position_ids)``."""
+    seg, pre, pos, next_id = [], [], [], 1
+    for p, c, r in spans:
+        root = next_id
+        seg += [root] * p
+        pre += [0] * p
+        pos += list(range(p))
+        next_id += 1
+        for n in (c, r):
+            if n:
+                seg += [next_id] * n
+                pre += [root] * n
+                pos += list(range(p, p + n))
+                next_id += 1
+    pad = width - len(seg)
+    return seg + [0] * pad, pre + [0] * pad, pos + [0] * pad
+
+
+def _packed(rows: list[list[tuple[int, int, int]]], prefix: bool = True) -> SequenceLayout:
+    width = max(sum(sum(x) for x in spans) for spans in rows) + 1  # at least one padding slot
+    seg, pre, pos = zip(*(_spans_row(spans, width) for spans in rows), strict=True)
+    tensor = lambda x: torch.tensor(list(x))  # noqa: E731
+    return SequenceLayout(tensor(pos), tensor(seg), tensor(pre) if prefix else None)
+
+
+PACKED_ROWS = [[(5, 3, 4), (2, 1, 1), (1, 6, 2)], [(7, 2, 2)], [(3, 3, 3), (4, 1, 5)]]
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("window", [None, 4])
+def test_grouped_attention_equals_the_dense_mask(prefix, window):
+    """Rows packing several spans are gathered per span (varlen SDPA); every non-padding token's
+    output equals the dense ``[s, s]`` mask's. fp64: the two compute each output from the same
+    allowed keys with masked keys weighted exactly 0, so they agree to a few fp64 ulps of the
+    O(1) outputs (1e-12 leaves a 1000x margin; a leak across spans moves outputs by O(0.1))."""
+    layout = _packed(PACKED_ROWS, prefix)
+    plan = layout.attention_plan(window)
+    assert isinstance(plan, GroupedAttention), "these rows should be gathered (sparse)"
+    spans = [x for row in PACKED_ROWS for x in row]
+    groups = len(spans) if prefix else sum(1 + (c > 0) + (r > 0) for _, c, r in spans)
+    assert plan.index.shape[0] == groups  # a span (or, without prefixes, each segment) per group
+    b, s = layout.position_ids.shape
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, s, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, s, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dense = SequenceLayout(layout.position_ids, layout.segment_ids, layout.prefix_ids)
+    dense._memo[("attention", window)] = dense.attention_mask(window)  # force the dense path
+    want = sdpa_attention(q, k, v, dense, window=window)
+    got = sdpa_attention(q, k, v, layout, window=window)
+    real = layout.segment_ids != 0
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-12)
+    assert torch.all(got[~real] == 0)
+
+
+def test_dense_plan_when_grouping_does_not_pay():
+    """One span per row: gathering would not halve the scores, so the dense mask is kept (and
+    built once per layout: every layer reuses it)."""
+    layout = _packed([[(5, 3, 4)], [(4, 4, 4)]])
+    plan = layout.attention_plan()
+    assert isinstance(plan, torch.Tensor) and plan.shape == (2, 1, 13, 13)
+    assert layout.attention_plan() is plan
+    assert SequenceLayout.causal(2, 5).attention_plan() is None
+
+
+def test_sliding_window_is_measured_in_positions():
+    """A rejected token's window reaches back over the prompt by positions, as in the padded
+    row ``prompt + rejected`` (chosen, between them in the row, does not shorten it)."""
+    mask = prefix_layout(3, 4, 2).attention_mask(window=3)[0, 0]
+    first_rejected = 7  # position 3: with window 3 it sees prompt positions 1, 2 and itself
+    assert mask[first_rejected].nonzero().squeeze(1).tolist() == [1, 2, 7]
+
+
+def test_prefix_shared_packed_row_equals_padded_rows():
+    """Three spans packed in one row, through the whole fp64 model with the grouped plan: each
+    span's log-prob sums and the gradients are those of its padded rows (tolerance: see the
+    module docstring)."""
+    g = torch.Generator().manual_seed(11)
+    draw = lambda n: torch.randint(0, 64, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [(draw(p), draw(c), draw(r)) for p, c, r in [(5, 3, 4), (4, 2, 3), (6, 3, 2)]]
+    rows = [_prefix_shared(*pair) for pair in pairs]
+    tokens = torch.cat([r.tokens for r in rows], 1)
+    offsets = [0, rows[0].tokens.shape[1], rows[0].tokens.shape[1] + rows[1].tokens.shape[1]]
+    seg, pre, pos, ids, extra_index, extra_targets, extra_ids = [], [], [], [], [], [], []
+    for i, (row, off) in enumerate(zip(rows, offsets, strict=True)):
+        lay = row.layout
+        seg.append(lay.segment_ids + 3 * i)
+        pre.append(torch.where(lay.prefix_ids != 0, lay.prefix_ids + 3 * i, 0))
+        pos.append(lay.position_ids)
+        ids.append(torch.where(row.sequence_ids >= 0, row.sequence_ids + 2 * i, -1))
+        extra_index.append(row.extra_targets.index + off)
+        extra_targets.append(row.extra_targets.targets)
+        extra_ids.append(row.extra_targets.sequence_ids + 2 * i)
+    layout = SequenceLayout(torch.cat(pos, 1), torch.cat(seg, 1), torch.cat(pre, 1))
+    assert isinstance(layout.attention_plan(), GroupedAttention)
+    packed = Batch(
+        tokens=tokens,
+        targets=torch.cat([r.targets for r in rows], 1),
+        loss_mask=torch.cat([r.loss_mask for r in rows], 1),
+        layout=layout,
+        sequence_ids=torch.cat(ids, 1),
+        num_sequences=6,
+        extra_targets=ExtraTargets(
+            index=torch.cat(extra_index),
+            targets=torch.cat(extra_targets),
+            sequence_ids=torch.cat(extra_ids),
+        ),
+    )
+    model = _model()
+    weights = torch.tensor([1.0, -0.5] * 3, dtype=torch.float64)
+    want = []  # each pair's two padded rows; their gradients accumulate with the same weights
+    for pair in pairs:
+        batch = padded_batch([pair])
+        out = model(batch.tokens, batch.layout, batch.targets)
+        sums, _ = sequence_log_probs(out["token_logps"], batch)
+        (sums * weights[:2]).sum().backward()
+        want.append(sums.detach())
+    want_g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    extra = packed.extra_targets
+    out = model(packed.tokens, packed.layout, packed.targets, extra.index, extra.targets)
+    got, counts = sequence_log_probs(out["token_logps"], packed, out.get("extra_logps"))
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got.detach(), torch.cat(want), **FP32_ULPS)
+    for a, b in zip((p.grad for p in model.parameters()), want_g, strict=True):
+        torch.testing.assert_close(a, b, **FP32_ULPS)

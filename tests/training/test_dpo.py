@@ -176,16 +176,25 @@ def _without_accuracy(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if k != "rewards/accuracies"} for h in history]
 
 
-@pytest.mark.parametrize("grid", ["tp1", "tp2", "dp2-zero3", "pp2-cache"])
+@pytest.mark.parametrize(
+    "grid", ["tp1", "tp2", "dp2-zero3", "pp2-cache", "packed-tp1", "packed-tp2-zero1"]
+)
 def test_prefix_shared_equals_padded(env, grid):
     """data.layout: prefix_shared trains the same run as padded, on every grid (the prompt is
     computed once, the losses and implicit rewards are those of the padded rows to the tolerances
     above). ``pp2-cache``: pipeline messages carry the extra targets, and a reference cache
-    computed under ``padded`` serves ``prefix_shared`` (its key leaves the layout out)."""
+    computed under ``padded`` serves ``prefix_shared`` (its key leaves the layout out).
+    ``packed-*``: ``prefix_shared_packed`` (the default), spans packed per row and attended per
+    span."""
     tmp, cfg, pools = env
     want = pools[1].run(_train, cfg, ["data.layout=padded"])[0]
     shared = ["data.layout=prefix_shared"]
-    if grid == "tp1":
+    if grid == "packed-tp1":
+        runs = pools[1].run(_train, cfg, ["data.layout=prefix_shared_packed"])
+    elif grid == "packed-tp2-zero1":
+        packed = ["data.layout=prefix_shared_packed", "parallel.tensor=2"]
+        runs = pools[2].run(_train, cfg, [*packed, "parallel.zero_stage=1"])
+    elif grid == "tp1":
         runs = pools[1].run(_train, cfg, shared)
     elif grid == "tp2":
         runs = pools[2].run(_train, cfg, [*shared, "parallel.tensor=2"])

@@ -30,6 +30,7 @@ from megatron.config import ModelConfig
 from megatron.config.sections import DataConfig, DataSource
 from megatron.data.batch import Batch, ExtraTargets
 from megatron.model import GPTModel
+from megatron.model import layout as layout_module
 from megatron.model.layout import SequenceLayout
 from megatron.objectives import get_objective
 from megatron.objectives.logprobs import extra_token_positions, token_positions
@@ -157,11 +158,20 @@ def _max_delta(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+@pytest.mark.parametrize("plan", ["dense", "grouped"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_prefix_shared_equals_padded(case, data):
+def test_prefix_shared_equals_padded(case, plan, data, monkeypatch):
     """Loss, metrics, parameter gradients and reference values: prefix-shared == padded, and a
-    reference computed under the padded layout (a cache) serves the prefix-shared batch."""
+    reference computed under the padded layout (a cache) serves the prefix-shared batch. Under
+    both attention plans: the rows' dense mask, and the spans gathered into their own rows (the
+    plan chosen for these rows when gathering pays at least half, forced here)."""
     padded, shared, ref_model = data
+    if plan == "grouped":
+        monkeypatch.setattr(layout_module, "GROUPED_MAX_COST", 1.0)
+        shared = prefix_shared_batch(_pairs(), ROWS)  # a fresh layout: plans are memoised
+        assert isinstance(shared.layout.attention_plan(), layout_module.GroupedAttention)
+    else:
+        assert isinstance(shared.layout.attention_plan(), torch.Tensor)
     name, params = CASES[case]
     cls = get_objective(name)
     objective = cls(cls.Config(**params))
