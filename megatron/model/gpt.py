@@ -242,3 +242,29 @@ class GPTModel(nn.Module):
     def stages(self) -> list[nn.Module]:
         """Embedding, layers and final norm in order: the unit a pipeline partitions."""
         return [self.embedding, *self.layers, self.final_norm]
+
+
+def build_loaded(
+    cfg: Any, state: ParallelState, state_dict: dict[str, torch.Tensor], **kwargs: Any
+) -> GPTModel:
+    """A :class:`GPTModel` that holds ``state_dict``'s tensors themselves.
+
+    Built on the meta device (no random initialisation, no memory) and filled by assignment, so
+    loading a checkpoint never holds two copies of the weights (a randomly initialised model and
+    the loaded one); the non-persistent buffers (rotary tables) are then rebuilt on the weights'
+    device. ``kwargs`` go to :class:`GPTModel`.
+
+    Raises:
+        RuntimeError: ``state_dict`` does not hold exactly the model's weights (``strict``).
+    """
+    with torch.device("meta"):
+        model = GPTModel(cfg, state, **kwargs)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    device = next(iter(state_dict.values())).device
+    for module in model.modules():
+        if hasattr(module, "rebuild_buffers"):
+            module.rebuild_buffers(device)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_loaded: {left[:3]} not in the state dict")
+    return model

@@ -37,6 +37,7 @@ from megatron.ckpt.hf_config import ARCHITECTURE_FIELDS
 from megatron.config import config_to_dict, read_config_file
 from megatron.data.batch import Batch
 from megatron.model import DTYPES, GPTModel
+from megatron.model.gpt import build_loaded
 from megatron.parallel import ParallelState
 from megatron.training.checkpointing import CheckpointError, resolve_checkpoint
 from megatron.training.step import forward_outputs
@@ -102,16 +103,18 @@ class ReferenceModel:
 
     def __init__(self, cfg: Any, state: ParallelState, device: torch.device, load: str | None):
         dtype = DTYPES[cfg.training.precision]
-        self.model = GPTModel(cfg.model, state, seed=cfg.training.seed)
         if load:
             from megatron.ckpt.native import load_tp_shard
 
             root, tag = resolve_checkpoint(load)
             _check_architecture(root / tag, cfg.model)
             shard = load_tp_shard(root / tag, cfg.model, state.tp_size, state.tp_rank)
-            self.model.load_state_dict(shard, strict=True)
+            # built on the meta device and given the loaded tensors: one copy of the weights
+            self.model = build_loaded(cfg.model, state, shard, seed=cfg.training.seed)
+            del shard
             log_rank0("reference model: %s", root / tag)
         else:
+            self.model = GPTModel(cfg.model, state, seed=cfg.training.seed)
             log_rank0("reference model: the policy's seeded initialisation")
         self.model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
