@@ -124,6 +124,8 @@ class MetricsLogger:
             return
         record = {"step": step, "split": split, "time": round(time.time() - self.start, 3)}
         record.update({k: float(v) for k, v in values.items()})
+        if self._file.closed:  # e.g. Trainer.evaluate() after train(): the file only
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -139,9 +141,11 @@ class MetricsLogger:
         log_rank0(format_line(step, total, values, elapsed, elapsed / done * (total - step)))
 
     def close(self) -> None:
+        """Close the outputs; a later :meth:`log` reopens ``metrics.jsonl`` (only)."""
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        self._tb = self._wandb = None

@@ -52,3 +52,13 @@ def test_a_fresh_start_rewrites_the_file_and_other_ranks_write_nothing(tmp_path)
     other = MetricsLogger(tmp_path / "rank1", enabled=False)
     other.resume(4)
     assert not (tmp_path / "rank1").exists()
+
+
+def test_an_evaluation_after_close_is_appended(tmp_path):
+    """Trainer.evaluate() after train() (which closes the logger) still records its values."""
+    _attempt(tmp_path, 0, 2)
+    log = MetricsLogger(tmp_path, enabled=True)
+    log.close()
+    log.log(2, {"loss": 0.5}, split="valid")
+    log.close()
+    assert _records(tmp_path / "metrics.jsonl")[-1] == ("valid", 2)
