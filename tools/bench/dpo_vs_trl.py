@@ -18,9 +18,10 @@ reference being the initial policy. Each side trains in its own fresh subprocess
 ``ru_maxrss`` is its own peak): ours as ``Trainer(load_config(...)).train()`` after
 ``init_distributed()`` (single rank), TRL as ``DPOTrainer(...).train()`` with a reference model.
 
-``--layout`` sets our side's ``data.layout`` (``padded``, the config default; ``packed``;
-``prefix_shared``: each pair one span ``[prompt | chosen | rejected]``, the prompt computed once);
-TRL always pads. ``--prompt-scale K`` (K > 0) prepends earlier user/assistant turns to every
+``--layout`` sets our side's ``data.layout`` (``auto``, the config default, which is
+``prefix_shared_packed`` for these objectives; ``padded``; ``packed``; ``prefix_shared``: each
+pair one span ``[prompt | chosen | rejected]``, the prompt computed once, one span per row;
+``prefix_shared_packed``: those spans packed, attended per span); TRL always pads. ``--prompt-scale K`` (K > 0) prepends earlier user/assistant turns to every
 prompt until its tokens are about K times its completions' mean (a multi-turn-like mix; the
 generated prompts are already about 2x); 0 keeps the generated prompts. The header gives the
 measured prompt / completion token ratio.
@@ -30,14 +31,18 @@ layout computes) and pairs/s over the whole ``train()`` call (set-up before it e
 ``train()`` also builds its dataloader and prepares the model) and over steps 2..N only (steady
 state; mean tokens per step, since the two sides draw the pairs in different orders), peak RSS of
 each process, the ratios ours / TRL, and both loss curves; also the peak RSS reached before
-``train()`` (model building and loading). The two sides shuffle the pairs with different
+``train()`` (model building and loading), the time from the child process's launch to the end
+of its first optimizer step (imports, set-up, data, first step), and the reward accuracy on
+``--held-out`` pairs drawn with another seed, evaluated after ``train()`` by each side's own
+evaluation (``rewards/accuracies``, or ``accuracy`` for the reward model; not timed; not for
+KTO). The two sides shuffle the pairs with different
 generators, so per-step losses differ after the first step (the first step's loss is the same,
 ln 2); with ``--pairs`` fewer than ``steps x batch`` the pairs repeat and both curves should fall
 alike.
 
 Example:
     python tools/bench/dpo_vs_trl.py --work /tmp/dpo_vs_trl --steps 40 --batch 4 --pairs 16
-    python tools/bench/dpo_vs_trl.py --layout prefix_shared --prompt-scale 4 --steps 30 --batch 8
+    python tools/bench/dpo_vs_trl.py --pairs 2000 --prompt-scale 4 --steps 30 --batch 8
 """
 
 from __future__ import annotations
@@ -107,12 +112,16 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     tok.save_pretrained(work / "hf")
     convert_hf_to_native(work / "hf", work / "native", tp_size=1, divisible_by=64)
     rows = conversational_pairs(args.pairs, seed=1)
+    held_out = conversational_pairs(args.held_out, seed=2)
     if args.prompt_scale > 0:
-        _lengthen_prompts(rows, args.prompt_scale, make_english_corpus(40 * len(rows), seed=5), tok)
+        docs = make_english_corpus(40 * (len(rows) + len(held_out)), seed=5)
+        _lengthen_prompts(rows + held_out, args.prompt_scale, docs, tok)
     write_jsonl(work / "pairs.jsonl", rows)
+    write_jsonl(work / "held_out.jsonl", held_out)
     (work / "chatml.jinja").write_text(CHATML)
     options = PreprocessOptions(data_format="pairwise", chat_template=str(work / "chatml.jinja"))
     preprocess([work / "pairs.jsonl"], work / "pairs", work / "native" / "hf", options)
+    preprocess([work / "held_out.jsonl"], work / "held_out", work / "native" / "hf", options)
     if args.objective == "kto":
         unpaired = PreprocessOptions(
             data_format="unpaired", chat_template=str(work / "chatml.jinja"), from_pairwise=True
@@ -180,9 +189,11 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     from megatron.training.distributed import init_distributed
     from megatron.training.trainer import Trainer
 
+    held_out = args.objective != "kto"
     run = {
         "data": {
             "train": [{"path": str(work / ("unpaired" if args.objective == "kto" else "pairs"))}],
+            **({"valid": [{"path": str(work / "held_out")}]} if held_out else {}),
             "seq_length": 1024,
             "tokenizer": str(work / "native" / "hf"),
             "layout": args.layout,
@@ -197,19 +208,35 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
             "global_batch_size": args.batch,
             "seed": 1,
             "gradient_clipping": 1.0,
+            "eval_interval": None,  # evaluated once, after train() (below)
+            "eval_iters": -(-args.held_out // args.batch),
         },
         "logging": {"log_interval": 1, "dir": str(work / "ours_logs")},
     }
     (work / "ours.yml").write_text(yaml.safe_dump(run))
     init_distributed()
-    trainer = Trainer(load_config([work / "native" / "model.yml", work / "ours.yml"], [], 1))
+    first_step: list[float] = []
+    hook = lambda _trainer, step: first_step.append(time.time()) if step == 1 else None  # noqa: E731
+    cfg = load_config([work / "native" / "model.yml", work / "ours.yml"], [], 1)
+    trainer = Trainer(cfg, hooks=[hook])
     setup_rss = _maxrss_bytes()
     t0 = time.perf_counter()
     history = trainer.train()
     seconds = time.perf_counter() - t0
     steps = [h["step_time"] for h in history]
     losses = [h["loss"] for h in history]
-    return {"seconds": seconds, "steady": sum(steps[1:]), "losses": losses, "setup": setup_rss}
+    accuracy = None
+    if held_out:
+        key = "accuracy" if args.objective == "reward" else "rewards/accuracies"
+        accuracy = trainer.evaluate()[key]
+    return {
+        "seconds": seconds,
+        "steady": sum(steps[1:]),
+        "losses": losses,
+        "setup": setup_rss,
+        "first_step_at": first_step[0],
+        "held_out_accuracy": accuracy,
+    }
 
 
 def _trl_trainer(work: Path, args: argparse.Namespace, common: dict, callbacks: list) -> Any:
@@ -219,6 +246,8 @@ def _trl_trainer(work: Path, args: argparse.Namespace, common: dict, callbacks: 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (work / "held_out.jsonl").read_text().splitlines()]
+    eval_cols = {k: [r[k] for r in held] for k in ("prompt", "chosen", "rejected")}
     load = {"dtype": torch.float32, "attn_implementation": "sdpa"}
     tokenizer = AutoTokenizer.from_pretrained(work / "native" / "hf")
     if args.objective == "reward":
@@ -230,6 +259,7 @@ def _trl_trainer(work: Path, args: argparse.Namespace, common: dict, callbacks: 
             model=model,
             args=RewardConfig(**common, max_length=None),
             train_dataset=Dataset.from_dict(cols),
+            eval_dataset=Dataset.from_dict(eval_cols),
             processing_class=tokenizer,
             callbacks=callbacks,
         )
@@ -260,6 +290,7 @@ def _trl_trainer(work: Path, args: argparse.Namespace, common: dict, callbacks: 
         ref_model=reference,
         args=DPOConfig(**common, beta=args.beta, max_length=None),
         train_dataset=Dataset.from_dict(cols),
+        eval_dataset=Dataset.from_dict(eval_cols),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -272,6 +303,8 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     common = dict(
         output_dir=str(work / "trl_out"),
         per_device_train_batch_size=args.batch,
+        per_device_eval_batch_size=args.batch,
+        eval_strategy="no",  # evaluated once, after train() (below)
         max_steps=args.steps,
         learning_rate=args.lr,
         lr_scheduler_type="constant",
@@ -287,13 +320,16 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     )
     losses: list[float] = []
     step_times: list[float] = []
+    first_step: list[float] = []
 
     class _Losses(TrainerCallback):
         def on_step_begin(self, _args, _state, _control, **kwargs):
             self.t0 = time.perf_counter()
 
-        def on_step_end(self, _args, _state, _control, **kwargs):
+        def on_step_end(self, _args, state, _control, **kwargs):
             step_times.append(time.perf_counter() - self.t0)
+            if state.global_step == 1:
+                first_step.append(time.time())
 
         def on_log(self, _args, _state, _control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -304,7 +340,18 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "steady": sum(step_times[1:]), "losses": losses, "setup": setup_rss}
+    accuracy = None
+    if args.objective != "kto":
+        key = "eval_accuracy" if args.objective == "reward" else "eval_rewards/accuracies"
+        accuracy = trainer.evaluate()[key]
+    return {
+        "seconds": seconds,
+        "steady": sum(step_times[1:]),
+        "losses": losses,
+        "setup": setup_rss,
+        "first_step_at": first_step[0],
+        "held_out_accuracy": accuracy,
+    }
 
 
 def child(side: str, work: Path, args: argparse.Namespace) -> None:
@@ -314,7 +361,13 @@ def child(side: str, work: Path, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     res = (run_ours if side == "ours" else run_trl)(work, args)
     res["maxrss"] = _maxrss_bytes()
+    res["to_first_step"] = res.pop("first_step_at") - args.launched_at
     print("RESULT " + json.dumps(res))
+
+
+def _accuracy(result: dict) -> str:
+    acc = result.get("held_out_accuracy")
+    return "-" if acc is None else f"{acc:.1%}"
 
 
 def main() -> None:
@@ -334,8 +387,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, each side")
     p.add_argument(
         "--layout",
-        choices=["padded", "packed", "prefix_shared", "prefix_shared_packed"],
-        default="padded",  # DataConfig.layout's default
+        choices=["auto", "padded", "packed", "prefix_shared", "prefix_shared_packed"],
+        default="auto",  # DataConfig.layout's default
         help="our side's data.layout (TRL always pads)",
     )
     p.add_argument(
@@ -344,7 +397,14 @@ def main() -> None:
         default=0.0,
         help="K > 0: prompts about K times their completions (prepended turns); 0: as generated",
     )
+    p.add_argument(
+        "--held-out",
+        type=int,
+        default=128,
+        help="held-out pairs (other seed): reward accuracy after the run, both sides (not KTO)",
+    )
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         child(args.side, args.work, args)
@@ -352,7 +412,8 @@ def main() -> None:
     info = prepare(args.work, args)
     results = {}
     for side in ("ours", "trl"):
-        cmd = [sys.executable, __file__, "--side", side] + sys.argv[1:]
+        cmd = [sys.executable, __file__, "--side", side, "--launched-at", str(time.time())]
+        cmd += sys.argv[1:]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -372,6 +433,7 @@ def main() -> None:
     print(
         f"{'side':<6}{'train() s':>10}{'tokens/s':>10}{'steady s':>10}{'steady tok/s':>14}"
         f"{'peak RSS GiB':>14}{'after set-up':>14}{'s/step':>9}{'pairs/s':>9}{'steady pairs/s':>16}"
+        f"{'to 1st step s':>15}{'held-out acc':>14}"
     )
     tps, steady, pps, steady_pps = {}, {}, {}, {}
     later = info["tokens"] * (args.steps - 1) / args.steps  # mean tokens of steps 2..N
@@ -385,6 +447,7 @@ def main() -> None:
             f"{side:<6}{r['seconds']:>10.2f}{tps[side]:>10.0f}{r['steady']:>10.2f}"
             f"{steady[side]:>14.0f}{r['maxrss'] / GIB:>14.3f}{r['setup'] / GIB:>14.3f}"
             f"{r['seconds'] / args.steps:>9.3f}{pps[side]:>9.2f}{steady_pps[side]:>16.2f}"
+            f"{r['to_first_step']:>15.2f}{_accuracy(r):>14}"
         )
     ours, trl = results["ours"], results["trl"]
     print(
@@ -392,7 +455,8 @@ def main() -> None:
         f"{steady['ours'] / steady['trl']:.2f} (steps 2..N); "
         f"pairs/s {pps['ours'] / pps['trl']:.2f} (whole train()), "
         f"{steady_pps['ours'] / steady_pps['trl']:.2f} (steps 2..N); "
-        f"peak RSS {ours['maxrss'] / trl['maxrss']:.2f}"
+        f"peak RSS {ours['maxrss'] / trl['maxrss']:.2f}; "
+        f"time to first step {ours['to_first_step'] / trl['to_first_step']:.2f}"
     )
     print("step  ours      TRL")
     for i in range(max(len(ours["losses"]), len(trl["losses"]))):
