@@ -7,8 +7,9 @@ A micro-batch is first turned into an ordered list of *sequences* (token ids plu
 
 * **padded**: one sequence per row, rows padded on the right to the longest sequence rounded up
   to ``pad_to_multiple_of`` (never to ``seq_length`` unless the data is that long);
-* **packed**: sequences placed first-fit-decreasing into rows of capacity ``seq_length``
-  (several per row, never split), ``s`` = the fullest row rounded up likewise;
+* **packed**: sequences placed first-fit-decreasing into as few rows of capacity ``seq_length``
+  as they need, balanced across those rows (several per row, never split; :func:`place_packed`),
+  ``s`` = the fullest row rounded up likewise;
 * **prefix_shared** (``pair`` kind only): each pair becomes one span ``[prompt | chosen |
   rejected]``, the prompt stored once; spans are packed first-fit-decreasing like sequences (see
   :meth:`Collator._prefix_shared` for the rows it writes).
@@ -139,10 +140,30 @@ def place_padded(lengths: Sequence[int], capacity: int) -> list[tuple[int, int]]
 
 
 def place_packed(lengths: Sequence[int], capacity: int) -> list[tuple[int, int]]:
-    """``(row, offset)`` per sequence by first-fit decreasing into rows of ``capacity`` tokens.
+    """``(row, offset)`` per sequence: first-fit decreasing into as few rows as ``capacity``
+    allows, then balanced — the smallest row capacity that still fits them in that many rows.
 
-    Deterministic: ties in length keep input order; rows are numbered as they are opened.
+    why: the batch is ``rows x`` its fullest row, so FFD at ``capacity`` alone can pad a nearly
+    empty last row to the full width (8 spans of 150 tokens at ``capacity`` 1024: rows of 1024
+    and 176, 2048 slots; balanced: two rows of ~600, 1200 slots). Deterministic: ties in length
+    keep input order; rows are numbered as they are opened.
     """
+    where = _first_fit_decreasing(lengths, capacity)
+    rows = 1 + max((r for r, _ in where), default=0)
+    if rows == 1:
+        return where
+    lo, hi = max(max(lengths), -(-sum(lengths) // rows)), capacity
+    while lo < hi:  # smallest capacity packing into `rows` rows (FFD is near-monotone in it)
+        mid = (lo + hi) // 2
+        if 1 + max(r for r, _ in _first_fit_decreasing(lengths, mid)) <= rows:
+            hi = mid
+        else:
+            lo = mid + 1
+    balanced = _first_fit_decreasing(lengths, lo)
+    return balanced if 1 + max(r for r, _ in balanced) <= rows else where
+
+
+def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[tuple[int, int]]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     fill: list[int] = []
     where: list[tuple[int, int]] = [(0, 0)] * len(lengths)

@@ -78,8 +78,16 @@ def test_pair_batches(layout):
     assert batch.stats["packing_efficiency"] == pytest.approx(real / batch.tokens.numel())
 
 
-def test_packing_is_first_fit_decreasing_and_deterministic():
-    assert place_packed([5, 9, 3, 7, 2], 10) == [(2, 0), (0, 0), (1, 7), (1, 0), (2, 5)]
+def test_packing_is_balanced_first_fit_decreasing_and_deterministic():
+    """[5, 9, 3, 7, 2] into rows of 10: FFD needs 3 rows (9 | 7 3 | 5 2, fullest 10); the
+    smallest capacity that keeps 3 rows is 9 (9 | 7 2 | 5 3): a 3 x 9 batch instead of 3 x 10.
+    One row needs no balancing; balancing never adds a row."""
+    assert place_packed([5, 9, 3, 7, 2], 10) == [(2, 0), (0, 0), (2, 5), (1, 0), (1, 7)]
+    assert place_packed([3, 4], 10) == [(0, 4), (0, 0)]
+    spans = [150] * 7 + [140]  # FFD at 1024: 6 x 150 = 900 | 150 + 140 = 290, a 2 x 900 batch
+    where = place_packed(spans, 1024)
+    fills = [sum(n for (r, _), n in zip(where, spans, strict=True) if r == row) for row in (0, 1)]
+    assert max(r for r, _ in where) == 1 and fills == [600, 590]  # 2 x 600
     lengths = np.random.default_rng(0).integers(1, 100, size=200).tolist()
     where = place_packed(lengths, 128)
     fill = np.zeros(1 + max(r for r, _ in where), int)

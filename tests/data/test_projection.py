@@ -20,9 +20,9 @@ def test_hand_counted_costs():
     """Two pairs (prompt 3, chosen 2, rejected 1), one micro-batch, seq_length 16, no rounding.
 
     padded: sequences 5, 5, 4, 4 in 4 rows of width 5 -> 20 slots, 18 real, 4 * 25 attention.
-    packed: first-fit decreasing puts 5 + 5 + 4 in one row and 4 in a second: width 14 -> 28
-    slots, 18 real; its 4 sequences gathered into rows of 5 cost 4 * 25 scores (the dense mask,
-    2 * 196, would cost more than twice that). prefix_shared: two spans of 3 + 2 + 1 = 6, one
+    packed: first-fit decreasing needs two rows, balanced to 5 + 4 in each: width 9 -> 18
+    slots, 18 real; 2 * 81 scores (gathering the 4 sequences into rows of 5, 4 * 25, would not
+    halve that). prefix_shared: two spans of 3 + 2 + 1 = 6, one
     per row of width 6 -> 12 slots, 12 real (each prompt once), 2 * 36 (gathering would save
     nothing); prefix_shared_packed: both spans in one row of width 12 -> 12 slots, 12 real, the
     two spans gathered: 2 * 36 (dense: 144).
@@ -32,7 +32,7 @@ def test_hand_counted_costs():
     got = {c.layout: (c.rows, c.grid, c.real, c.attention) for c in costs}
     assert got == {
         "padded": (4, 20, 18, 100),
-        "packed": (2, 28, 18, 100),
+        "packed": (2, 18, 18, 162),
         "prefix_shared": (2, 12, 12, 72),
         "prefix_shared_packed": (1, 12, 12, 72),
     }
