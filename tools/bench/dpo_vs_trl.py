@@ -229,14 +229,7 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     if held_out:
         key = "accuracy" if args.objective == "reward" else "rewards/accuracies"
         accuracy = trainer.evaluate()[key]
-    return {
-        "seconds": seconds,
-        "steady": sum(steps[1:]),
-        "losses": losses,
-        "setup": setup_rss,
-        "first_step_at": first_step[0],
-        "held_out_accuracy": accuracy,
-    }
+    return _side_result(seconds, steps, losses, setup_rss, first_step[0], accuracy)
 
 
 def _trl_trainer(work: Path, args: argparse.Namespace, common: dict, callbacks: list) -> Any:
@@ -344,12 +337,24 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     if args.objective != "kto":
         key = "eval_accuracy" if args.objective == "reward" else "eval_rewards/accuracies"
         accuracy = trainer.evaluate()[key]
+    return _side_result(seconds, step_times, losses, setup_rss, first_step[0], accuracy)
+
+
+def _side_result(
+    seconds: float,
+    step_times: list[float],
+    losses: list[float],
+    setup_rss: int,
+    first_step_at: float,
+    accuracy: float | None,
+) -> dict:
+    """One side's measurements; ``steady`` leaves out the first step (warm-up)."""
     return {
         "seconds": seconds,
         "steady": sum(step_times[1:]),
         "losses": losses,
         "setup": setup_rss,
-        "first_step_at": first_step[0],
+        "first_step_at": first_step_at,
         "held_out_accuracy": accuracy,
     }
 
