@@ -122,8 +122,8 @@ class SequenceLayout:
         """Boolean ``[b, 1, s, s]`` mask (True = may attend), or ``None`` for plain causal.
 
         Args:
-            window: sliding-window size (a query sees itself and the ``window - 1`` tokens
-                before it in the row), or ``None``.
+            window: sliding-window size (a query sees the allowed keys less than ``window``
+                positions before it, itself included), or ``None``.
         """
         if self.segment_ids is None and window is None:
             return None
