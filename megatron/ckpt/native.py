@@ -59,14 +59,15 @@ _MODEL_FILE = re.compile(r"(?:^|_)mp_rank_(\d+)_model_states\.pt$")
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
-def _safe_load(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` memory-mapped (see :mod:`megatron.ckpt.safety`).
+def _safe_load(path: Path, mmap: bool = True) -> Any:
+    """``torch.load(path, weights_only=True)``, memory-mapped unless ``mmap`` is False (see
+    :mod:`megatron.ckpt.safety`).
 
     Raises:
         ConversionError: the file is unreadable, or names code outside the allowed set.
     """
     try:
-        return safety.safe_load(path, map_location="cpu", mmap=True)
+        return safety.safe_load(path, map_location="cpu", mmap=mmap)
     except CheckpointError as e:
         raise ConversionError(str(e)) from e
 
@@ -268,7 +269,7 @@ def _zero_fp32(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
 
 
 def read_model_shard(
-    tag_dir: str | Path, tp_rank: int, fp32_master: bool = False
+    tag_dir: str | Path, tp_rank: int, fp32_master: bool = False, mmap: bool = True
 ) -> dict[str, torch.Tensor]:
     """TP rank ``tp_rank``'s weights (native keys) from a checkpoint directory written at any
     ZeRO stage, with or without pipeline parallelism (any PP size).
@@ -279,9 +280,12 @@ def read_model_shard(
         fp32_master: take ZeRO 1-2's fp32 master weights (from the optimizer partitions)
             instead of the module's (bf16/fp16 when the run trained in those). ZeRO-3 always
             uses the fp32 partitions: its module files hold no weights.
+        mmap: memory-map the module file (pages read on use; for reading and converting) or
+            read it into memory (for weights a model keeps: anonymous memory, no file pages
+            to fault in or copy on write during training).
 
     Returns:
-        The state dict (memory-mapped from disk where possible).
+        The state dict.
 
     Raises:
         ConversionError: the files for that rank are missing or unusable.
@@ -296,7 +300,7 @@ def read_model_shard(
         return _read_layer_shard(tag_dir, tp_rank)
     path = tag_dir / model_states_name(tp_rank)
     if path.is_file() and not fp32_master:
-        states = _safe_load(path)
+        states = _safe_load(path, mmap)
         module = states.get("module") if isinstance(states, dict) else None
         if not isinstance(module, Mapping):
             raise ConversionError(f"{path} has no 'module' state dict")
@@ -305,13 +309,16 @@ def read_model_shard(
     return _zero_fp32(tag_dir, tp_rank)
 
 
-def read_model_shards(tag_dir: str | Path, fp32_master: bool = False) -> list[dict]:
+def read_model_shards(
+    tag_dir: str | Path, fp32_master: bool = False, mmap: bool = True
+) -> list[dict]:
     """Every TP rank's weights, in rank order (see :func:`read_model_shard`)."""
-    return [read_model_shard(tag_dir, r, fp32_master) for r in range(checkpoint_tp_size(tag_dir))]
+    ranks = range(checkpoint_tp_size(tag_dir))
+    return [read_model_shard(tag_dir, r, fp32_master, mmap) for r in ranks]
 
 
 def load_tp_shard(
-    tag_dir: str | Path, args: ModelConfig, tp_size: int, tp_rank: int
+    tag_dir: str | Path, args: ModelConfig, tp_size: int, tp_rank: int, mmap: bool = True
 ) -> dict[str, torch.Tensor]:
     """TP rank ``tp_rank`` of ``tp_size``'s weights, resharding when the checkpoint's TP differs.
 
@@ -320,20 +327,21 @@ def load_tp_shard(
         args: the model config of the run (``padded_vocab_size`` for ``tp_size``).
         tp_size: the run's TP size.
         tp_rank: this rank.
+        mmap: see :func:`read_model_shard`.
 
     Raises:
         ConversionError: missing files, or weights that do not fit the model config.
     """
     ckpt_tp = checkpoint_tp_size(tag_dir)
     if ckpt_tp == tp_size:
-        shards = [read_model_shard(tag_dir, tp_rank)]
+        shards = [read_model_shard(tag_dir, tp_rank, mmap=mmap)]
         try:
             check_native_shards(shards, args, tp_size=tp_size)
         except ValueError as e:
             raise ConversionError(f"{tag_dir} does not fit the run's model config: {e}") from e
         return shards[0]
     log_rank0("resharding %s from TP=%d to TP=%d while loading", tag_dir, ckpt_tp, tp_size)
-    shards = read_model_shards(tag_dir)
+    shards = read_model_shards(tag_dir, mmap=mmap)
     rows = shards[0]["embedding.weight"].shape[0] * ckpt_tp
     old = dataclasses.replace(args, padded_vocab_size=rows)
     try:

@@ -251,15 +251,25 @@ def build_loaded(
 
     Built on the meta device (no random initialisation, no memory) and filled by assignment, so
     loading a checkpoint never holds two copies of the weights (a randomly initialised model and
-    the loaded one); the non-persistent buffers (rotary tables) are then rebuilt on the weights'
-    device. ``kwargs`` go to :class:`GPTModel`.
+    the loaded one); each tensor takes the dtype the model gives it (as a copying load would), and
+    the non-persistent buffers (rotary tables) are rebuilt on the weights' device. ``kwargs`` go
+    to :class:`GPTModel`.
 
     Raises:
         RuntimeError: ``state_dict`` does not hold exactly the model's weights (``strict``).
     """
     with torch.device("meta"):
         model = GPTModel(cfg, state, **kwargs)
+    # the model's own dtypes, as a copying load would give (no copy where they already agree)
+    dtypes = {k: t.dtype for k, t in model.state_dict().items()}
+    state_dict = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state_dict.items()}
+    # why: assignment makes new Parameter objects; the TP attributes the layers set on theirs
+    # (tensor_model_parallel, partition_dim, ...: read by the grad norm and DeepSpeed) must follow
+    attributes = {n: dict(vars(p)) for n, p in model.named_parameters()}
     model.load_state_dict(state_dict, strict=True, assign=True)
+    for name, param in model.named_parameters():
+        for key, value in attributes[name].items():
+            setattr(param, key, value)
     device = next(iter(state_dict.values())).device
     for module in model.modules():
         if hasattr(module, "rebuild_buffers"):

@@ -49,6 +49,7 @@ from megatron.ckpt.native import checkpoint_tp_size, load_tp_shard, read_checkpo
 from megatron.ckpt.safety import NUMPY_GLOBALS, check_loadable, safe_load, torch_files
 from megatron.config import read_config_file, save_config
 from megatron.model import GPTModel
+from megatron.model.gpt import build_loaded
 from megatron.parallel.random import RNGStatesTracker
 from megatron.training.distributed import import_deepspeed
 from megatron.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, log_rank0
@@ -325,6 +326,34 @@ def load_weights(engine: Any, tag_dir: Path) -> None:
         refresh()
 
 
+def preload_policy(cfg: Any, state: Any, **model_kwargs: Any) -> GPTModel | None:
+    """The policy of a finetune start built from its checkpoint's weights, or ``None``.
+
+    A non-pipeline run starting (``checkpoint.finetune``) from a checkpoint with the run's own
+    head builds its model on the meta device and gives it this rank's TP shard
+    (:func:`megatron.model.gpt.build_loaded`): no random initialisation to overwrite, and never
+    a second copy of the weights at set-up. The weights are those :func:`load_weights` would
+    load; :func:`load_checkpoint` is then told so (``weights_loaded``). Resumes, pipeline runs
+    and head changes (a reward model from an SFT checkpoint) return ``None`` and load as before.
+
+    Raises:
+        CheckpointError: missing files, or weights that do not fit the model.
+    """
+    ck = cfg.checkpoint
+    if not (ck.load and ck.finetune) or state.pp_size > 1:
+        return None
+    root, tag = resolve_checkpoint(ck.load)
+    if checkpoint_head(root / tag) != cfg.model.head:
+        return None
+    try:
+        shard = load_tp_shard(root / tag, cfg.model, state.tp_size, state.tp_rank, mmap=False)
+        return build_loaded(cfg.model, state, shard, **model_kwargs)
+    except (ConversionError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint.load: {root / tag} does not fit the run's model: {e}"
+        ) from e
+
+
 def checkpoint_head(tag_dir: Path) -> str:
     """``model.head`` of a checkpoint, from its saved ``config.yml`` (``lm`` when unset)."""
     try:
@@ -340,8 +369,12 @@ def load_checkpoint(
     finetune: bool,
     tracker: RNGStatesTracker,
     config: Any | None = None,
+    weights_loaded: bool = False,
 ) -> dict[str, Any] | None:
     """Load weights (``finetune``) or everything (full resume) from ``load``.
+
+    ``weights_loaded``: a finetune start whose model was built from these weights
+    (:func:`preload_policy`); only the checks and logs remain.
 
     The checkpoint was verified before launch (``megatron.training.checkpoint_verify``); this
     logs what that check accepted: a missing manifest (a checkpoint older than manifests) and,
@@ -365,7 +398,8 @@ def load_checkpoint(
         for change in accepted_changes(config, root / tag):
             log_rank0("resume accepts a change (checkpoint.allow_changes): %s", change)
     if finetune:
-        load_weights(engine, root / tag)
+        if not weights_loaded:
+            load_weights(engine, root / tag)
         log_rank0("loaded checkpoint %s (weights only)", root / tag)
         return None
     client = _client_state(root / tag)

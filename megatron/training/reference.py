@@ -108,7 +108,7 @@ class ReferenceModel:
 
             root, tag = resolve_checkpoint(load)
             _check_architecture(root / tag, cfg.model)
-            shard = load_tp_shard(root / tag, cfg.model, state.tp_size, state.tp_rank)
+            shard = load_tp_shard(root / tag, cfg.model, state.tp_size, state.tp_rank, mmap=False)
             # built on the meta device and given the loaded tensors: one copy of the weights
             self.model = build_loaded(cfg.model, state, shard, seed=cfg.training.seed)
             del shard

@@ -117,6 +117,7 @@ class Trainer:
         cfg, seed = self.cfg, self.cfg.training.seed
         outputs = self.objective.model_outputs
         self.pipe_loss: PipelineLoss | None = None
+        self.weights_loaded = False
         if self.state.pp_size > 1:
             self.pipe_loss = PipelineLoss(self.objective, self.state.dp_group)
             self.model = build_pipeline_model(
@@ -125,7 +126,11 @@ class Trainer:
             mark_tied_duplicates(self.model)
             mpu = None  # the pipeline module brings its own grid
         else:
-            self.model = GPTModel(cfg.model, self.state, self.tracker, seed=seed, outputs=outputs)
+            kwargs = {"tracker": self.tracker, "seed": seed, "outputs": outputs}
+            # a finetune start builds the model from its checkpoint (no second copy at set-up)
+            preloaded = checkpointing.preload_policy(cfg, self.state, **kwargs)
+            self.weights_loaded = preloaded is not None
+            self.model = preloaded or GPTModel(cfg.model, self.state, **kwargs)
             mpu = self.state.mpu
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -166,7 +171,12 @@ class Trainer:
     def _load(self) -> dict[str, Any] | None:
         ck = self.cfg.checkpoint
         client = checkpointing.load_checkpoint(
-            self.engine, ck.load, ck.finetune, self.tracker, config=self.cfg
+            self.engine,
+            ck.load,
+            ck.finetune,
+            self.tracker,
+            config=self.cfg,
+            weights_loaded=self.weights_loaded,
         )
         if client is not None:
             self.step = int(client["step"])

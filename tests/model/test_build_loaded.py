@@ -19,8 +19,11 @@ def test_build_loaded_holds_the_state_dict_and_computes_the_same():
     source = GPTModel(cfg, state, seed=5)
     weights = {k: v.clone() for k, v in source.state_dict().items()}
     model = build_loaded(cfg, state, weights, seed=123)  # the seed is not used: nothing is drawn
+    built = dict(source.named_parameters())
     for name, p in model.named_parameters():
         assert p.data_ptr() == weights[name].data_ptr(), f"{name} was copied"
+        assert vars(p) == vars(built[name]), f"{name} lost its attributes (e.g. TP markers)"
+    assert any(vars(p) for p in model.parameters()), "the TP layers mark their parameters"
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
