@@ -207,3 +207,40 @@ def test_rloo_loss_and_kl_penalty_hand_worked():
     assert float(loss) == pytest.approx(-0.5) and float(metrics["clip_ratio/region_mean"]) == 0
     ref = torch.tensor([[-1.5, -1.0], [-0.5, 9.0]])
     assert rloo_kl_penalty(logps, ref, mask).tolist() == [-0.5, 0.0]
+
+
+def test_rloo_loss_equals_trl():
+    """TRL 1.16's ``RLOOTrainer._compute_loss`` (sequence-level ratio) on the same inputs."""
+    from trl import RLOOTrainer
+
+    logps, old_tok, _, mask, adv = _inputs(2)
+    old = (old_tok * mask).sum(1)  # the sampling policy's sequence log-probs
+    trainer = object.__new__(RLOOTrainer)
+    trainer.__dict__.update(
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        aux_loss_enabled=False,
+        accelerator=_Reduce(),
+        model=types.SimpleNamespace(training=True),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (
+        logps,
+        torch.zeros_like(logps),
+        None,
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_logps": old,
+    }
+    want = RLOOTrainer._compute_loss(trainer, None, inputs)
+    want_m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    got, got_m = rloo_loss(logps, old, adv, mask, epsilon=0.2, epsilon_high=0.28)
+    assert abs(float(got) - float(want)) <= ATOL
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert float(got_m[key]) == pytest.approx(want_m[key], abs=ATOL)
+    assert 0 < want_m["clip_ratio/region_mean"] < 1, "the inputs must exercise the clip"
