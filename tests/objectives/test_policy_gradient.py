@@ -1,5 +1,6 @@
-"""Policy-gradient math (megatron/objectives/policy_gradient.py) against hand-worked values and
-against TRL 1.16's own GRPO / RLOO loss code on fixed per-token inputs.
+"""Policy-gradient math (megatron/objectives/policy_gradient.py, megatron/rollout/advantages.py)
+against hand-worked values and against TRL 1.16's own GRPO / RLOO loss code on fixed per-token
+inputs.
 
 TRL's losses are trainer methods: they are called unbound on an object made with
 ``object.__new__`` that carries only the attributes they read, with the model's per-token
@@ -18,15 +19,12 @@ from collections import defaultdict
 import pytest
 import torch
 
-from megatron.objectives.policy_gradient import (
-    LOSS_TYPES,
+from megatron.objectives.policy_gradient import LOSS_TYPES, grpo_loss, k3_kl, rloo_loss
+from megatron.rollout.advantages import (
     group_advantages,
-    grpo_loss,
-    k3_kl,
     nanstd,
     rloo_advantages,
     rloo_kl_penalty,
-    rloo_loss,
 )
 
 B, T, G = 6, 5, 3

@@ -1,0 +1,1 @@
+"""Online RL: rollouts from the policy, rewards and advantages (see ARCHITECTURE.md)."""
