@@ -2,13 +2,15 @@
 
 Pure tensor functions (no model, no sampling) that the ``grpo`` / ``rloo`` objectives are built on;
 the advantages they take come from :mod:`megatron.rollout.advantages`.
+
 Shapes: B completions (``G`` per prompt, the prompt's completions adjacent), T completion tokens.
 Per-token inputs are ``[B, T]`` with ``mask [B, T]`` (1 on a completion's tokens, 0 on padding).
 
-* **GRPO** (Shao et al., arXiv:2402.03300, "DeepSeekMath"): the loss is PPO's clipped surrogate per token with ratio ``exp(logp - logp_old)`` clipped to
-  ``[1 - epsilon, 1 + epsilon_high]`` (DAPO's asymmetric clip, arXiv:2503.14476), plus ``beta``
-  times the k3 estimator of KL to a frozen reference, ``exp(ref - logp) - (ref - logp) - 1``
-  (Schulman, "Approximating KL divergence", 2020). Token losses are reduced by ``loss_type``:
+* **GRPO** (Shao et al., arXiv:2402.03300, "DeepSeekMath"): PPO's clipped surrogate per token,
+  the ratio ``exp(logp - logp_old)`` clipped to ``[1 - epsilon, 1 + epsilon_high]`` (DAPO's
+  asymmetric clip, arXiv:2503.14476), plus ``beta`` times the k3 estimator of KL to a frozen
+  reference, ``exp(ref - logp) - (ref - logp) - 1`` (Schulman, "Approximating KL divergence",
+  2020). Token losses are reduced by ``loss_type``:
   ``grpo`` (mean over each sequence's tokens, then over sequences), ``bnpo`` (mean over the local
   batch's tokens), ``dr_grpo`` (sum / (B * max_completion_length), Liu et al. arXiv:2503.20783)
   or ``dapo`` (sum / the active tokens of the whole accumulated global batch, arXiv:2503.14476).
