@@ -130,7 +130,9 @@ class Trainer:
             # a finetune start builds the model from its checkpoint (no second copy at set-up)
             preloaded = checkpointing.preload_policy(cfg, self.state, **kwargs)
             self.weights_loaded = preloaded is not None
-            self.model = preloaded or GPTModel(cfg.model, self.state, **kwargs)
+            if preloaded is None:
+                preloaded = GPTModel(cfg.model, self.state, **kwargs)
+            self.model = preloaded
             mpu = self.state.mpu
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
