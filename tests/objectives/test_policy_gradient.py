@@ -105,12 +105,36 @@ class _Reduce:
         return x
 
 
+def _run_trl(cls, attrs: dict, logps: torch.Tensor, mask, adv, **extra):
+    """``cls._compute_loss`` on an uninitialised trainer carrying ``attrs`` (plus the common
+    ones), its model's per-token log-probs being ``logps``: ``(loss, last metrics)``."""
+    trainer = object.__new__(cls)
+    trainer.__dict__.update(
+        aux_loss_enabled=False,
+        accelerator=_Reduce(),
+        model=types.SimpleNamespace(training=True),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        **attrs,
+    )
+    entropies = torch.zeros_like(logps)
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logps, entropies, None)
+    inputs = {
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        **extra,
+    }
+    loss = cls._compute_loss(trainer, None, inputs)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
 def _trl_grpo(loss_type, epsilon, epsilon_high, beta, logps, old, ref, mask, adv, max_len, items):
     """TRL 1.16's ``GRPOTrainer._compute_loss`` on these per-token values."""
     from trl import GRPOTrainer
 
-    trainer = object.__new__(GRPOTrainer)
-    trainer.__dict__.update(
+    attrs = dict(
         loss_type=loss_type,
         epsilon_low=epsilon,
         epsilon_high=epsilon_high,
@@ -121,33 +145,15 @@ def _trl_grpo(loss_type, epsilon, epsilon_high, beta, logps, old, ref, mask, adv
         use_vllm=False,
         vllm_importance_sampling_correction=False,
         _entropy_bonus_enabled=False,
-        aux_loss_enabled=False,
         current_gradient_accumulation_steps=1,
         max_completion_length=max_len,
-        accelerator=_Reduce(),
-        model=types.SimpleNamespace(training=True),
         args=types.SimpleNamespace(
             use_bias_correction_kl=False, delta=None, steps_per_generation=1
         ),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (
-        logps,
-        torch.zeros_like(logps),
-        None,
-    )
-    inputs = {
-        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
-        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(B, T, dtype=torch.long),
-        "completion_mask": mask,
-        "advantages": adv,
-        "old_per_token_logps": old,
-        "ref_per_token_logps": ref,
-        "num_items_in_batch": torch.tensor(items),
-    }
-    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
-    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    extra = {"old_per_token_logps": old, "ref_per_token_logps": ref}
+    extra["num_items_in_batch"] = torch.tensor(items)
+    return _run_trl(GRPOTrainer, attrs, logps, mask, adv, **extra)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -213,30 +219,8 @@ def test_rloo_loss_equals_trl():
 
     logps, old_tok, _, mask, adv = _inputs(2)
     old = (old_tok * mask).sum(1)  # the sampling policy's sequence log-probs
-    trainer = object.__new__(RLOOTrainer)
-    trainer.__dict__.update(
-        epsilon_low=0.2,
-        epsilon_high=0.28,
-        aux_loss_enabled=False,
-        accelerator=_Reduce(),
-        model=types.SimpleNamespace(training=True),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-    )
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (
-        logps,
-        torch.zeros_like(logps),
-        None,
-    )
-    inputs = {
-        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
-        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(B, T, dtype=torch.long),
-        "completion_mask": mask,
-        "advantages": adv,
-        "old_logps": old,
-    }
-    want = RLOOTrainer._compute_loss(trainer, None, inputs)
-    want_m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    attrs = {"epsilon_low": 0.2, "epsilon_high": 0.28}
+    want, want_m = _run_trl(RLOOTrainer, attrs, logps, mask, adv, old_logps=old)
     got, got_m = rloo_loss(logps, old, adv, mask, epsilon=0.2, epsilon_high=0.28)
     assert abs(float(got) - float(want)) <= ATOL
     for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
