@@ -130,10 +130,13 @@ class GradNormMeter:
         self.value: float | None = None
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        sq = torch.zeros((), dtype=torch.float32)
+        # on the parameters' device: NCCL reduces CUDA tensors only, and one host sync (the
+        # float() below) instead of one per parameter
+        device = self.all_params[0].device if self.all_params else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float32, device=device)
         for p in self.params:
             if p.grad is not None:
-                sq += p.grad.detach().float().norm().square().cpu()
+                sq += p.grad.detach().float().norm().square()
         if dist.is_initialized() and self.group is not None and dist.get_world_size(self.group) > 1:
             dist.all_reduce(sq, group=self.group)
         self.value = float(sq.sqrt())
