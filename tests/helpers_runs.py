@@ -158,3 +158,64 @@ def padded_batch(pairs: list[tuple[list[int], list[int], list[int]]]) -> Any:
         num_sequences=n,
         score_index=torch.tensor(score),
     )
+
+
+def prefix_shared_batch(
+    pairs: list[tuple[list[int], list[int], list[int]]], rows: list[list[int]]
+) -> Any:
+    """``[prompt | chosen | rejected]`` per pair, the pairs of ``rows[j]`` packed in row ``j``.
+
+    What a prefix-shared collator must fill: ``segment_ids`` (prompt, chosen, rejected of each
+    pair: their own ids; padding 0), ``prefix_ids`` (the prompt's segment id on both
+    completions, 0 elsewhere), positions continuing from the prompt in both completions, the
+    grid targets (chosen from the prompt's last token, rejected from its own first token) and one
+    extra target per pair: the rejected's first token, at the prompt's last hidden state.
+    """
+    import torch
+
+    from megatron.data.batch import Batch, ExtraTargets
+    from megatron.model.layout import SequenceLayout
+
+    n_pairs = len(pairs)
+    width = max(sum(len(t) for i in row for t in pairs[i]) for row in rows)
+    shape = (len(rows), width)
+    tokens = torch.zeros(shape, dtype=torch.long)
+    targets = torch.zeros_like(tokens)
+    ids = torch.full_like(tokens, -1)
+    pos = torch.zeros_like(tokens)
+    seg = torch.zeros_like(tokens)
+    pre = torch.zeros_like(tokens)
+    score = [0] * (2 * n_pairs)
+    extra_index, extra_targets, extra_ids = [], [], []
+    for j, row in enumerate(rows):
+        at = 0
+        for i in row:
+            prompt, chosen, rejected = pairs[i]
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            tokens[j, at : at + p + c + r] = torch.tensor(prompt + chosen + rejected)
+            s0 = 3 * i + 1  # segment ids of this pair: prompt, chosen, rejected
+            seg[j, at : at + p + c + r] = torch.tensor([s0] * p + [s0 + 1] * c + [s0 + 2] * r)
+            pre[j, at + p : at + p + c + r] = s0
+            pos[j, at : at + p + c + r] = torch.tensor(list(range(p + c)) + list(range(p, p + r)))
+            targets[j, at + p - 1 : at + p + c - 1] = torch.tensor(chosen)
+            ids[j, at + p - 1 : at + p + c - 1] = i
+            targets[j, at + p + c : at + p + c + r - 1] = torch.tensor(rejected[1:])
+            ids[j, at + p + c : at + p + c + r - 1] = n_pairs + i
+            extra_index.append(j * width + at + p - 1)
+            extra_targets.append(rejected[0])
+            extra_ids.append(n_pairs + i)
+            score[i] = j * width + at + p + c - 1
+            score[n_pairs + i] = j * width + at + p + c + r - 1
+            at += p + c + r
+    return Batch(
+        tokens=tokens,
+        targets=targets,
+        loss_mask=(ids >= 0).float(),
+        layout=SequenceLayout(pos, seg, pre),
+        sequence_ids=ids,
+        num_sequences=2 * n_pairs,
+        extra_targets=ExtraTargets(
+            torch.tensor(extra_index), torch.tensor(extra_targets), torch.tensor(extra_ids)
+        ),
+        score_index=torch.tensor(score),
+    )

@@ -21,7 +21,7 @@ from megatron.model import GPTModel
 from megatron.model.attention import sdpa_attention, select_backend
 from megatron.model.layout import GroupedAttention, SequenceLayout
 from megatron.objectives.logprobs import sequence_log_probs
-from tests.helpers_runs import padded_batch, tiny_fp64_model
+from tests.helpers_runs import padded_batch, prefix_shared_batch, tiny_fp64_model
 
 FP32_ULPS = {"rtol": 8 * 2**-23, "atol": 1e-7}  # see the module docstring
 
@@ -127,14 +127,21 @@ def _prefix_shared(prompt: list[int], chosen: list[int], rejected: list[int]) ->
     )
 
 
-def _sums_and_grads(model: GPTModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _weighted_sums_and_grads(
+    model: GPTModel, batch: Batch, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Per-sequence log-prob sums, counts, and the gradients of ``sum(weights * sums)``."""
     model.zero_grad()
     extra = batch.extra_targets
     args = () if extra is None else (extra.index, extra.targets)
     out = model(batch.tokens, batch.layout, batch.targets, *args)
     sums, counts = sequence_log_probs(out["token_logps"], batch, out.get("extra_logps"))
-    (sums * torch.tensor([1.0, -0.5], dtype=sums.dtype)).sum().backward()
+    (sums * weights.to(sums.dtype)).sum().backward()
     return sums.detach(), counts, [p.grad.clone() for p in model.parameters()]
+
+
+def _sums_and_grads(model: GPTModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list]:
+    return _weighted_sums_and_grads(model, batch, torch.tensor([1.0, -0.5]))
 
 
 @pytest.mark.parametrize("lengths", [(5, 4, 3), (1, 1, 1), (3, 1, 6)])
@@ -259,49 +266,12 @@ def test_prefix_shared_packed_row_equals_padded_rows():
     g = torch.Generator().manual_seed(11)
     draw = lambda n: torch.randint(0, 64, (n,), generator=g).tolist()  # noqa: E731
     pairs = [(draw(p), draw(c), draw(r)) for p, c, r in [(5, 3, 4), (4, 2, 3), (6, 3, 2)]]
-    rows = [_prefix_shared(*pair) for pair in pairs]
-    tokens = torch.cat([r.tokens for r in rows], 1)
-    offsets = [0, rows[0].tokens.shape[1], rows[0].tokens.shape[1] + rows[1].tokens.shape[1]]
-    seg, pre, pos, ids, extra_index, extra_targets, extra_ids = [], [], [], [], [], [], []
-    for i, (row, off) in enumerate(zip(rows, offsets, strict=True)):
-        lay = row.layout
-        seg.append(lay.segment_ids + 3 * i)
-        pre.append(torch.where(lay.prefix_ids != 0, lay.prefix_ids + 3 * i, 0))
-        pos.append(lay.position_ids)
-        ids.append(torch.where(row.sequence_ids >= 0, row.sequence_ids + 2 * i, -1))
-        extra_index.append(row.extra_targets.index + off)
-        extra_targets.append(row.extra_targets.targets)
-        extra_ids.append(row.extra_targets.sequence_ids + 2 * i)
-    layout = SequenceLayout(torch.cat(pos, 1), torch.cat(seg, 1), torch.cat(pre, 1))
-    assert isinstance(layout.attention_plan(), GroupedAttention)
-    packed = Batch(
-        tokens=tokens,
-        targets=torch.cat([r.targets for r in rows], 1),
-        loss_mask=torch.cat([r.loss_mask for r in rows], 1),
-        layout=layout,
-        sequence_ids=torch.cat(ids, 1),
-        num_sequences=6,
-        extra_targets=ExtraTargets(
-            index=torch.cat(extra_index),
-            targets=torch.cat(extra_targets),
-            sequence_ids=torch.cat(extra_ids),
-        ),
-    )
+    packed = prefix_shared_batch(pairs, [[0, 1, 2]])
+    assert isinstance(packed.layout.attention_plan(), GroupedAttention)
     model = _model()
-    weights = torch.tensor([1.0, -0.5] * 3, dtype=torch.float64)
-    want = []  # each pair's two padded rows; their gradients accumulate with the same weights
-    for pair in pairs:
-        batch = padded_batch([pair])
-        out = model(batch.tokens, batch.layout, batch.targets)
-        sums, _ = sequence_log_probs(out["token_logps"], batch)
-        (sums * weights[:2]).sum().backward()
-        want.append(sums.detach())
-    want_g = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    extra = packed.extra_targets
-    out = model(packed.tokens, packed.layout, packed.targets, extra.index, extra.targets)
-    got, counts = sequence_log_probs(out["token_logps"], packed, out.get("extra_logps"))
-    (got * weights).sum().backward()
-    torch.testing.assert_close(got.detach(), torch.cat(want), **FP32_ULPS)
-    for a, b in zip((p.grad for p in model.parameters()), want_g, strict=True):
+    weights = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5, 2.0], dtype=torch.float64)
+    want, _, want_g = _weighted_sums_and_grads(model, padded_batch(pairs), weights)
+    got, _, got_g = _weighted_sums_and_grads(model, packed, weights)
+    torch.testing.assert_close(got, want, **FP32_ULPS)
+    for a, b in zip(got_g, want_g, strict=True):
         torch.testing.assert_close(a, b, **FP32_ULPS)
