@@ -135,7 +135,7 @@ class SequenceLayout:
         costs at most ``GROUPED_MAX_COST`` of the dense scores. Built once per layout and window."""
 
         def build() -> torch.Tensor | GroupedAttention | None:
-            plan = _grouped(self, window) if self.segment_ids is not None else None
+            plan = _grouped(self, window)
             return self.attention_mask(window) if plan is None else plan
 
         return self.memo(("attention", window), build)
@@ -193,11 +193,17 @@ def _rule(
     return allowed.unsqueeze(1)
 
 
-def _groups(layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(tokens, group, counts)``: every non-padding token's flat index (row-major), its group
-    number (a row's root segment with the segments continuing it) and each group's size."""
+def _groups(
+    layout: SequenceLayout,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """``(tokens, group, counts, longest)`` when gathering the rows' groups pays (their
+    ``n * L**2`` scores at most ``GROUPED_MAX_COST`` of the dense ``b * s**2``), else ``None``:
+    every non-padding token's flat index (row-major), its group number (a row's root segment
+    with the segments continuing it), each group's size and the largest."""
     seg = layout.segment_ids
-    s = seg.shape[1]
+    if seg is None:
+        return None
+    b, s = seg.shape
     root = (
         seg
         if layout.prefix_ids is None
@@ -209,33 +215,30 @@ def _groups(layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor, torch.T
     rows = torch.div(tokens, s, rounding_mode="floor")
     key = rows * (s + 1) + root.reshape(-1)[tokens]  # unique per (row, root segment)
     _, group, counts = torch.unique(key, return_inverse=True, return_counts=True)
-    return tokens, group, counts
+    n, longest = counts.numel(), int(counts.max())  # one host sync per layout
+    if n * longest * longest > GROUPED_MAX_COST * b * s * s:
+        return None
+    return tokens, group, counts, longest
 
 
 def attention_scores(layout: SequenceLayout) -> int:
     """Query-key scores the layout's attention plan computes: ``n * L**2`` when its groups are
     gathered, else ``b * s**2`` (the dense mask; also counted so for plain causal rows)."""
-    b, s = layout.position_ids.shape
-    groups = None if layout.segment_ids is None else _groups(layout)
+    groups = _groups(layout)
     if groups is not None:
-        n, longest = groups[2].numel(), int(groups[2].max())
-        if n * longest * longest <= GROUPED_MAX_COST * b * s * s:
-            return n * longest * longest
+        return groups[2].numel() * groups[3] ** 2
+    b, s = layout.position_ids.shape
     return b * s * s
 
 
 def _grouped(layout: SequenceLayout, window: int | None) -> GroupedAttention | None:
-    """Gather each row's groups into their own rows, or ``None`` when that would not bring the
-    scores down to ``GROUPED_MAX_COST`` of the dense mask's."""
-    seg = layout.segment_ids
-    b, s = seg.shape
+    """Gather each row's groups into their own rows, or ``None`` when that does not pay."""
     groups = _groups(layout)
     if groups is None:
         return None
-    tokens, group, counts = groups
-    n, longest = counts.numel(), int(counts.max())  # one host sync per layout
-    if n * longest * longest > GROUPED_MAX_COST * b * s * s:
-        return None
+    tokens, group, counts, longest = groups
+    seg = layout.segment_ids
+    n = counts.numel()
     order = torch.argsort(group, stable=True)  # tokens by group, causal order kept inside
     starts = torch.cumsum(counts, 0) - counts
     slot_in_group = torch.arange(tokens.numel(), device=seg.device) - starts[group[order]]
