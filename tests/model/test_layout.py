@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.data.batch import Batch, ExtraTargets
+from megatron.data.batch import Batch
 from megatron.model import GPTModel
 from megatron.model.attention import sdpa_attention, select_backend
 from megatron.model.layout import GroupedAttention, SequenceLayout
@@ -101,30 +101,7 @@ def _model():
 def _prefix_shared(prompt: list[int], chosen: list[int], rejected: list[int]) -> Batch:
     """``[prompt | chosen | rejected]`` in one row; the prompt's last hidden state scores the
     first token of both completions (chosen via ``targets``, rejected via an extra target)."""
-    p, c, r = len(prompt), len(chosen), len(rejected)
-    tokens = torch.tensor([prompt + chosen + rejected])
-    targets = torch.zeros_like(tokens)
-    ids = torch.full_like(tokens, -1)
-    targets[0, p - 1] = chosen[0]
-    ids[0, p - 1] = 0
-    targets[0, p : p + c - 1] = torch.tensor(chosen[1:])
-    ids[0, p : p + c - 1] = 0
-    targets[0, p + c : p + c + r - 1] = torch.tensor(rejected[1:])
-    ids[0, p + c : p + c + r - 1] = 1
-    extra = ExtraTargets(
-        index=torch.tensor([p - 1]),
-        targets=torch.tensor([rejected[0]]),
-        sequence_ids=torch.tensor([1]),
-    )
-    return Batch(
-        tokens=tokens,
-        targets=targets,
-        loss_mask=(ids >= 0).float(),
-        layout=prefix_layout(p, c, r),
-        sequence_ids=ids,
-        num_sequences=2,
-        extra_targets=extra,
-    )
+    return prefix_shared_batch([(prompt, chosen, rejected)], [[0]])
 
 
 def _weighted_sums_and_grads(
