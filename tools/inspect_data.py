@@ -91,7 +91,7 @@ def statistics(prefix: str, meta: dict[str, Any], fields: dict[str, IndexedDatas
             f"{rows['boundary_adjusted']}, prompt-truncated {rows['prompt_truncated']}"
         )
     for name, ds in fields.items():
-        if name != "loss_mask":
+        if name not in ("loss_mask", "row"):
             lines.append(f"length        {name or 'document':<10} {_pct(ds.sizes)}")
     if "tokens" in fields and "loss_mask" in fields:
         trained = fields["loss_mask"].tokens.astype(np.int64).sum()

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from megatron.config.sections import SECTIONS, ObjectiveSection, is_derived
+from megatron.config.sections import LIST_SECTIONS, SECTIONS, ObjectiveSection, is_derived
 from megatron.objectives.registry import get_objective, objective_names
 
 _INTRO = """\
@@ -134,7 +134,10 @@ def _class_doc(cls: type) -> list[str]:
 
 
 def _section(name: str, cls: type) -> list[str]:
-    lines = [f"## `{name}`", "", *_class_doc(cls)]
+    lines = [f"## `{name}`", ""]
+    if name in LIST_SECTIONS:
+        lines += ["A list (default empty); each entry is a mapping with these keys.", ""]
+    lines += _class_doc(cls)
     skip = ("params",) if cls is ObjectiveSection else ()
     lines += [*_table(cls, skip), ""]
     hints = typing.get_type_hints(cls)

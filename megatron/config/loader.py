@@ -13,6 +13,7 @@ This module (with :func:`save_config`) is the only place in ``megatron/`` that r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 
 from megatron.config.sections import (
+    LIST_SECTIONS,
     SECTIONS,
     RunConfig,
     config_to_dict,
@@ -305,21 +307,62 @@ def _build(
             hint = did_you_mean(key, SECTIONS) or f"; sections: {', '.join(SECTIONS)}"
             problems.at(key, f"unknown section {key!r}{hint}")
     kw: dict[str, dict[str, Any] | None] = {}
+    lists: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         raw = tree.get(name, {})
-        if name == "objective":
+        if name in LIST_SECTIONS:
+            lists[name] = converter.value([] if raw in ({}, None) else raw, list[cls], name)
+        elif name == "objective":
             kw[name] = converter.objective(raw)
         else:
             kw[name] = converter.fields(raw, cls, name)
     world = _derive(kw, world_size, resolved, problems)
     built: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
+        if name in LIST_SECTIONS:
+            built[name] = lists[name]
+            continue
         section_kw = kw[name]
         if section_kw is not None:
             built[name] = converter.build(cls, section_kw, name)
+    if built.get("rewards") not in (None, BAD):
+        built["rewards"] = resolve_rewards(built["rewards"], problems)
     if len(built) < len(SECTIONS) or any(v is BAD for v in built.values()):
         return None, world
     return RunConfig(**built), world
+
+
+def resolve_rewards(specs: list[Any], problems: Problems) -> list[Any]:
+    """The ``rewards`` entries with each function file made absolute (relative to the YAML
+    file that names it; the working directory for a command-line override) and each function
+    imported and checked once (:func:`megatron.rollout.rewards.load_reward_function`), and each
+    reward model's directory checked to exist."""
+    from megatron.rollout.rewards import RewardError, load_reward_function
+
+    out = []
+    for i, spec in enumerate(specs):
+        path = f"rewards[{i}]"
+        origin = problems.origin(f"{path}.function")
+        if spec.function is not None:
+            where, sep, name = spec.function.rpartition(":")
+            if sep and where.endswith(".py") and not os.path.isabs(where):
+                base = Path(origin).parent if origin not in (OVERRIDE, UNSET) else Path.cwd()
+                absolute = str((base / where).resolve())
+                spec = dataclasses.replace(spec, function=f"{absolute}:{name}")
+            try:
+                load_reward_function(spec.function, spec.weight)
+            except RewardError as e:
+                problems.at(f"{path}.function", str(e), origin=origin)
+        elif not Path(spec.model).exists():
+            problems.at(f"{path}.model", f"{spec.model} does not exist", origin=origin)
+        out.append(spec)
+    labels = [s.label for s in out]
+    for label in sorted({x for x in labels if labels.count(x) > 1}):
+        problems.at(
+            "rewards",
+            f"two rewards are named {label!r} (their metrics would collide); give each a name",
+        )
+    return out
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from megatron.config.online import RewardSpec, RolloutConfig
 from megatron.errors import FieldChecks
 from megatron.objectives.registry import get_objective, objective_names
 
@@ -566,6 +567,10 @@ class RunConfig:
     """Logging."""
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     """Launcher."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Online RL's rollouts (read by objectives with ``prompt`` batches)."""
+    rewards: list[RewardSpec] = field(default_factory=list)
+    """Online RL's rewards: a list of reward functions and reward models."""
 
 
 SECTIONS: dict[str, type] = {
@@ -580,5 +585,9 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "launcher": LauncherConfig,
+    "rollout": RolloutConfig,
+    "rewards": RewardSpec,
 }
-"""Section name -> dataclass, in ``RunConfig`` field order."""
+"""Section name -> dataclass, in ``RunConfig`` field order (for a list section, its entries')."""
+LIST_SECTIONS = frozenset({"rewards"})
+"""Sections that are a list of entries rather than a mapping."""

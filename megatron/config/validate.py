@@ -164,6 +164,62 @@ def _layout(cfg: RunConfig) -> list[str]:
     return out
 
 
+def _online(cfg: RunConfig) -> list[str]:
+    """Online RL (objectives with ``prompt`` batches): rollouts, rewards and the grid."""
+    cls = get_objective(cfg.objective.name)
+    if cls.batch_kind != "prompt":
+        if cfg.rewards:
+            return [
+                f"rewards: only online objectives (grpo, rloo, reinforce) read rewards; objective "
+                f"{cls.name!r} trains on {cls.batch_kind!r} data"
+            ]
+        return []
+    out, r, t = [], cfg.rollout, cfg.training
+    name, par = cls.name, cfg.parallel
+    if par.pipeline > 1:
+        out.append(
+            f"parallel.pipeline ({par.pipeline}): objective {name!r} samples completions with the "
+            "policy's own decoder, which does not run across pipeline stages; use "
+            "parallel.pipeline: 1 (tensor and data parallelism and ZeRO 0-3 work)"
+        )
+    dp = par.data or 1
+    if r.prompts_per_step % dp:
+        out.append(
+            f"rollout.prompts_per_step ({r.prompts_per_step}) must be divisible by the data "
+            f"parallel size ({dp}): each rank samples the same number of prompts"
+        )
+    g = int(getattr(cfg.objective.params, "num_generations", 1))
+    completions, gbs = r.prompts_per_step * g, t.global_batch_size
+    if gbs is not None and completions % gbs:
+        out.append(
+            f"rollout.prompts_per_step ({r.prompts_per_step}) x objective.num_generations ({g}) "
+            f"= {completions} completions per rollout must be a multiple of "
+            f"training.global_batch_size ({gbs}), the completions of one optimizer step"
+        )
+    if r.max_new_tokens >= cfg.data.seq_length:
+        out.append(
+            f"rollout.max_new_tokens ({r.max_new_tokens}) must be < data.seq_length "
+            f"({cfg.data.seq_length}), which holds prompt + completion (and is <= "
+            f"model.max_position_embeddings, {cfg.model.max_position_embeddings})"
+        )
+    if cfg.data.tokenizer is None:
+        out.append(
+            f"data.tokenizer: objective {name!r} decodes its completions for the reward "
+            "functions; set data.tokenizer to the tokenizer directory the data was built with"
+        )
+    if not cfg.rewards:
+        out.append(
+            f"rewards: objective {name!r} needs at least one reward, e.g. rewards: "
+            "[{function: rewards.py:accuracy}] or [{model: runs/rm}]"
+        )
+    if cfg.reference.source == "cache" or cfg.reference.cache is not None:
+        out.append(
+            f"reference.source (cache): objective {name!r} scores freshly sampled completions, "
+            "which no precomputed cache holds; use reference.source: model"
+        )
+    return out
+
+
 def reference_source(cfg: RunConfig) -> str:
     """The effective ``reference.source`` (``auto`` resolved against the objective)."""
     needs = get_objective(cfg.objective.name)(cfg.objective.params).needs_reference_model
@@ -207,6 +263,7 @@ _RULES: tuple[Callable[[RunConfig], list[str]], ...] = (
     _objective,
     _layout,
     _reference,
+    _online,
 )
 
 

@@ -47,6 +47,40 @@ class ExtraTargets:
         return ExtraTargets(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
 
 
+@dataclass(frozen=True)
+class RolloutFields:
+    """What online RL's losses read besides the policy's log-probs (one micro-batch of sampled
+    completions, laid out like any sequence batch; N completions).
+
+    Attributes:
+        advantages: ``[N]`` fp32 per completion.
+        old_logps: ``[b, s]`` fp32 the sampling policy's log-probs of the targets (computed at
+            the rollout when the policy changes before this batch is trained on), or ``None``.
+        ref_logps: ``[b, s]`` fp32 the reference model's (objectives with a KL term), or ``None``.
+        sampler_logps: ``[b, s]`` fp32 the log-probs the generation backend reported, on batches
+            whose policy is still the sampling one (``sampling/logp_difference``), or ``None``.
+        num_items: completion tokens of the whole optimizer step (all ranks and micro-batches)
+            divided by data-parallel size x accumulation steps (DAPO's normalisation).
+        max_new_tokens: the rollout's ``max_new_tokens`` (Dr. GRPO's normalisation).
+    """
+
+    advantages: torch.Tensor
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    sampler_logps: torch.Tensor | None = None
+    num_items: float = 1.0
+    max_new_tokens: int = 1
+
+    def to(self, device: torch.device) -> RolloutFields:
+        """The tensors on ``device``."""
+        changes = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if torch.is_tensor(getattr(self, f.name))
+        }
+        return dataclasses.replace(self, **changes)
+
+
 # Per-example / per-sequence fields that travel to the pipeline's last stage (as tensors).
 _LABEL_TENSORS = (
     "loss_mask",
@@ -84,6 +118,7 @@ class Batch:
         stats: collator statistics (``packing_efficiency``, ``real_tokens``), plain floats.
         dp_means: data-parallel means an objective asked for (``Objective.dp_means``), set by
             :func:`megatron.objectives.registry.loss_with_dp_means`.
+        rollout: online RL's per-completion inputs (:class:`RolloutFields`), or ``None``.
     """
 
     tokens: torch.Tensor
@@ -102,6 +137,7 @@ class Batch:
     sub_batches: dict[str, Batch] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     dp_means: dict[str, torch.Tensor] | None = None
+    rollout: RolloutFields | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,7 +155,7 @@ class Batch:
             v = getattr(self, f.name)
             if torch.is_tensor(v):
                 changes[f.name] = v.to(device, non_blocking=True)
-            elif isinstance(v, SequenceLayout | ExtraTargets):
+            elif isinstance(v, SequenceLayout | ExtraTargets | RolloutFields):
                 changes[f.name] = v.to(device)
         changes["sub_batches"] = {k: b.to(device) for k, b in self.sub_batches.items()}
         if self.dp_means is not None:

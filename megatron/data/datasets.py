@@ -17,6 +17,7 @@ them is built next to them by :func:`megatron.data.builders.build_data` (``data.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -179,15 +180,34 @@ class UnpairedDataset(FieldDataset):
 
 
 class PromptDataset(FieldDataset):
-    """``prompt`` rows (online RL: completions are generated at train time)."""
+    """``prompt`` rows (online RL: completions are generated at train time).
+
+    Datasets written since the ``row`` field exists also give each row's record (the original
+    prompt and its extra columns); older ones give the token ids only.
+    """
 
     format = "prompt"
     batch_kind = "prompt"
     field_names = ("prompt",)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        """Row ``i``: ``prompt`` int64 ``[n]``."""
-        return {"prompt": self._get("prompt", self._index(i))}
+    def __init__(self, prefix: str | Path, seq_length: int, meta: dict[str, Any] | None = None):
+        super().__init__(prefix, seq_length, meta)
+        self.rows = None
+        if "row" in (self.meta.get("fields") or {}):
+            self.rows = IndexedDataset(field_prefix(prefix, "row"))
+            if len(self.rows) != len(self):
+                raise DatasetError(
+                    f"{prefix}: the row field holds {len(self.rows)} rows, the prompts "
+                    f"{len(self)}; re-run tools/preprocess_data.py"
+                )
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Row ``i``: ``prompt`` int64 ``[n]`` and ``row``: the record (a dict, or ``None``)."""
+        i = self._index(i)
+        row = None
+        if self.rows is not None:
+            row = json.loads(self.rows[i].tobytes().decode("utf-8"))
+        return {"prompt": self._get("prompt", i), "row": row}
 
 
 DATASET_CLASSES: dict[str, type[FieldDataset]] = {

@@ -231,7 +231,7 @@ def check_token_ids(prefix: str | Path, meta: dict[str, Any], vocab_size: int) -
     cached = meta.get("max_token_id")
     cached = cached if isinstance(cached, dict) else {}
     fmt = FORMATS.get(meta["format"])
-    for name in [f.name for f in fmt.fields if not f.mask] if fmt else []:
+    for name in [f.name for f in fmt.fields if f.tokens] if fmt else []:
         ds = IndexedDataset(field_prefix(prefix, name))
         bin_path = data_paths(ds.prefix)[0]
         fresh = meta_mtime is not None and bin_path.stat().st_mtime_ns <= meta_mtime

@@ -146,7 +146,7 @@ class ChunkEncoder:
         result = ChunkResult({}, {}, {}, {}, {}, Counter(), errors, rows, len(good))
         for f in self.fmt.fields:
             parts = [e.arrays[f.name] for e in good]
-            dtype = np.uint8 if f.mask else np.int64
+            dtype = np.int64 if f.tokens else np.uint8
             result.arrays[f.name] = np.concatenate(parts) if parts else np.empty(0, dtype)
             result.lengths[f.name] = np.fromiter((p.size for p in parts), np.int64, len(parts))
         for spec in self.fmt.scalars:

@@ -93,7 +93,7 @@ class DatasetWriter:
         self.writers: dict[str, IndexedDatasetWriter] = {}
         try:
             for f in fmt.fields:
-                dtype = np.uint8 if f.mask else self.token_dtype
+                dtype = self.token_dtype if f.tokens else np.uint8
                 self.writers[f.name] = IndexedDatasetWriter(field_prefix(prefix, f.name), dtype)
         except BaseException:
             self.abort()
@@ -310,7 +310,7 @@ def finish_dataset(
     summary.skipped = dict(Counter(e[1] for e in errors if not e[3]))
     summary.dropped = dict(Counter(e[1] for e in errors if e[3]))
     summary.flags = dict(writer.flags)
-    token_fields = [f.name for f in writer.fmt.fields if not f.mask]
+    token_fields = [f.name for f in writer.fmt.fields if f.tokens]
     summary.field_tokens = {k: writer.num_tokens[k] for k in token_fields}
     summary.num_tokens = sum(summary.field_tokens.values())
     summary.lengths = {k: length_stats(v) for k, v in writer.stats.items()}
@@ -328,7 +328,7 @@ def finish_dataset(
     if writer.fmt.name != "text":
         extra = _format_meta_extra(writer, tokenizer, options, summary)
     extra["max_token_id"] = {
-        f.name: writer.writers[f.name].max_id for f in writer.fmt.fields if not f.mask
+        f.name: writer.writers[f.name].max_id for f in writer.fmt.fields if f.tokens
     }
     main = writer.writers[writer.fmt.fields[0].name]
     meta = make_meta(

@@ -63,7 +63,13 @@ import torch.distributed as dist
 from megatron.model.kv_cache import KVCache
 from megatron.model.layout import SequenceLayout
 
-__all__ = ["GenerationOutput", "SamplingConfig", "generate", "greedy_generate"]
+__all__ = [
+    "GenerationOutput",
+    "SamplingConfig",
+    "generate",
+    "greedy_generate",
+    "row_uniforms",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,9 +183,15 @@ def _left_padded(
 
 
 def _choose(
-    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token ``[b]`` and its log-prob ``[b]`` from ``logits [b, v]`` (see the module doc)."""
+    """Next token ``[b]`` and its log-prob ``[b]`` from ``logits [b, v]`` (see the module doc).
+
+    ``uniforms [b]`` fp64: this step's draws (per-row streams); ``None``: drawn from
+    ``generator``."""
     if cfg.greedy:
         token = logits.argmax(dim=-1)
         return token, logits.log_softmax(-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
@@ -195,10 +207,25 @@ def _choose(
         keep = keep & torch.zeros_like(keep).scatter(-1, order, above < cfg.top_p)
     probs = scaled.double().masked_fill(~keep, -math.inf).softmax(-1)  # [b, v] fp64
     cdf = probs.cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device)
+    if uniforms is None:
+        uniforms = torch.rand(
+            logits.shape[0], generator=generator, dtype=torch.float64, device=cdf.device
+        )
+    u = uniforms.to(cdf.device).unsqueeze(1)  # [b, 1]
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
     token = token.clamp(max=scaled.shape[-1] - 1)
     return token, scaled.log_softmax(-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def row_uniforms(seeds: Sequence[int], n: int) -> torch.Tensor:
+    """``[b, n]`` fp64 uniforms in [0, 1), row ``i`` from a CPU generator seeded with
+    ``seeds[i]``: a row's draws depend on its own seed only, never on the other rows of the
+    batch, its position in it, or the device."""
+    out = torch.empty(len(seeds), n, dtype=torch.float64)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        out[i] = torch.rand(n, generator=g, dtype=torch.float64)
+    return out
 
 
 def _any_running(done: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
@@ -219,6 +246,7 @@ def generate(
     eos_id: int | None = None,
     pad_id: int | None = None,
     seed: int = 0,
+    row_seeds: Sequence[int] | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> GenerationOutput:
     """Continue every prompt of a batch with the key/value cache.
@@ -234,6 +262,10 @@ def generate(
         pad_id: fills ``tokens`` after a row's end (default ``eos_id``, else 0).
         seed: seeds this call's ``torch.Generator`` (pass ``seed + dp_rank``: equal across TP
             ranks, different across data-parallel replicas). Unused for greedy.
+        row_seeds: one seed per row instead (:func:`row_uniforms`): each row's samples then
+            depend only on its prompt and its seed, whichever rank or batch generates it (online
+            RL seeds each completion by its place in the rollout, so any data-parallel layout
+            samples the same completions). Unused for greedy.
         group: ranks whose forwards must stay in lockstep (the data-parallel group under
             ZeRO-3, or the world); ``None``: stop as soon as this rank's rows are done.
 
@@ -251,8 +283,12 @@ def generate(
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     tokens, layout = _left_padded(rows, device)
     b, n_max = len(rows), sampling.max_new_tokens
-    generator = None
-    if not sampling.greedy:
+    generator, uniforms = None, None
+    if not sampling.greedy and row_seeds is not None:
+        if len(row_seeds) != b:
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {b} prompts")
+        uniforms = row_uniforms(row_seeds, n_max).to(device)  # [b, n_max]
+    elif not sampling.greedy:
         generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -264,7 +300,8 @@ def generate(
         done = torch.zeros(b, dtype=torch.bool, device=device)
         lengths = torch.zeros(b, dtype=torch.long, device=device)
         for step in range(n_max):
-            token, logp = _choose(logits, sampling, generator)
+            draws = None if uniforms is None else uniforms[:, step]
+            token, logp = _choose(logits, sampling, generator, draws)
             out[:, step] = torch.where(done, pad, token)
             logps[:, step] = torch.where(done, 0.0, logp)
             lengths += (~done).long()

@@ -81,6 +81,10 @@ class GPTModel(nn.Module):
             (``Objective.model_outputs``).
         logprob_chunk_size: tokens per chunk of the vocabulary projection (``None``: ~256 MiB
             of fp32 logits per chunk).
+        logprob_temperature: the per-token outputs are those of ``softmax(logits / T)``: online
+            RL scores sampled tokens under the distribution they were sampled from (the
+            decoder's log-probs, and TRL's ``logits / temperature``). Generation is unaffected
+            (the sampler applies its own temperature).
     """
 
     def __init__(
@@ -92,8 +96,12 @@ class GPTModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         outputs: Iterable[str] | None = None,
         logprob_chunk_size: int | None = None,
+        logprob_temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        if not logprob_temperature > 0:
+            raise ValueError(f"logprob_temperature must be > 0, got {logprob_temperature}")
+        self.logprob_temperature = float(logprob_temperature)
         self.cfg, self.state = cfg, state
         self.outputs = resolve_outputs(getattr(cfg, "head", "lm"), outputs)
         if tracker is None:
@@ -183,6 +191,9 @@ class GPTModel(nn.Module):
             return hidden
         if self.value_head is not None:
             return {"values": self.value_head(hidden).squeeze(-1).float()}  # [b, s]
+        if self.logprob_temperature != 1.0:
+            # (h / T) W^T = (h W^T) / T: the tempered logits, still never materialised whole
+            hidden = hidden / self.logprob_temperature
         return token_log_probs(
             hidden,
             self.output_weight(),

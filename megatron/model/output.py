@@ -12,6 +12,7 @@ name                   head     meaning
 ``token_logps``        lm       ``log p(target)`` per position ``[b, s]`` fp32
 ``log_z``              lm       log-partition (log-sum-exp of the logits) ``[b, s]`` fp32
 ``log_sum_sq_probs``   lm       ``log sum_v p_v^2`` ``[b, s]`` fp32, no gradient (WPO's weights)
+``entropy``            lm       ``-sum_v p_v log p_v`` ``[b, s]`` fp32, no gradient (online RL)
 ``values``             value    the value head at every position ``[b, s]`` fp32
 =====================  =======  ==================================================================
 
@@ -37,7 +38,7 @@ import torch.distributed as dist
 
 from megatron.parallel.cross_entropy import chunked_vocab_parallel_log_probs
 
-LM_OUTPUTS = frozenset({"token_logps", "log_z", "log_sum_sq_probs"})
+LM_OUTPUTS = frozenset({"token_logps", "log_z", "log_sum_sq_probs", "entropy"})
 VALUE_OUTPUTS = frozenset({"values"})
 HEAD_OUTPUTS = {"lm": LM_OUTPUTS, "value": VALUE_OUTPUTS}
 """What each ``model.head`` can give."""
@@ -109,14 +110,23 @@ def token_log_probs(
             # all-reduces); the k extra rows are copies of the hidden states they score.
             flat = torch.cat([flat, flat.index_select(0, extra_index)])  # [b*s + k, h]
             tgt = torch.cat([tgt, extra_targets])
-    with_sq = "log_sum_sq_probs" in outputs
+    with_sq, with_entropy = "log_sum_sq_probs" in outputs, "entropy" in outputs
     out = chunked_vocab_parallel_log_probs(
-        flat, weight, tgt, group, vocab_size=vocab_size, chunk_size=chunk_size, with_sum_sq=with_sq
+        flat,
+        weight,
+        tgt,
+        group,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        with_sum_sq=with_sq,
+        with_entropy=with_entropy,
     )
     n = b * s
     result = {"token_logps": out[0][:n].view(b, s), "log_z": out[1][:n].view(b, s)}
     if with_sq:
         result["log_sum_sq_probs"] = out[2][:n].view(b, s)
+    if with_entropy:
+        result["entropy"] = out[-1][:n].view(b, s)
     if extra_index is not None:
         result["extra_logps"] = out[0][n : n + k]
         if with_sq:

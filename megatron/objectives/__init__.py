@@ -3,10 +3,13 @@
 from megatron.objectives import (  # noqa: F401  (each module registers its objective)
     cpo,
     dpo,
+    grpo,
     kto,
     lm,
     orpo,
+    reinforce,
     reward,
+    rloo,
     sft,
     simpo,
 )

@@ -12,8 +12,10 @@ An objective is a class registered under a name with :func:`register_objective`.
 * ``loss(policy, reference, batch) -> (loss, metrics)``: pure tensor math. A metric is a 0-d
   tensor (averaged over micro-batches and data-parallel ranks with equal weight) or a
   ``(sum, count)`` pair of 0-d tensors (summed over them, then divided: a mean over examples that
-  not every micro-batch has, e.g. KTO's desirable ones; left out of a step that has none), or a
-  ``(total,)`` 1-tuple (summed over micro-batches and ranks: a count over the whole step).
+  not every micro-batch has, e.g. KTO's desirable ones; left out of a step that has none), a
+  ``(total,)`` 1-tuple (summed over micro-batches and ranks: a count over the whole step), or a
+  :class:`Max` / :class:`Min` (the extreme over micro-batches and ranks, e.g. TRL's
+  ``clip_ratio/high_max``).
 
 Optional parts of the contract:
 
@@ -59,6 +61,21 @@ import torch.distributed as dist
 
 from megatron.data.batch import Batch
 from megatron.model.output import DEFAULT_OUTPUTS
+
+
+@dataclasses.dataclass(frozen=True)
+class Max:
+    """A metric reduced by its maximum over micro-batches and data-parallel ranks."""
+
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Min:
+    """A metric reduced by its minimum over micro-batches and data-parallel ranks."""
+
+    value: Any
+
 
 # Every built-in objective is here before any other module can use the registry: importing
 # this module runs megatron/objectives/__init__.py first, and it imports each built-in.

@@ -140,10 +140,20 @@ def vocab_parallel_cross_entropy(
     return -logp * keep
 
 
+def _entropy(masked: torch.Tensor, log_z: torch.Tensor, group) -> torch.Tensor:
+    """``[n]`` entropy ``log Z - sum_v p_v z_v`` of the softmax over the vocabulary shards."""
+    probs = (masked - log_z.unsqueeze(-1)).exp_()  # 0 on the padding columns (z = -inf)
+    # why: 0 * -inf is NaN; the padding columns carry no probability
+    weighted = probs.mul_(torch.nan_to_num(masked, neginf=0.0)).sum(dim=-1)
+    return log_z - all_reduce_no_grad(weighted, group)
+
+
 class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, group, vocab_start, vocab_size, chunk, with_sq):
-        logps, log_zs, sqs = [], [], []
+    def forward(
+        ctx, hidden, weight, target, group, vocab_start, vocab_size, chunk, with_sq, with_entropy
+    ):
+        logps, log_zs, sqs, entropies = [], [], [], []
         for s in range(0, hidden.shape[0], chunk):
             # why: upcast in the same expression so the low-precision logits are freed at once
             logits = (hidden[s : s + chunk] @ weight.t()).float()
@@ -155,16 +165,19 @@ class _ChunkedLogProbs(torch.autograd.Function):
             if with_sq:  # log sum_v p_v^2 (WPO's weights): one more exp and all-reduce
                 sq = (masked - log_z.unsqueeze(-1)).mul_(2.0).exp_().sum(dim=-1)
                 sqs.append(torch.log(all_reduce_no_grad(sq, group)))
+            if with_entropy:  # the policy's entropy (online RL's metric): one more exp
+                entropies.append(_entropy(masked, log_z, group))
         log_z = torch.cat(log_zs) if log_zs else hidden.new_zeros(0, dtype=torch.float32)
         logp = torch.cat(logps) if logps else log_z.clone()
         log_sq = torch.cat(sqs) if sqs else torch.zeros_like(log_z)
+        entropy = torch.cat(entropies) if entropies else torch.zeros_like(log_z)
         ctx.save_for_backward(hidden, weight, target, log_z)
         ctx.args = (vocab_start, vocab_size, chunk)
-        ctx.mark_non_differentiable(log_sq)
-        return logp, log_z, log_sq
+        ctx.mark_non_differentiable(log_sq, entropy)
+        return logp, log_z, log_sq, entropy
 
     @staticmethod
-    def backward(ctx, g_logp, g_logz, _g_sq):
+    def backward(ctx, g_logp, g_logz, _g_sq, _g_entropy):
         hidden, weight, target, log_z = ctx.saved_tensors
         vocab_start, vocab_size, chunk = ctx.args
         g_logp, g_logz = g_logp.float(), g_logz.float()
@@ -185,7 +198,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             )
             grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             grad_w += g.t() @ h.float()
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None
 
 
 def chunked_vocab_parallel_log_probs(
@@ -196,6 +209,7 @@ def chunked_vocab_parallel_log_probs(
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     with_sum_sq: bool = False,
+    with_entropy: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token log p(target) straight from hidden states through a vocab-parallel ``lm_head``.
 
@@ -214,16 +228,26 @@ def chunked_vocab_parallel_log_probs(
             vocabularies).
         with_sum_sq: also return ``log sum_v p_v^2`` per token (no gradient), which WPO's pair
             weights need (arXiv:2406.11827).
+        with_entropy: also return the entropy of each token's distribution ``[n]`` fp32 (no
+            gradient; online RL logs it).
 
     Returns:
-        ``(log_probs [n] fp32, log_z [n] fp32)``, plus ``log_sum_sq_probs [n]`` fp32 with
-        ``with_sum_sq``.
+        ``(log_probs [n] fp32, log_z [n] fp32)``, then ``log_sum_sq_probs [n]`` fp32 with
+        ``with_sum_sq``, then ``entropy [n]`` fp32 with ``with_entropy``.
     """
     hidden = copy_to_tensor_parallel_region(hidden, group)
     vocab_start = _rank(group) * weight.shape[0]
     if chunk_size is None:
         chunk_size = _CHUNK_BYTES // (4 * max(weight.shape[0], 1))
-    logp, log_z, log_sq = _ChunkedLogProbs.apply(
-        hidden, weight, target, group, vocab_start, vocab_size, max(int(chunk_size), 1), with_sum_sq
+    logp, log_z, log_sq, entropy = _ChunkedLogProbs.apply(
+        hidden,
+        weight,
+        target,
+        group,
+        vocab_start,
+        vocab_size,
+        max(int(chunk_size), 1),
+        with_sum_sq,
+        with_entropy,
     )
-    return (logp, log_z, log_sq) if with_sum_sq else (logp, log_z)
+    return (logp, log_z) + (log_sq,) * with_sum_sq + (entropy,) * with_entropy

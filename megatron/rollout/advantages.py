@@ -8,6 +8,8 @@ Shapes: B completions, ``G`` per prompt with each prompt's completions adjacent.
 * **RLOO** (Ahmadian et al., arXiv:2402.14740): the baseline of completion i is the mean reward of
   its group's other completions, ``(sum_j r_j - r_i) / (G - 1)``; optionally standardised over the
   batch. With ``beta > 0`` the reward first pays a KL penalty, ``beta * sum_t (old - ref)``.
+* **REINFORCE** (GPT-NeoX): leave-one-out as RLOO (not standardised), or a moving-average
+  baseline over the means of the last 100 groups (:func:`moving_average_advantages`).
 
 Reference implementation: TRL 1.16's ``GRPOTrainer`` / ``RLOOTrainer``
 (``_generate_and_score_completions``); same conventions: ``nanstd`` is Bessel-corrected, and a
@@ -17,6 +19,7 @@ statistics and gets advantage 0. Tested in ``tests/objectives/test_policy_gradie
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,3 +100,34 @@ def rloo_kl_penalty(
     """``[B]`` RLOO's KL reward penalty per sequence (before ``beta``): the sum over its tokens of
     the first-order estimate ``old - ref`` (may be negative per token)."""
     return ((old_logps - ref_logps) * mask.to(old_logps.dtype)).sum(-1)
+
+
+def moving_average_advantages(
+    rewards: torch.Tensor, num_generations: int, history: list[float], window: int
+) -> tuple[torch.Tensor, list[float]]:
+    """GPT-NeoX REINFORCE's moving-average baseline, group by group in rollout order.
+
+    Each group's baseline is the mean of the group-mean rewards of up to ``window`` groups before
+    it (0 for the first group ever); then the group's own mean joins the history. NeoX keeps one
+    history per data-parallel rank (its data server's order); here one history covers every
+    rank's groups in rollout order, so any data-parallel layout gives the same advantages.
+
+    Args:
+        rewards: ``[B]`` total reward per completion, ``G`` adjacent per prompt (NaN: none
+            applied; left out of its group's mean, advantage 0).
+        num_generations: ``G`` (>= 1).
+        history: group means so far (oldest first; at most ``window``).
+        window: how many recent groups the baseline averages (NeoX: 100).
+
+    Returns:
+        ``(advantages [B], the new history)``.
+    """
+    grouped = rewards.view(-1, num_generations)
+    history = list(history)
+    baselines = []
+    for mean in torch.nanmean(grouped, dim=1).tolist():
+        baselines.append(sum(history) / len(history) if history else 0.0)
+        if not math.isnan(mean):
+            history = (history + [mean])[-window:]
+    base = torch.tensor(baselines, dtype=rewards.dtype).repeat_interleave(num_generations)
+    return torch.nan_to_num(rewards - base, nan=0.0), history

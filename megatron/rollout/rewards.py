@@ -138,8 +138,8 @@ class Scores:
 
 def score_completions(
     functions: Sequence[RewardFunction],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     columns: dict[str, list[Any]] | None = None,
     completion_ids: list[list[int]] | None = None,
     prompt_rows: list[int] | None = None,
@@ -148,8 +148,9 @@ def score_completions(
 
     Args:
         functions: the loaded reward functions.
-        prompts: ``B`` prompt texts (a prompt repeated for each of its completions).
-        completions: ``B`` completion texts.
+        prompts: ``B`` prompts (a prompt repeated for each of its completions): strings, or
+            message lists for conversational data.
+        completions: ``B`` completions: strings, or ``[{"role": "assistant", "content": ...}]``.
         columns: the prompt rows' extra columns, ``B`` values each.
         completion_ids: ``B`` token-id lists (passed as ``completion_ids``, as TRL does).
         prompt_rows: each completion's prompt row in the dataset (for error messages).
@@ -158,6 +159,20 @@ def score_completions(
         RewardError: a function raised, returned the wrong number of values, a non-number or NaN
             (naming the function and the prompt row).
     """
+    values = function_values(functions, prompts, completions, columns, completion_ids, prompt_rows)
+    return combine(values, functions)
+
+
+def function_values(
+    functions: Sequence[RewardFunction],
+    prompts: list[Any],
+    completions: list[Any],
+    columns: dict[str, list[Any]] | None = None,
+    completion_ids: list[list[int]] | None = None,
+    prompt_rows: list[int] | None = None,
+) -> torch.Tensor:
+    """``[B, F]`` float32: each function's value per completion, NaN where it gave ``None``
+    (arguments and errors as :func:`score_completions`)."""
     n = len(completions)
     rows = list(range(n)) if prompt_rows is None else list(prompt_rows)
     kwargs = dict(columns or {})
@@ -186,6 +201,12 @@ def score_completions(
                     f"{rows[i]}); return None where it does not apply"
                 )
             values[i, j] = float(v)
+    return values
+
+
+def combine(values: torch.Tensor, functions: Sequence[RewardFunction]) -> Scores:
+    """:class:`Scores` of ``[B, F]`` values (NaN = not applicable): the weighted sum over the
+    functions that apply (NaN where none does), and each function's mean and std."""
     weights = torch.tensor([f.weight for f in functions], dtype=torch.float32)
     total = (values * weights).nansum(dim=1)
     total[torch.isnan(values).all(dim=1)] = math.nan

@@ -9,6 +9,8 @@ Layout of ``checkpoint.save``::
         client_state.json           # step, consumed samples, sampler state (human-readable)
         config.yml                  # the resolved run config
         rng_state_rank{r}.pt        # python, numpy, torch (cpu/cuda) and TP-tracker RNG per rank
+        source_state_rank{r}.pt     # the batch source's own state per rank, when it has one
+                                    # (an online RL rollout not yet trained on to its end)
         manifest.json               # every file's size and sha256, written after all of them
 
 Finding the tag (``latest`` or an ``iter_*`` directory) is :mod:`megatron.ckpt.layout`; the model
@@ -117,8 +119,12 @@ def save_checkpoint(
     config: Any,
     tracker: RNGStatesTracker,
     keep_last: int | None = None,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Save a complete checkpoint for ``step`` (collective: every rank calls it).
+
+    ``rank_state``: this rank's batch-source state (tensors and plain data), saved as
+    ``source_state_rank{r}.pt`` when not ``None`` (:func:`load_rank_state`).
 
     Returns:
         The tag directory.
@@ -130,6 +136,8 @@ def save_checkpoint(
     tag_dir = save_dir / tag
     buf = _torch_bytes(rng_state(tracker))
     atomic_write_bytes(tag_dir / f"rng_state_rank{rank}.pt", buf)
+    if rank_state is not None:
+        atomic_write_bytes(tag_dir / f"{SOURCE_STATE}{rank}.pt", _torch_bytes(rank_state))
     if rank == 0:
         # "format" tells an interrupted save (no manifest yet) from one that predates manifests
         atomic_write_json(tag_dir / "client_state.json", {**client_state, "format": CKPT_FORMAT})
@@ -149,6 +157,18 @@ def save_checkpoint(
     _barrier()
     log_rank0("saved checkpoint %s", tag_dir)
     return tag_dir
+
+
+SOURCE_STATE = "source_state_rank"
+"""Prefix of the per-rank batch-source state files (``source_state_rank{r}.pt``)."""
+
+
+def load_rank_state(load: str | Path) -> dict[str, Any] | None:
+    """This rank's batch-source state saved with the checkpoint ``load`` (``None``: none saved)."""
+    root, tag = resolve_checkpoint(load)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = root / tag / f"{SOURCE_STATE}{rank}.pt"
+    return safe_load(path) if path.is_file() else None
 
 
 def _torch_bytes(obj: Any) -> bytes:

@@ -99,10 +99,20 @@ class ReferenceModel:
         device: where to run it.
         load: native checkpoint to read (any ZeRO stage, any TP size: resharded on load), or
             ``None`` for the seeded initialisation of the policy.
+        logprob_temperature: score targets under ``softmax(logits / T)`` (online RL, as the
+            policy does).
     """
 
-    def __init__(self, cfg: Any, state: ParallelState, device: torch.device, load: str | None):
+    def __init__(
+        self,
+        cfg: Any,
+        state: ParallelState,
+        device: torch.device,
+        load: str | None,
+        logprob_temperature: float = 1.0,
+    ):
         dtype = DTYPES[cfg.training.precision]
+        kwargs = {"seed": cfg.training.seed, "logprob_temperature": logprob_temperature}
         if load:
             from megatron.ckpt.native import load_tp_shard
 
@@ -110,11 +120,11 @@ class ReferenceModel:
             _check_architecture(root / tag, cfg.model)
             shard = load_tp_shard(root / tag, cfg.model, state.tp_size, state.tp_rank, mmap=False)
             # built on the meta device and given the loaded tensors: one copy of the weights
-            self.model = build_loaded(cfg.model, state, shard, seed=cfg.training.seed)
+            self.model = build_loaded(cfg.model, state, shard, **kwargs)
             del shard
             log_rank0("reference model: %s", root / tag)
         else:
-            self.model = GPTModel(cfg.model, state, seed=cfg.training.seed)
+            self.model = GPTModel(cfg.model, state, **kwargs)
             log_rank0("reference model: the policy's seeded initialisation")
         self.model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():

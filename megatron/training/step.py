@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.data.batch import Batch
-from megatron.objectives.registry import loss_with_dp_means
+from megatron.objectives.registry import Max, Min, loss_with_dp_means
 
 
 def forward_outputs(model: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -60,10 +60,13 @@ def micro_batch_loss(
 
 
 def detach_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Metrics detached and on the CPU (a ``(sum, count)`` pair stays a pair)."""
+    """Metrics detached and on the CPU (a ``(sum, count)`` pair stays a pair, a
+    :class:`~megatron.objectives.registry.Max` / ``Min`` stays one)."""
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        if isinstance(v, tuple):
+        if isinstance(v, Max | Min):
+            out[k] = type(v)(torch.as_tensor(v.value).detach().float().cpu())
+        elif isinstance(v, tuple):
             out[k] = tuple(torch.as_tensor(x).detach().float().cpu() for x in v)
         else:
             out[k] = torch.as_tensor(v).detach().float().cpu()
@@ -77,9 +80,12 @@ def average_metrics(
 
     A 0-d value is averaged with equal weight per micro-batch; a ``(sum, count)`` pair is summed
     everywhere and divided at the end (omitted when the count is 0 on every rank); a ``(total,)``
-    1-tuple is summed everywhere (a count over the whole step).
+    1-tuple is summed everywhere (a count over the whole step); a ``Max`` / ``Min`` takes the
+    extreme (omitted where a micro-batch does not give it).
     """
     values = [detach_metrics(v) for v in values]
+    extremes = _extremes(values, group)
+    values = [{k: x for k, x in v.items() if not isinstance(x, Max | Min)} for v in values]
     plain = sorted(k for k in values[0] if not isinstance(values[0][k], tuple))
     summed = sorted(k for k in values[0] if isinstance(values[0][k], tuple))
     mean = torch.stack([torch.stack([v[k] for k in plain]) for v in values]).mean(dim=0)
@@ -98,7 +104,26 @@ def average_metrics(
             out[k] = float(totals[i, 0])
         elif totals[i, 1] > 0:
             out[k] = float(totals[i, 0] / totals[i, 1])
+    out.update(extremes)
     return out
+
+
+def _extremes(values: list[dict[str, Any]], group: dist.ProcessGroup | None) -> dict[str, float]:
+    """The ``Max`` / ``Min`` metrics of :func:`average_metrics`: every rank must list the same
+    keys (they come from one objective), a micro-batch without the key is skipped."""
+    keys = sorted({k for v in values for k, x in v.items() if isinstance(x, Max | Min)})
+    if not keys:
+        return {}
+    # a max of -x is a min of x: one all-reduce for both
+    sign = {k: next(1.0 if isinstance(v[k], Max) else -1.0 for v in values if k in v) for k in keys}
+    best = torch.full((len(keys),), -torch.inf)
+    for v in values:
+        for i, k in enumerate(keys):
+            if k in v:
+                best[i] = torch.maximum(best[i], sign[k] * v[k].value)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+    return {k: sign[k] * float(best[i]) for i, k in enumerate(keys) if torch.isfinite(best[i])}
 
 
 class GradNormMeter:

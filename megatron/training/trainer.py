@@ -2,7 +2,9 @@
 
 ``Trainer(config).train()`` builds the grid, the model, the DeepSpeed engine and the data for the
 registered objective's batch kind, resumes from ``checkpoint.load`` when given, and trains for
-``training.train_iters`` optimizer steps.
+``training.train_iters`` optimizer steps. Each step's micro-batches come from a batch source
+(:mod:`megatron.training.batch_source`): dataset rows, or for online objectives completions
+sampled from the policy (:class:`megatron.rollout.source.RolloutSource`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from megatron.config import config_to_dict, deepspeed_config
 from megatron.config.validate import reference_source
@@ -24,8 +25,10 @@ from megatron.data.sampler import GlobalBatchSampler
 from megatron.model import GPTModel
 from megatron.model.pipeline import build_pipeline_model, mark_tied_duplicates
 from megatron.objectives import get_objective
+from megatron.objectives.online import OnlineObjective
 from megatron.parallel import ParallelState, RNGStatesTracker, model_parallel_seed
 from megatron.training import checkpointing, signals
+from megatron.training.batch_source import DatasetSource, micro_batches
 from megatron.training.distributed import export_local_rank, import_deepspeed, init_distributed
 from megatron.training.guards import TrainGuard
 from megatron.training.metrics import MetricsLogger
@@ -78,6 +81,9 @@ class Trainer:
         random.seed(seed)
         objective_cls = get_objective(cfg.objective.name)
         self.objective = objective_cls(cfg.objective.params)
+        self.online = isinstance(self.objective, OnlineObjective)
+        # online RL scores tokens under the distribution they were sampled from
+        self.temperature = cfg.rollout.temperature if self.online else 1.0
         self._build_engine()
         data = build_data(
             objective_cls.batch_kind,
@@ -86,7 +92,6 @@ class Trainer:
             self.objective.collate_options(pipeline=self.state.pp_size > 1),
         )
         self.train_data, self.valid_data, self.collate = data.train, data.valid, data.collate
-        self.sampler = self._sampler(len(self.train_data), shuffle=True)
         if global_rank() == 0:
             for warning in self.objective.data_warnings(self.train_data):
                 log_rank0("%s", warning, level=logging.WARNING)
@@ -102,6 +107,12 @@ class Trainer:
         uses_reference = reference_source(cfg) != "none"
         self.reference_load = initial_weights(cfg, client) if uses_reference else None
         self.reference = self._build_reference()
+        self.source = self._build_source()
+        if client is not None:
+            rank_state = checkpointing.load_rank_state(cfg.checkpoint.load)
+            self.source.load_state_dict(client, rank_state)
+        # the step's reference provider: none where the source's batches carry their values
+        self.step_reference = None if self.source.provides_reference else self.reference
         log_rank0(
             "grid tp=%d pp=%d dp=%d zero=%d | %.2fM parameters on this rank | %d train samples",
             self.state.tp_size,
@@ -126,7 +137,12 @@ class Trainer:
             mark_tied_duplicates(self.model)
             mpu = None  # the pipeline module brings its own grid
         else:
-            kwargs = {"tracker": self.tracker, "seed": seed, "outputs": outputs}
+            kwargs = {
+                "tracker": self.tracker,
+                "seed": seed,
+                "outputs": outputs,
+                "logprob_temperature": self.temperature,
+            }
             # a finetune start builds the model from its checkpoint (no second copy at set-up)
             preloaded = checkpointing.preload_policy(cfg, self.state, **kwargs)
             self.weights_loaded = preloaded is not None
@@ -182,7 +198,6 @@ class Trainer:
         )
         if client is not None:
             self.step = int(client["step"])
-            self.sampler.load_state_dict(client["sampler"])
         return client
 
     def _build_reference(self) -> ReferenceProvider | None:
@@ -195,16 +210,33 @@ class Trainer:
             return ReferenceProvider(
                 self.objective, cache=ReferenceCache(self.cfg.reference.cache, key)
             )
-        model = ReferenceModel(self.cfg, self.state, self.device, self.reference_load)
+        model = ReferenceModel(
+            self.cfg, self.state, self.device, self.reference_load, self.temperature
+        )
         return ReferenceProvider(self.objective, model=model)
+
+    def _build_source(self) -> Any:
+        """Dataset rows, or rollouts of the policy for online objectives."""
+        if not self.online:
+            sampler = self._sampler(len(self.train_data), shuffle=True)
+            return DatasetSource(self.train_data, self.collate, sampler)
+        from megatron.rollout.setup import build_rollout_source
+
+        model = self.reference.model if self.reference is not None else None
+        return build_rollout_source(self, model)
 
     def _train_step(self, micro: list[Batch]) -> list[dict[str, Any]]:
         if self.pipe_loss is not None:
             return pipeline_train_step(
-                self.engine, self.pipe_loss, micro, self.state, self.reference
+                self.engine, self.pipe_loss, micro, self.state, self.step_reference
             )
         return train_step(
-            self.engine, self.objective, micro, self.device, self.reference, self.state.dp_group
+            self.engine,
+            self.objective,
+            micro,
+            self.device,
+            self.step_reference,
+            self.state.dp_group,
         )
 
     def _eval_step(self, micro: list[Batch], split: str) -> list[dict[str, Any]]:
@@ -225,7 +257,7 @@ class Trainer:
     def _save(self) -> None:
         client = {
             "step": self.step,
-            "sampler": self.sampler.state_dict(),
+            **self.source.state_dict(),  # the sampler's position (and a rollout's)
             "reference_load": self.reference_load,
             "finite": self.guard.finite,  # keep_last never prunes the newest finite checkpoint
         }
@@ -237,15 +269,8 @@ class Trainer:
             self.cfg,
             self.tracker,
             keep_last=self.cfg.checkpoint.keep_last,
+            rank_state=self.source.rank_state(),
         )
-
-    def _micro_batches(self, indices: list[list[int]], dataset: Any) -> list[Batch]:
-        out = []
-        for mb in indices:
-            batch = self.collate([dataset[i] for i in mb])
-            # the dataset rows: what a reference cache is indexed by
-            out.append(batch.replace(example_ids=torch.tensor(mb, dtype=torch.long)))
-        return out
 
     # ---- loop ---------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
@@ -262,7 +287,6 @@ class Trainer:
             )
             self.metrics.close()
             return history
-        batches = iter(self.sampler)
         if self.step == 0 and t.eval_interval and self.valid_data is not None:
             self.evaluate()  # the untrained baseline
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
@@ -270,15 +294,21 @@ class Trainer:
             lr = learning_rate(self.step + 1, cfg.optimizer.lr, cfg.schedule, t.train_iters)
             set_learning_rate(self.engine.optimizer, lr)
             start = time.time()
-            micro = self._micro_batches(next(batches), self.train_data)
+            micro, source_metrics = self.source.next_step()
+            update_start = time.time()
             values = average_metrics(self._train_step(micro), self.state.dp_group)
+            self.source.after_step()
             real = values.pop("real_tokens", None)  # mean per micro-batch, from the collator
             if real is not None:
                 tokens_per_step = real * t.gradient_accumulation_steps * self.state.dp_size
             self.step += 1
-            dt = time.time() - start
-            values.update(lr=lr, step_time=dt, tokens_per_s=tokens_per_step / dt)
+            dt, update = time.time() - start, time.time() - update_start
+            values.update(
+                source_metrics, lr=lr, step_time=dt, tokens_per_s=tokens_per_step / update
+            )
             values["samples_per_s"] = t.global_batch_size / dt
+            if self.online:
+                values["time/update"] = update
             grad_norm = (
                 self.grad_norm.value if self.grad_norm else self.engine.get_global_grad_norm()
             )
@@ -313,13 +343,17 @@ class Trainer:
         return history
 
     def evaluate(self) -> dict[str, float]:
-        """Mean metrics over the first ``training.eval_iters`` global batches of validation data."""
-        sampler = self._sampler(len(self.valid_data), shuffle=False)
-        values = []
-        for _, indices in zip(range(self.cfg.training.eval_iters), sampler, strict=False):
-            micro = self._micro_batches(indices, self.valid_data)
-            values += self._eval_step(micro, "valid")
-        result = average_metrics(values, self.state.dp_group)
+        """Mean metrics over the first ``training.eval_iters`` global batches of validation data
+        (or the source's own evaluation: online RL completes held-out prompts)."""
+        if hasattr(self.source, "evaluate"):
+            result = self.source.evaluate()
+        else:
+            sampler = self._sampler(len(self.valid_data), shuffle=False)
+            values = []
+            for _, indices in zip(range(self.cfg.training.eval_iters), sampler, strict=False):
+                micro = micro_batches(indices, self.valid_data, self.collate)
+                values += self._eval_step(micro, "valid")
+            result = average_metrics(values, self.state.dp_group)
         self.metrics.log(self.step, result, split="valid")
         log_rank0(
             "validation at step %d | %s",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron.data.datasets import PromptDataset
 from megatron.data.formats.chat import PieceEncoder
 from megatron.data.indexed import DatasetError, IndexedDataset
 from megatron.data.meta import read_meta
@@ -96,7 +97,7 @@ def _string_rows(fmt: str, n: int = 8) -> list[dict]:
         row = {
             "sft": {"prompt": prompt, "completion": answer},
             "unpaired": {"prompt": prompt, "completion": answer, "label": i % 3 != 0},
-            "prompt": {"prompt": prompt},
+            "prompt": {"prompt": prompt, "answer": answer},
         }[fmt]
         rows.append(row)
     return rows
@@ -145,6 +146,9 @@ def test_every_input_kind_gives_the_same_dataset(fmt, tmp_path, tiny_tokenizer_d
         assert labels.tolist() == [r["label"] for r in rows]
     else:
         assert _rows(prefix, "prompt", tokenizer) == [r["prompt"] for r in rows]
+        # the record itself (original prompt, extra columns) reaches online RL's rewards
+        ds = PromptDataset(prefix, 128)
+        assert [ds[i]["row"] for i in range(len(rows))] == rows
 
 
 def test_standard_and_implicit_prompts_csv(tmp_path, tiny_tokenizer_dir, tokenizer, chatml):

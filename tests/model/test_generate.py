@@ -343,3 +343,44 @@ def test_deepspeed_engine_generates_like_the_plain_model(pool, stage):
             assert isinstance(g, GenerationOutput)
             assert torch.equal(g.tokens, w.tokens) and torch.equal(g.lengths, w.lengths)
             torch.testing.assert_close(g.logprobs, w.logprobs, atol=1e-5, rtol=0)
+
+
+def test_row_seeds_make_each_row_independent_of_its_batch():
+    """With one seed per row a completion depends only on its prompt and seed: alone, in another
+    batch, or at another position, it samples the same tokens (online RL relies on this to draw
+    the same completions on every data-parallel layout); other seeds sample other tokens."""
+    model = GPTModel(_cfg("llama-gqa"), ParallelState.single(), seed=3).eval()
+    prompts = [[5, 9, 2], [7], [3, 3, 8, 1, 4], [11, 2]]
+    seeds = [101, 202, 303, 404]
+    both = generate(model, prompts, SAMPLED, row_seeds=seeds).to_lists()
+    for i in range(len(prompts)):
+        alone = generate(model, [prompts[i]], SAMPLED, row_seeds=[seeds[i]]).to_lists()[0]
+        assert alone == both[i]
+    swapped = generate(model, prompts[::-1], SAMPLED, row_seeds=seeds[::-1]).to_lists()
+    assert swapped == both[::-1]
+    other = generate(model, prompts, SAMPLED, row_seeds=[1, 2, 3, 4]).to_lists()
+    assert other != both
+    with pytest.raises(ValueError, match="row_seeds has 2 seeds for 4 prompts"):
+        generate(model, prompts, SAMPLED, row_seeds=[1, 2])
+
+
+def test_logprob_temperature_scores_the_tempered_distribution():
+    """``logprob_temperature`` T: the outputs are those of softmax(logits / T). The model is
+    fp64 but its per-token outputs are fp32 (the log-softmax runs in fp32): values of O(5) agree
+    to a few fp32 ulps, atol 1e-5; reading the untempered distribution would be off by O(0.1)."""
+    cfg = _cfg("llama-gqa")
+    plain = GPTModel(cfg, ParallelState.single(), seed=3).double().eval()
+    tempered = GPTModel(
+        cfg, ParallelState.single(), seed=3, logprob_temperature=0.7,
+        outputs=("token_logps", "log_z", "entropy"),
+    ).double().eval()  # fmt: skip
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    targets = tokens.roll(-1, 1)
+    with torch.no_grad():
+        logits = plain.logits(plain(tokens)) / 0.7
+        out = tempered(tokens, None, targets)
+    logp = logits.log_softmax(-1)
+    tol = dict(atol=1e-5, rtol=0)
+    want = logp.gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(out["token_logps"].double(), want, **tol)
+    torch.testing.assert_close(out["entropy"].double(), -(logp.exp() * logp).sum(-1), **tol)

@@ -92,7 +92,7 @@ def test_ratio_one_gives_the_plain_policy_gradient():
     want = -(adv.unsqueeze(1) * mask / mask.sum(1, keepdim=True)) / B
     torch.testing.assert_close(logps.grad, want, rtol=0, atol=1e-7)
     assert float(loss.detach()) == pytest.approx(float(-adv.mean()), abs=1e-6)
-    assert all(float(metrics[k]) == 0.0 for k in metrics if k.startswith("clip_ratio"))
+    assert all(_value(metrics[k]) == 0.0 for k in metrics if k.startswith("clip_ratio"))
 
 
 class _Reduce:
@@ -130,7 +130,9 @@ def _run_trl(cls, attrs: dict, logps: torch.Tensor, mask, adv, **extra):
     return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
 
-def _trl_grpo(loss_type, epsilon, epsilon_high, beta, logps, old, ref, mask, adv, max_len, items):
+def _trl_grpo(
+    loss_type, epsilon, epsilon_high, beta, logps, old, ref, mask, adv, max_len, items, bias=True
+):
     """TRL 1.16's ``GRPOTrainer._compute_loss`` on these per-token values."""
     from trl import GRPOTrainer
 
@@ -147,22 +149,36 @@ def _trl_grpo(loss_type, epsilon, epsilon_high, beta, logps, old, ref, mask, adv
         _entropy_bonus_enabled=False,
         current_gradient_accumulation_steps=1,
         max_completion_length=max_len,
-        args=types.SimpleNamespace(
-            use_bias_correction_kl=False, delta=None, steps_per_generation=1
-        ),
+        args=types.SimpleNamespace(use_bias_correction_kl=bias, delta=None, steps_per_generation=1),
     )
     extra = {"old_per_token_logps": old, "ref_per_token_logps": ref}
     extra["num_items_in_batch"] = torch.tensor(items)
     return _run_trl(GRPOTrainer, attrs, logps, mask, adv, **extra)
 
 
+def _value(metric) -> float:
+    """A metric's number (a Max / Min carries it in ``value``)."""
+    return float(getattr(metric, "value", metric))
+
+
+CLIP_KEYS = (
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+)
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize(("epsilon_high", "beta"), [(0.2, 0.0), (0.28, 0.04)])
-def test_grpo_loss_equals_trl(loss_type, epsilon_high, beta):
+@pytest.mark.parametrize(
+    ("epsilon_high", "beta", "bias"), [(0.2, 0.0, True), (0.28, 0.04, True), (0.28, 0.04, False)]
+)
+def test_grpo_loss_equals_trl(loss_type, epsilon_high, beta, bias):
     logps, old, ref, mask, adv = _inputs(1)
     items = float(mask.sum()) * 1.5  # dapo: the global batch's tokens, not this micro-batch's
     want, want_m = _trl_grpo(
-        loss_type, 0.2, epsilon_high, beta, logps, old, ref, mask, adv, T, items
+        loss_type, 0.2, epsilon_high, beta, logps, old, ref, mask, adv, T, items, bias
     )
     got, got_m = grpo_loss(
         logps,
@@ -174,12 +190,13 @@ def test_grpo_loss_equals_trl(loss_type, epsilon_high, beta):
         epsilon_high=epsilon_high,
         beta=beta,
         ref_logps=ref,
+        bias_correction_kl=bias,
         max_completion_length=T,
         num_items=items,
     )
     assert abs(float(got) - float(want)) <= ATOL
-    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        assert float(got_m[key]) == pytest.approx(want_m[key], abs=ATOL)
+    for key in CLIP_KEYS:
+        assert _value(got_m[key]) == pytest.approx(want_m[key], abs=ATOL), key
     assert 0 < want_m["clip_ratio/region_mean"] < 1, "the inputs must exercise the clip"
     if beta:
         assert float(got_m["kl"]) == pytest.approx(want_m["kl"], abs=ATOL)
@@ -208,7 +225,7 @@ def test_rloo_loss_and_kl_penalty_hand_worked():
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     seq = (logps * mask).sum(1)
     loss, metrics = rloo_loss(logps, seq, torch.tensor([2.0, -1.0]), mask)
-    assert float(loss) == pytest.approx(-0.5) and float(metrics["clip_ratio/region_mean"]) == 0
+    assert float(loss) == pytest.approx(-0.5) and _value(metrics["clip_ratio/region_mean"]) == 0
     ref = torch.tensor([[-1.5, -1.0], [-0.5, 9.0]])
     assert rloo_kl_penalty(logps, ref, mask).tolist() == [-0.5, 0.0]
 
@@ -223,6 +240,6 @@ def test_rloo_loss_equals_trl():
     want, want_m = _run_trl(RLOOTrainer, attrs, logps, mask, adv, old_logps=old)
     got, got_m = rloo_loss(logps, old, adv, mask, epsilon=0.2, epsilon_high=0.28)
     assert abs(float(got) - float(want)) <= ATOL
-    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        assert float(got_m[key]) == pytest.approx(want_m[key], abs=ATOL)
+    for key in CLIP_KEYS:
+        assert _value(got_m[key]) == pytest.approx(want_m[key], abs=ATOL), key
     assert 0 < want_m["clip_ratio/region_mean"] < 1, "the inputs must exercise the clip"

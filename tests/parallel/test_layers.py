@@ -190,11 +190,11 @@ def _chunked(rank, world, chunk):
     target = torch.randint(0, 50, (13,))
     state = ParallelState.build(world)
     w = weight.chunk(world, 0)[rank].clone().requires_grad_(True)
-    logp, log_z, log_sq = chunked_vocab_parallel_log_probs(
-        hidden, w, target, state.tp_group, 50, chunk, with_sum_sq=True
+    logp, log_z, log_sq, entropy = chunked_vocab_parallel_log_probs(
+        hidden, w, target, state.tp_group, 50, chunk, with_sum_sq=True, with_entropy=True
     )
     (logp.sum() + 0.3 * log_z.sum()).backward()
-    return logp.detach(), hidden.grad, w.grad, log_sq
+    return logp.detach(), hidden.grad, w.grad, log_sq, entropy
 
 
 @pytest.mark.parametrize("chunk", [4, 100])
@@ -207,9 +207,12 @@ def test_chunked_log_probs_equal_full_logits(pool, chunk):
     ref = F.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
     (ref.sum() + 0.3 * torch.logsumexp(logits, -1).sum()).backward()
     ref_sq = torch.log((F.softmax(logits, -1) ** 2).sum(-1)).detach()  # WPO's log sum_v p_v^2
+    p = F.softmax(logits, -1).detach()
+    ref_entropy = -(p * torch.log(p)).sum(-1)  # online RL's metric; padded vocab excluded
     world = pool.world_size
-    for rank, (lp, gh, gw, sq) in enumerate(pool.run(_chunked, chunk)):
+    for rank, (lp, gh, gw, sq, ent) in enumerate(pool.run(_chunked, chunk)):
         torch.testing.assert_close(sq, ref_sq, **TOL)
+        torch.testing.assert_close(ent, ref_entropy, **TOL)
         torch.testing.assert_close(lp, ref.detach(), **TOL)
         torch.testing.assert_close(gh, hidden.grad, **TOL)
         torch.testing.assert_close(gw, weight.grad.chunk(world, 0)[rank], **TOL)

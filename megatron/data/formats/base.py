@@ -35,10 +35,18 @@ class FieldSpec:
         name: File suffix: the field is stored at ``PREFIX.<name>.{bin,idx}`` (``""``: the prefix
             itself, the ``text`` format's layout).
         mask: A 0/1 ``uint8`` per token (e.g. ``loss_mask``) rather than token ids.
+        json: The row's data as UTF-8 JSON bytes (``uint8``) rather than token ids (the
+            ``prompt`` format's original prompt and extra columns).
     """
 
     name: str
     mask: bool = False
+    json: bool = False
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the field holds token ids (else ``uint8`` mask values or bytes)."""
+        return not (self.mask or self.json)
 
 
 @dataclass(frozen=True)

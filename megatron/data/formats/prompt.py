@@ -1,12 +1,16 @@
 """``--format prompt``: prompts only, for online RL (generation happens at train time).
 
-Row: ``{"prompt": str | [messages]}``. A conversational prompt is rendered with the generation
-prompt (or continues a final assistant message); a string is used as is, without EOS. Stored as
-``PREFIX.prompt.{bin,idx}``. ``--max-length`` with ``truncate_prompt`` keeps the last tokens.
+Row: ``{"prompt": str | [messages], ...}``. A conversational prompt is rendered with the
+generation prompt (or continues a final assistant message); a string is used as is, without EOS.
+Stored as ``PREFIX.prompt.{bin,idx}`` (token ids) and ``PREFIX.row.{bin,idx}``: the whole record as
+UTF-8 JSON, so the original prompt and every other column (e.g. a reference ``answer``) reach the
+reward functions, as TRL passes a dataset's extra columns. ``--max-length`` with
+``truncate_prompt`` keeps the last tokens.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,14 +43,20 @@ class PromptFormat(RowFormat):
 
     name = "prompt"
     batch_kind = "prompt"
-    fields = (FieldSpec("prompt"),)
+    fields = (FieldSpec("prompt"), FieldSpec("row", json=True))
 
     def extract(self, record: Mapping[str, Any], options: Any) -> list[Any]:
-        return [read_prompt(record)]
+        prompt = read_prompt(record)
+        try:
+            row = json.dumps(dict(record), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise RowError("bad_column", f"the row cannot be stored as JSON: {e}") from None
+        return [(prompt, row)]
 
     def encode(self, items: list[Any], ctx: EncodeContext) -> list[Encoded | RowError]:
         out: list[Encoded | RowError] = []
-        for split in split_prompt_completions([(p, []) for p in items], ctx):
+        prompts = [(p, []) for p, _ in items]
+        for (_, row), split in zip(items, split_prompt_completions(prompts, ctx), strict=True):
             if isinstance(split, RowError):
                 out.append(split)
                 continue
@@ -57,5 +67,6 @@ class PromptFormat(RowFormat):
                 continue
             arr = np.asarray(prompt, dtype=np.int64)
             flags = ("prompt_truncated",) if truncated else ()
-            out.append(Encoded({"prompt": arr}, lengths={"sequence": arr.size}, flags=flags))
+            arrays = {"prompt": arr, "row": np.frombuffer(row, dtype=np.uint8)}
+            out.append(Encoded(arrays, lengths={"sequence": arr.size}, flags=flags))
         return out
