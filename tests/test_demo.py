@@ -1,5 +1,5 @@
-"""``make demo`` at a reduced size: SFT, then DPO, KTO and a reward model from it, on the generated
-task; metrics printed and moving the right way.
+"""``make demo`` at a reduced size: SFT, then DPO, KTO, a reward model and GRPO from it, on the
+generated task; metrics printed and moving the right way.
 
 Runs ``tools/demo.py --quick --nproc 1`` (one CPU rank per stage, about 60 s on 2 cores).
 """
@@ -25,6 +25,7 @@ def test_quick_demo_pipeline(tmp_path):
         "greedy exact match",
         "KTO  step",
         "reward model held-out accuracy",
+        "GRPO held-out greedy exact match",
     ):
         assert line in proc.stdout
     res = json.loads((out / "results.json").read_text())
@@ -46,3 +47,7 @@ def test_quick_demo_pipeline(tmp_path):
     assert res["rm_valid"][0]["step"] == 0 and res["rm_valid"][-1]["step"] > 0
     assert res["rm_valid"][-1]["loss"] < res["rm_valid"][0]["loss"]
     assert (out / "rm" / "latest").is_file()
+    # GRPO: started from the early SFT checkpoint, evaluated (greedy) before, midway and after
+    assert res["grpo_start"] == 30 and [r["step"] for r in res["grpo_valid"]] == [0, 3, 6]
+    assert 0.0 <= res["grpo_exact_match_after"] <= 1.0 and 0.0 <= res["exact_match_grpo"] <= 1.0
+    assert (out / "grpo" / "latest").is_file()

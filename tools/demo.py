@@ -15,13 +15,18 @@ Everything it needs ships in the repository:
    (``checkpoint.load=SFT checkpoint.finetune=true``; the frozen reference is that same
    checkpoint): DPO (``configs/demo/dpo.yml``), KTO (``configs/demo/kto.yml``) and a reward model
    (``configs/demo/rm.yml``, ``model.head: value``), all on CPU through ``deepy.py``;
-5. greedy generation with the key/value cache (:func:`megatron.model.generate.greedy_generate`) on
-   held-out prompts, from the SFT, DPO and KTO weights, scored by exact match.
+5. GRPO (``configs/demo/grpo.yml``, online RL) from an *early* SFT checkpoint, one that answers
+   only part of the prompts right, so that the sampled completions' exact-match reward varies:
+   the policy samples its own completions of the task prompts (``--format prompt`` rows whose
+   ``answer`` column reaches the reward function ``configs/demo/rewards.py``);
+6. greedy generation with the key/value cache (:func:`megatron.model.generate.greedy_generate`) on
+   held-out prompts, from the SFT, DPO, KTO and GRPO weights, scored by exact match.
 
 It prints, before and after each stage, the held-out metrics the trainer logs: DPO's implicit
 reward accuracy and margin (``rewards/accuracies``, ``rewards/margins``), KTO's implicit rewards of
 the correct and corrupted answers and its KL estimate, the reward model's pairwise ``accuracy``
-(the target is >= 90 %) and ``margin``; and the exact-match accuracy of the generating models.
+(the target is >= 90 %) and ``margin``, GRPO's held-out greedy exact match and mean reward
+(its evaluation) and sampled reward; and the exact-match accuracy of the generating models.
 ``--quick`` runs the same pipeline at a reduced size (used by the test suite).
 """
 
@@ -66,6 +71,8 @@ class Sizes:
     dpo_eval_interval: int
     kto_iters: int
     rm_iters: int
+    grpo_start: int
+    grpo_iters: int
     generations: int
 
 
@@ -78,6 +85,8 @@ FULL = Sizes(
     dpo_eval_interval=50,
     kto_iters=300,
     rm_iters=900,
+    grpo_start=300,
+    grpo_iters=150,
     generations=256,
 )
 QUICK = Sizes(
@@ -89,6 +98,8 @@ QUICK = Sizes(
     dpo_eval_interval=30,
     kto_iters=20,
     rm_iters=30,
+    grpo_start=30,
+    grpo_iters=6,
     generations=12,
 )
 
@@ -201,6 +212,10 @@ def prepare_data(out: Path, sizes: Sizes) -> dict[str, list[Example]]:
     # why: the reward model learns to check answers from many more pairs than DPO needs (8k
     # pairs: 85 % held-out accuracy, 32k: 95 %); the SFT prompts' corrupted answers supply them.
     write_jsonl(out / "raw" / "rm_train.jsonl", pair(splits["sft_train"] + splits["dpo_train"]))
+    # GRPO's prompts keep their answer as an extra column, for the reward function
+    task = lambda exs: [{"prompt": e.prompt, "answer": e.answer} for e in exs]  # noqa: E731
+    write_jsonl(out / "raw" / "grpo_train.jsonl", task(splits["dpo_train"]))
+    write_jsonl(out / "raw" / "grpo_valid.jsonl", task(splits["valid"]))
     corpus = [e.prompt + e.answer for e in splits["sft_train"]]
     build_byte_level_bpe(corpus, TOKENIZER_VOCAB, out / "tokenizer")
     for name in ("sft_train", "sft_valid"):
@@ -209,6 +224,8 @@ def prepare_data(out: Path, sizes: Sizes) -> dict[str, list[Example]]:
         preprocess(out, name, "pairwise")
     for split in ("train", "valid"):
         preprocess(out, f"kto_{split}", "unpaired", source=f"dpo_{split}")
+    for name in ("grpo_train", "grpo_valid"):
+        preprocess(out, name, "prompt")
     return splits
 
 
@@ -217,6 +234,7 @@ STAGE_DATA = {
     "dpo": ("dpo_train", "dpo_valid"),
     "kto": ("kto_train", "kto_valid"),
     "rm": ("rm_train", "dpo_valid"),
+    "grpo": ("grpo_train", "grpo_valid"),
 }
 """Training and held-out dataset of each stage (the reward model is validated on DPO's pairs)."""
 
@@ -287,7 +305,8 @@ def _pct(x: float) -> str:
 def report(out: Path, gens: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Print and return the before/after numbers (also written to ``OUT/results.json``).
 
-    ``gens`` maps each generating stage (``sft``, ``dpo``, ``kto``) to :func:`exact_match`'s result.
+    ``gens`` maps each generating stage (``sft``, ``dpo``, ``kto``, ``grpo``) to
+    :func:`exact_match`'s result.
     """
     sft_valid = valid_metrics(out / "sft")
     dpo_valid, kto_valid, rm_valid = (valid_metrics(out / s) for s in ("dpo", "kto", "rm"))
@@ -339,9 +358,11 @@ def report(out: Path, gens: dict[str, dict[str, Any]]) -> dict[str, Any]:
         f"reward model held-out accuracy {_pct(result['rm_accuracy_before'])} -> "
         f"{_pct(result['rm_accuracy_after'])} (target >= 90 %)"
     )
+    result.update(grpo_report(out))
     n = len(gens["sft"]["outputs"])
     print(
-        f"greedy exact match on {n} held-out prompts: "
+        f"greedy exact match on {n} held-out prompts (GRPO started from SFT step "
+        f"{result['grpo_start']}): "
         + " -> ".join(f"{stage.upper()} {_pct(g['exact_match'])}" for stage, g in gens.items())
     )
     for task in TASKS:
@@ -361,6 +382,42 @@ def report(out: Path, gens: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def grpo_report(out: Path) -> dict[str, Any]:
+    """GRPO's held-out evaluations (greedy, scored by the rewards) and sampled training reward."""
+    valid = valid_metrics(out / "grpo")
+    rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    sampled = [r["reward"] for r in rows if r["split"] == "train" and "reward" in r]
+    from megatron.config import read_config_file
+
+    config = read_config_file(next((out / "grpo").glob("iter_*/config.yml")))
+    start = Path(config["checkpoint"]["load"]).name  # iter_0000300: the SFT step
+    result = {
+        "grpo_start": int(start.removeprefix("iter_")),
+        "grpo_valid": [
+            {k: r[k] for k in ("step", "reward", "rewards/exact_match/mean") if k in r}
+            for r in valid
+        ],
+        "grpo_exact_match_before": valid[0]["rewards/exact_match/mean"],
+        "grpo_exact_match_after": valid[-1]["rewards/exact_match/mean"],
+        "grpo_reward_before": valid[0]["reward"],
+        "grpo_reward_after": valid[-1]["reward"],
+        "grpo_sampled_reward_first": sampled[0],
+        "grpo_sampled_reward_last": sampled[-1],
+    }
+    for r in result["grpo_valid"]:
+        print(
+            f"GRPO step {r['step']:>4}: held-out greedy exact match "
+            f"{_pct(r['rewards/exact_match/mean'])}  reward {r['reward']:.3f}"
+        )
+    print(
+        f"GRPO held-out greedy exact match {_pct(result['grpo_exact_match_before'])} -> "
+        f"{_pct(result['grpo_exact_match_after'])}, mean reward "
+        f"{result['grpo_reward_before']:.3f} -> {result['grpo_reward_after']:.3f} (sampled in "
+        f"training: {sampled[0]:.3f} -> {sampled[-1]:.3f}), from SFT step {result['grpo_start']}"
+    )
+    return result
+
+
 def run_demo(out: Path, sizes: Sizes, nproc: int = 2) -> dict[str, Any]:
     """The whole pipeline into ``out`` (cleared first); returns the numbers :func:`report` prints."""
     start = time.time()
@@ -368,23 +425,29 @@ def run_demo(out: Path, sizes: Sizes, nproc: int = 2) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     splits = prepare_data(out, sizes)
     launcher = [f"launcher.nproc_per_node={nproc}"]
-    train_stage(out, "sft", sizes.sft_iters, sizes.sft_iters // 2, launcher)
+    # the SFT run also keeps the early checkpoint GRPO starts from
+    keep_early = [f"checkpoint.save_interval={sizes.grpo_start}", *launcher]
+    train_stage(out, "sft", sizes.sft_iters, sizes.sft_iters // 2, keep_early)
     from_sft = [f"checkpoint.load={out / 'sft'}", "checkpoint.finetune=true", *launcher]
     train_stage(out, "dpo", sizes.dpo_iters, sizes.dpo_eval_interval, from_sft)
     train_stage(out, "kto", sizes.kto_iters, sizes.kto_iters // 2, from_sft)
     train_stage(out, "rm", sizes.rm_iters, sizes.rm_iters // 3, from_sft)
+    early = out / "sft" / f"iter_{sizes.grpo_start:07d}"
+    from_early = [f"checkpoint.load={early}", "checkpoint.finetune=true", *launcher]
+    train_stage(out, "grpo", sizes.grpo_iters, sizes.grpo_iters // 2, from_early)
     held_out = splits["valid"][: sizes.generations]
     gens = {stage: exact_match(out / stage, out / "tokenizer", held_out) for stage in GENERATORS}
     result = report(out, gens)
     result["wall_s"] = time.time() - start
     print(
-        f"\ntotal {result['wall_s']:.0f} s; outputs in {out} (results.json, sft/, dpo/, kto/, rm/)"
+        f"\ntotal {result['wall_s']:.0f} s; outputs in {out} (results.json, sft/, dpo/, kto/, rm/, "
+        "grpo/)"
     )
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-GENERATORS = ("sft", "dpo", "kto")
+GENERATORS = ("sft", "dpo", "kto", "grpo")
 """Stages whose policies generate (the reward model has no lm head)."""
 
 

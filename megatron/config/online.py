@@ -84,7 +84,7 @@ class RewardSpec:
     function: str | None = None
     """``path/to/file.py:name`` (relative to the config file that names it) or ``package.module:name``."""
     model: str | None = None
-    """A reward model: a native checkpoint directory (``latest``, or an ``iter_*`` directory) or an exported Hugging Face directory."""
+    """A reward model: a native checkpoint directory (``latest``, or an ``iter_*`` directory) or an exported Hugging Face directory (relative to the working directory, like the config's other paths)."""
     weight: float = 1.0
     """Weight of this reward in the total."""
     name: str | None = None

@@ -126,7 +126,8 @@ class GPTModel(nn.Module):
                 # N(0, 1/(h + 1)) weights, so the initial rewards have unit-order variance; no
                 # bias (HF's *ForSequenceClassification.score has none; Bradley-Terry ignores it).
                 self.value_head = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
-                nn.init.normal_(self.value_head.weight, std=(cfg.hidden_size + 1) ** -0.5)
+                if not self.value_head.weight.is_meta:  # see normal_init
+                    nn.init.normal_(self.value_head.weight, std=(cfg.hidden_size + 1) ** -0.5)
             elif not cfg.tie_word_embeddings:
                 self.lm_head = ColumnParallelLinear(
                     cfg.hidden_size,

@@ -24,8 +24,13 @@ import torch
 
 
 def inverse_frequencies(dim: int, base: float, scaling: Any | None = None) -> torch.Tensor:
-    """``[d/2]`` fp32 inverse frequencies ``base^(-2i/d)``, with optional scaling applied."""
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    """``[d/2]`` fp32 inverse frequencies ``base^(-2i/d)``, with optional scaling applied.
+
+    Computed on the CPU whatever the default device: a model built on the meta device would
+    otherwise run these ops through torch's Python decompositions (which import torch._dynamo,
+    seconds of start-up) for a buffer that is rebuilt anyway (:meth:`rebuild_buffers`)."""
+    positions = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu")
+    inv = 1.0 / (base ** (positions.float() / dim))
     if scaling is None:
         return inv
     if scaling.type == "linear":

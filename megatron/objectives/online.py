@@ -58,6 +58,20 @@ class OnlineObjective(Objective):
     """Base class of the online RL objectives (see the module docstring)."""
 
     batch_kind: ClassVar[str] = "prompt"
+    console_metrics = (
+        "reward",
+        "reward_std",
+        "rewards/*/mean",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "kl",
+        "entropy",
+        "clip_ratio/region_mean",
+        "sampling/logp_difference/max",
+        "time/rollout",
+        "time/update",
+    )
     group_baseline: ClassVar[bool] = True
     """Whether the advantages compare completions of one prompt (then G >= 2 is required)."""
 

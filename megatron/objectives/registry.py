@@ -91,6 +91,9 @@ class Objective:
     needs_reference_model: ClassVar[bool] = False
     model_head: ClassVar[str] = "lm"
     token_nll_metric: ClassVar[str | None] = None
+    console_metrics: ClassVar[tuple[str, ...] | None] = None
+    """``fnmatch`` patterns of the metrics the console line shows (``None``: all of them);
+    ``metrics.jsonl`` always holds every metric."""
 
     @property
     def model_outputs(self) -> frozenset[str]:

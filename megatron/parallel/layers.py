@@ -30,8 +30,12 @@ InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
 
 def normal_init(std: float) -> InitMethod:
-    """``N(0, std^2)`` initialiser drawing from the default torch generator."""
-    return lambda t: nn.init.normal_(t, mean=0.0, std=std)
+    """``N(0, std^2)`` initialiser drawing from the default torch generator.
+
+    A tensor on the meta device (a model built to receive loaded weights) is left as it is:
+    there is nothing to draw, and torch runs ``normal_`` on meta tensors through its Python
+    decompositions, whose first use imports torch._dynamo (~2-3 s of start-up per rank)."""
+    return lambda t: t if t.is_meta else nn.init.normal_(t, mean=0.0, std=std)
 
 
 def _mark(param: nn.Parameter, dim: int) -> None:
@@ -55,6 +59,8 @@ def shard_rows(
         k = p // tp_size
         out.append(full[start + tp_rank * k : start + (tp_rank + 1) * k])
         start += p
+    if full.is_meta:  # nothing to copy; see normal_init for why no meta op runs here
+        return full.new_empty((sum(o.shape[0] for o in out), *full.shape[1:]))
     return torch.cat(out, dim=0)
 
 

@@ -105,12 +105,17 @@ class ModelReward:
         max_length: int | None = None,
         batch_size: int = 16,
     ) -> None:
-        self.path = path
+        self.path, where = path, Path(path)
         try:
-            if (Path(path) / "config.json").is_file():
+            if (where / "config.json").is_file():
                 self.model: Any = HFRewardModel(path, str(device), dtype)
-            else:
+            elif (where / "latest").is_file() or (where / "config.yml").is_file():
                 self.model = ShardedRewardModel(path, state, device, dtype)
+            else:
+                raise RewardError(
+                    f"reward model {path}: neither a Hugging Face model directory (config.json) "
+                    "nor a native checkpoint (latest, or an iter_* directory with config.yml)"
+                )
             tok_dir = tokenizer or self.model.default_tokenizer()
             if tok_dir is None:
                 raise RewardError(

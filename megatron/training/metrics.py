@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,18 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def format_line(step: int, total: int, values: dict[str, float], elapsed: float, eta: float) -> str:
-    """``step 10/20 | loss 4.1234 | lr 1.0e-03 | ...`` with the well-known keys first."""
+def format_line(
+    step: int,
+    total: int,
+    values: dict[str, float],
+    elapsed: float,
+    eta: float,
+    shown: Sequence[str] | None = None,
+) -> str:
+    """``step 10/20 | loss 4.1234 | lr 1.0e-03 | ...`` with the well-known keys first.
+
+    ``shown``: ``fnmatch`` patterns of the other keys to print (``None``: all of them).
+    """
     parts = [f"step {step}/{total}"]
     fmt = {
         "loss": "{:.4f}",
@@ -31,7 +43,9 @@ def format_line(step: int, total: int, values: dict[str, float], elapsed: float,
         if key in values:
             parts.append(f"{names.get(key, key)} {f.format(values[key])}")
     for key, v in sorted(values.items()):
-        if key not in fmt and key not in ("step", "step_time"):
+        if key in fmt or key in ("step", "step_time"):
+            continue
+        if shown is None or any(fnmatch.fnmatchcase(key, p) for p in shown):
             parts.append(f"{key} {v:.4g}")
     parts += [f"elapsed {_hms(elapsed)}", f"eta {_hms(eta)}"]
     return " | ".join(parts)
@@ -134,11 +148,20 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
 
-    def console(self, step: int, total: int, values: dict[str, float], first_step: int) -> None:
-        """Log the one-line summary; ETA extrapolates the steps done in this process."""
+    def console(
+        self,
+        step: int,
+        total: int,
+        values: dict[str, float],
+        first_step: int,
+        shown: Sequence[str] | None = None,
+    ) -> None:
+        """Log the one-line summary (``shown``: see :func:`format_line`; ``metrics.jsonl`` keeps
+        every key); ETA extrapolates the steps done in this process."""
         elapsed = time.time() - self.start
         done = max(step - first_step, 1)
-        log_rank0(format_line(step, total, values, elapsed, elapsed / done * (total - step)))
+        eta = elapsed / done * (total - step)
+        log_rank0(format_line(step, total, values, elapsed, eta, shown))
 
     def close(self) -> None:
         """Close the outputs; a later :meth:`log` reopens ``metrics.jsonl`` (only)."""

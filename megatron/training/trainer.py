@@ -318,7 +318,8 @@ class Trainer:
             history.append(values)
             self.metrics.log(self.step, values)
             if self.step % cfg.logging.log_interval == 0 or self.step == t.train_iters:
-                self.metrics.console(self.step, t.train_iters, values, first)
+                shown = self.objective.console_metrics
+                self.metrics.console(self.step, t.train_iters, values, first, shown)
             if diverged is not None:
                 self.metrics.close()
                 raise diverged  # a DivergenceError, before any evaluation or save of this step

@@ -4,6 +4,8 @@
         --split train_prefs --kind pairwise --out data/uf_train.jsonl
     python post-training/data/hf_to_jsonl.py --dataset HuggingFaceH4/ultrachat_200k \
         --split train_sft --kind sft --out data/ultrachat_train.jsonl
+    python post-training/data/hf_to_jsonl.py --dataset openai/gsm8k --name main \
+        --split train --kind gsm8k --out data/gsm8k_train.jsonl
 
 ``--dataset`` is a hub name (read through the user's ``datasets`` cache / network) or a local
 ``datasets.save_to_disk`` directory. Row shapes written:
@@ -14,8 +16,11 @@
   scores exist). Pairs whose conversations differ before the last turn, or whose completions are
   identical, are skipped and counted.
 * ``sft`` (UltraChat style): ``{"messages": [...]}``.
+* ``gsm8k`` (GSM8K: ``question``, ``answer`` ending in ``#### <number>``): ``{"prompt": [user
+  turn: the question and how to give the answer], "answer": "<number>"}``, a ``prompt`` row for
+  online RL whose ``answer`` column reaches the reward function (commas dropped from the number).
 
-The output is then tokenized by ``tools/preprocess_data.py --format pairwise|sft``.
+The output is then tokenized by ``tools/preprocess_data.py --format pairwise|sft|prompt``.
 """
 
 from __future__ import annotations
@@ -57,7 +62,26 @@ def sft_row(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     return {"messages": messages}, None
 
 
-CONVERTERS = {"pairwise": pairwise_row, "sft": sft_row}
+GSM8K_INSTRUCTION = (
+    "Solve the problem step by step. Give the final answer as a number on the last line, "
+    'after "####".'
+)
+"""Appended to each GSM8K question (the reward reads the number after ``####``)."""
+
+
+def gsm8k_row(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """One GSM8K row -> (a prompt row with its final answer, None) or (None, reason skipped)."""
+    question, solution = row.get("question"), row.get("answer")
+    if not isinstance(question, str) or not isinstance(solution, str):
+        return None, "no question/answer strings"
+    if "####" not in solution:
+        return None, "answer has no '####' final number"
+    final = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    content = f"{question.strip()}\n\n{GSM8K_INSTRUCTION}"
+    return {"prompt": [{"role": "user", "content": content}], "answer": final}, None
+
+
+CONVERTERS = {"pairwise": pairwise_row, "sft": sft_row, "gsm8k": gsm8k_row}
 
 
 def convert(rows: Iterable[dict[str, Any]], kind: str) -> Iterator[tuple[dict | None, str | None]]:
@@ -66,19 +90,20 @@ def convert(rows: Iterable[dict[str, Any]], kind: str) -> Iterator[tuple[dict | 
         yield convert_row(row)
 
 
-def _load(dataset: str, split: str) -> Any:
+def _load(dataset: str, split: str, name: str | None = None) -> Any:
     import datasets
 
     if os.path.isdir(dataset):
         ds = datasets.load_from_disk(dataset)
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(dataset, split=split)
+    return datasets.load_dataset(dataset, name, split=split)
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dataset", required=True, help="hub name or save_to_disk directory")
     ap.add_argument("--split", required=True)
+    ap.add_argument("--name", help="the dataset's configuration name (openai/gsm8k: main)")
     ap.add_argument("--kind", choices=sorted(CONVERTERS), required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -86,7 +111,7 @@ def main(argv: list[str]) -> int:
     written = 0
     tmp = f"{args.out}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for out, reason in convert(_load(args.dataset, args.split), args.kind):
+        for out, reason in convert(_load(args.dataset, args.split, args.name), args.kind):
             if out is None:
                 skipped[reason] += 1
                 continue

@@ -37,6 +37,50 @@ def test_recipe_configs_load_on_one_node_of_8(model, recipe, objective):
     assert cfg.checkpoint.finetune
 
 
+def test_grpo_recipe_loads_on_one_node_of_8():
+    cfg = load_config(
+        [ROOT / "configs/models/qwen2.5-1.5b.yml", ROOT / "post-training/qwen2.5/grpo_gsm8k.yml"],
+        world_size=8,
+    )
+    assert cfg.objective.name == "grpo" and cfg.parallel.data == 8
+    assert cfg.rollout.prompts_per_step * cfg.objective.params.num_generations == 512
+    assert [r.label for r in cfg.rewards] == ["accuracy", "answer_format"]
+    assert cfg.rewards[0].function.startswith(str(ROOT / "post-training/qwen2.5/rewards.py"))
+
+
+def test_gsm8k_rows_and_rewards(tmp_path):
+    import datasets
+
+    rows = [
+        {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"},
+        {"question": "A price of $1,200 doubles.", "answer": "1200*2=2400\n#### 2,400"},
+        {"question": "No final answer here.", "answer": "42"},
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "gsm8k")
+    out = tmp_path / "gsm8k.jsonl"
+    args = ["--dataset", str(tmp_path / "gsm8k"), "--split", "train", "--kind", "gsm8k"]
+    assert hf_to_jsonl.main([*args, "--out", str(out)]) == 0
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [w["answer"] for w in written] == ["7", "2400"]  # the third row is skipped
+    assert (
+        written[0]["prompt"][0]["role"] == "user" and "####" in written[0]["prompt"][0]["content"]
+    )
+    spec = importlib.util.spec_from_file_location(
+        "gsm8k_rewards", ROOT / "post-training/qwen2.5/rewards.py"
+    )
+    rewards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rewards)
+    completions = [
+        [{"role": "assistant", "content": "3 + 4 = 7\n#### 7"}],  # right, formatted
+        [{"role": "assistant", "content": "so the answer is \\boxed{2400.0}"}],  # right, boxed
+        [{"role": "assistant", "content": "#### 8 ... actually 7"}],  # the #### number counts
+        [{"role": "assistant", "content": "no number"}],
+    ]
+    answers = ["7", "2400", "7", "7"]
+    assert rewards.accuracy([], completions, answers) == [1.0, 1.0, 0.0, 0.0]
+    assert rewards.answer_format([], completions) == [1.0, 0.0, 0.0, 0.0]
+
+
 def _uf(chosen_last: str, rejected_last: str, prefix_differs: bool = False) -> dict:
     user = {"role": "user", "content": "What is 2+2?"}
     other = {"role": "user", "content": "What is 3+3?"}

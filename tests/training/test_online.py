@@ -25,6 +25,7 @@ import pytest
 
 from tests.dist_pool import DistPool
 from tests.helpers_runs import TINY_MODEL
+from tests.rollout.test_reward_models import make_reward_model
 from tests.training.helpers import write_config
 
 # Tolerance, relative to max(|value|, 1), per step: the GRPO loss is a sum over ~100 completion
@@ -58,6 +59,7 @@ def _rows(n: int, offset: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory, tiny_tokenizer_dir):
+    """The prompt data, the reward file, a reward model and the run config."""
     from megatron.data.preprocess import PreprocessOptions, preprocess
 
     tmp = tmp_path_factory.mktemp("online")
@@ -67,6 +69,7 @@ def task(tmp_path_factory, tiny_tokenizer_dir):
         options = PreprocessOptions(data_format="prompt", chat_template="none")
         preprocess([raw], tmp / split, tiny_tokenizer_dir, options)
     (tmp / "rewards.py").write_text(REWARDS)
+    make_reward_model(tmp / "rm", tiny_tokenizer_dir)  # native TP=2 at tmp/rm/native
     cfg = {
         "model": {
             **TINY_MODEL,
@@ -113,6 +116,37 @@ def _resume(rank, world, cfg_path, overrides, save):
     return first[0] + second[0], first[1] + second[1]
 
 
+VARIANTS = {  # objective / reward variants (config changes), 2 steps each on 2 ranks
+    "reward-model": {  # a native reward model on the policy's TP layout, beside a function
+        "parallel": {"tensor": 2},
+        "rewards": [{"model": "rm/native", "name": "rm"}, {"function": "rewards.py:digits"}],
+    },
+    "rloo": {"objective": {"name": "rloo", "num_generations": 4, "beta": 0.05}},
+    "reinforce": {
+        "parallel": {"tensor": 2},
+        "objective": {"name": "reinforce", "num_generations": 4},
+    },
+    "grpo-mu2": {
+        "parallel": {"zero_stage": 3},
+        "objective": {"name": "grpo", "num_generations": 4, "num_iterations": 2},
+    },
+}
+
+
+def _variant(tmp, cfg_path, name, changes):
+    """The run config with whole sections replaced by ``changes`` (next to it: relative paths
+    resolve alike), logging to ``logs-NAME``."""
+    import yaml
+
+    cfg = yaml.safe_load(open(cfg_path))
+    cfg.update(changes)
+    model = cfg["rewards"][0].get("model")
+    if model:
+        cfg["rewards"][0]["model"] = str(tmp / model)  # a model path is not config-relative
+    cfg["logging"] = {"log_interval": 1, "dir": str(tmp / f"logs-{name}")}
+    return str(write_config(tmp / f"{name}.yml", cfg))
+
+
 def _train(rank, world, cfg_path, overrides):
     """Losses, grad norms and rewards per step, and every rollout's completions (this rank's)."""
     from megatron.config import load_config
@@ -149,6 +183,9 @@ def grids(task):
                 ov = ["parallel.zero_stage=1", f"logging.dir={tmp}/logs-resume"]
                 results["resume"] = pool.run(_resume, cfg_path, ov, str(tmp / "ckpt"))
                 results["resume-straight"] = results[(1, 2, 1)]
+                for name, changes in VARIANTS.items():
+                    path = _variant(tmp, cfg_path, name, changes)
+                    results[name] = pool.run(_train, path, ["training.train_iters=2"])
             if world == 1:
                 ov = [
                     "training.train_iters=40",
@@ -218,3 +255,25 @@ def test_reward_rises(grids):
     assert len(rewards) == 20
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, rewards
+
+
+def _metrics(logs_dir):
+    return [json.loads(x) for x in (logs_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_objective_and_reward_variants_train(grids, task, name):
+    """Each variant runs two steps on 2 ranks with finite losses and its own metrics."""
+    tmp, _ = task
+    for values, _ in grids[name]:
+        assert len(values) == 2 and all(math.isfinite(v[0]) and v[1] > 0 for v in values)
+    first = next(r for r in _metrics(tmp / f"logs-{name}") if r["split"] == "train")
+    keys = {
+        "reward-model": {"rewards/rm/mean", "rewards/rm/std", "rewards/digits/mean"},
+        "rloo": {"kl", "clip_ratio/low_min", "frac_reward_zero_std"},
+        "reinforce": {"kl", "baseline", "entropy"},
+        "grpo-mu2": {"sampling/logp_difference/max", "clip_ratio/region_mean"},
+    }[name]
+    assert keys <= set(first), sorted(first)
+    if name == "grpo-mu2":  # old log-probs computed at the rollout: the sampler's, to round-off
+        assert first["sampling/logp_difference/max"] < 1e-4
