@@ -246,6 +246,9 @@ def main(argv: list[str]) -> int:
         return 2
     cmd = launch_command(script, files, overrides, cfg)
     env = dict(os.environ)
+    from megatron.data.meta import TOKENIZER_IDENTITY_ENV, tokenizer_identities
+
+    env[TOKENIZER_IDENTITY_ENV] = tokenizer_identities()  # the ranks need not load it again
     if _gpu_count() == 0:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")

@@ -166,9 +166,14 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str]) -> float:
+    """Run ``cmd`` from the repository root; returns its wall time (printed too)."""
     print("$ " + " ".join(cmd), flush=True)
+    start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
+    seconds = time.time() - start
+    print(f"({seconds:.0f} s)", flush=True)
+    return seconds
 
 
 def preprocess(out: Path, name: str, fmt: str, source: str | None = None) -> None:

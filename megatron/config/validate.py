@@ -155,11 +155,11 @@ def _layout(cfg: RunConfig) -> list[str]:
     if not cfg.data.layout.startswith("prefix_shared"):
         return []
     cls, out = get_objective(cfg.objective.name), []
-    if cls.batch_kind != "pair":
+    if cls.batch_kind not in ("pair", "prompt"):
         out.append(
             f"data.layout ({cfg.data.layout}) needs an objective with pair batches (prompt, chosen, "
-            f"rejected); objective {cls.name!r} reads {cls.batch_kind!r} batches: use "
-            "data.layout: packed or padded"
+            f"rejected) or online RL's prompts; objective {cls.name!r} reads "
+            f"{cls.batch_kind!r} batches: use data.layout: packed or padded"
         )
     return out
 

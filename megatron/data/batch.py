@@ -50,15 +50,19 @@ class ExtraTargets:
 @dataclass(frozen=True)
 class RolloutFields:
     """What online RL's losses read besides the policy's log-probs (one micro-batch of sampled
-    completions, laid out like any sequence batch; N completions).
+    completions, laid out like any sequence batch or in prefix-shared spans; N completions).
+    Per-token values are flat ``[b * s + k]``: the ``[b, s]`` grid flattened, then the ``k``
+    extra targets (:func:`megatron.objectives.online.flat_outputs`); 0 where nothing is scored.
 
     Attributes:
         advantages: ``[N]`` fp32 per completion.
-        old_logps: ``[b, s]`` fp32 the sampling policy's log-probs of the targets (computed at
-            the rollout when the policy changes before this batch is trained on), or ``None``.
-        ref_logps: ``[b, s]`` fp32 the reference model's (objectives with a KL term), or ``None``.
-        sampler_logps: ``[b, s]`` fp32 the log-probs the generation backend reported, on batches
-            whose policy is still the sampling one (``sampling/logp_difference``), or ``None``.
+        old_logps: ``[b * s + k]`` fp32 the sampling policy's log-probs of the targets (computed
+            at the rollout when the policy changes before this batch is trained on), or ``None``.
+        ref_logps: ``[b * s + k]`` fp32 the reference model's (objectives with a KL term), or
+            ``None``.
+        sampler_logps: ``[b * s + k]`` fp32 the log-probs the generation backend reported, on
+            batches whose policy is still the sampling one (``sampling/logp_difference``), or
+            ``None``.
         num_items: completion tokens of the whole optimizer step (all ranks and micro-batches)
             divided by data-parallel size x accumulation steps (DAPO's normalisation).
         max_new_tokens: the rollout's ``max_new_tokens`` (Dr. GRPO's normalisation).

@@ -28,7 +28,7 @@ from typing import Any
 
 from megatron.data.batch import Batch
 from megatron.data.blending import BlendedDataset, SubsetDataset, split_indices
-from megatron.data.collators import Collator, collate_sequences, default_layout
+from megatron.data.collators import PREFIX_LAYOUTS, Collator, collate_sequences, default_layout
 from megatron.data.datasets import DATASET_CLASSES, UnpairedDataset
 from megatron.data.indexed import DatasetError
 from megatron.data.meta import check_dataset_compat
@@ -117,6 +117,10 @@ def _collate(
     layout = data_cfg.layout
     if layout == "auto":  # a section built in code; load_config resolves it (default_layout)
         layout = default_layout(kind)
+    if kind == "prompt" and layout in PREFIX_LAYOUTS:
+        # online RL lays its sampled completions out in this layout itself
+        # (megatron.rollout.buffer); prompt rows alone have nothing to share
+        layout = "padded"
     return Collator(
         kind,
         layout,

@@ -193,10 +193,11 @@ def default_layout(batch_kind: str) -> str:
     ``prefix_shared_packed`` for pair batches, with every attention backend: each prompt is
     computed once and the spans are packed, so no token slot is padding and attention costs only
     each span's own (the fastest layout measured for DPO on CPU, README "Objectives"; flash-attn
-    realises it by varlen key gathering). ``padded`` for the other batch kinds (``data.layout:
-    packed`` is available).
+    realises it by varlen key gathering); likewise for ``prompt`` batches (online RL), whose
+    sampled completions of one prompt share it in one span. ``padded`` for the other batch kinds
+    (``data.layout: packed`` is available).
     """
-    if batch_kind == "pair":
+    if batch_kind in ("pair", "prompt"):
         return "prefix_shared_packed"
     return "padded"
 
@@ -417,41 +418,84 @@ def _fill_prefix_shared(
     rows: int,
     width: int,
 ) -> tuple[Batch, list[np.ndarray]]:
-    """The rows of :meth:`Collator._prefix_shared` (no stats, no ``score_index``).
+    """The rows of :meth:`Collator._prefix_shared` (no stats, no ``score_index``): pair ``i``
+    is the group ``[i, P + i]`` of :func:`fill_prefix_groups`."""
+    n_pairs = len(prompt_lengths)
+    groups = [[i, n_pairs + i] for i in range(n_pairs)]
+    return fill_prefix_groups(seqs, groups, prompt_lengths, where, rows, width)
+
+
+def group_spans(seqs: list[Seq], groups: list[list[int]], prompt_lengths: list[int]) -> list[int]:
+    """Tokens of each group's span ``[prompt | completion_1 | ... | completion_n]``."""
+    return [
+        p + sum(seqs[j][0].size - p for j in members)
+        for members, p in zip(groups, prompt_lengths, strict=True)
+    ]
+
+
+def fill_prefix_groups(
+    seqs: list[Seq],
+    groups: list[list[int]],
+    prompt_lengths: list[int],
+    where: list[tuple[int, int]],
+    rows: int,
+    width: int,
+) -> tuple[Batch, list[np.ndarray]]:
+    """Rows of spans ``[prompt | completion_1 | ... | completion_n]``, each prompt stored once.
+
+    Group ``g`` lists the sequences (indices into ``seqs``, each ``prompt + completion``) that
+    share its first ``prompt_lengths[g]`` tokens; its span starts at ``where[g] = (row, offset)``.
+    A pair batch's group is ``[chosen_i, rejected_i]`` (:meth:`Collator._prefix_shared` gives
+    the layout in detail); online RL's are the completions of one prompt. In a span:
+
+    * ``segment_ids`` ``g0`` on the prompt and ``g0 + 1 .. g0 + n`` on the completions, whose
+      ``prefix_ids`` are ``g0``: each completion attends to the prompt and itself only;
+    * positions ``0..p-1`` on the prompt and ``p..`` on each completion;
+    * the group's first sequence reads its targets from the grid like a packed sequence (the
+      prompt's last position predicts its first completion token); every other member's targets
+      at prompt positions — its first completion token — are extra targets read at the prompt's
+      last hidden state.
 
     Returns:
-        The batch and, per sequence, the flat ``row * s + column`` index of each of its tokens.
+        The batch (no stats, no ``score_index``) and, per sequence, the flat ``row * s + column``
+        index of each of its tokens.
     """
-    n_pairs = len(prompt_lengths)
     tokens, targets, positions, segments, prefixes = (
         np.zeros((rows, width), np.int64) for _ in range(5)
     )
     seq_ids = np.full((rows, width), -1, np.int64)
     mask = np.zeros((rows, width), np.float32)
     flat_targets, flat_mask, flat_ids = (a.reshape(-1) for a in (targets, mask, seq_ids))
-    columns: list[np.ndarray] = [np.zeros(0, np.int64)] * (2 * n_pairs)
+    columns: list[np.ndarray] = [np.zeros(0, np.int64)] * len(seqs)
     extra: dict[str, list[np.ndarray]] = {"index": [], "targets": [], "sequence_ids": []}
     next_segment = [1] * rows
-    for i, ((row, o), p) in enumerate(zip(where, prompt_lengths, strict=True)):
-        (chosen, _), (rejected, _) = seqs[i], seqs[n_pairs + i]
-        assert (chosen[:p] == rejected[:p]).all(), "a pair's two sequences share its prompt"
-        c, r = chosen.size - p, rejected.size - p
-        span = p + c + r
+    for members, (row, o), p in zip(groups, where, prompt_lengths, strict=True):
+        first = seqs[members[0]][0]
+        assert all((seqs[j][0][:p] == first[:p]).all() for j in members), (
+            "a group shares its prompt"
+        )
+        lengths = [seqs[j][0].size - p for j in members]
         g = next_segment[row]
-        next_segment[row] += 3
-        tokens[row, o : o + span] = np.concatenate([chosen, rejected[p:]])
-        positions[row, o : o + span] = np.concatenate([np.arange(p + c), p + np.arange(r)])
-        segments[row, o : o + span] = np.repeat([g, g + 1, g + 2], [p, c, r])
-        prefixes[row, o + p : o + span] = g
+        next_segment[row] += 1 + len(members)
         start = row * width + o
-        columns[i] = start + np.arange(p + c)
-        columns[n_pairs + i] = start + np.concatenate([np.arange(p), np.arange(p + c, span)])
-        for j in (i, n_pairs + i):
+        tokens[row, o : o + p] = first[:p]
+        segments[row, o : o + p] = g
+        positions[row, o : o + p] = np.arange(p)
+        cursor = o + p
+        for m, (j, c) in enumerate(zip(members, lengths, strict=True)):
+            tokens[row, cursor : cursor + c] = seqs[j][0][p:]
+            positions[row, cursor : cursor + c] = p + np.arange(c)
+            segments[row, cursor : cursor + c] = g + 1 + m
+            prefixes[row, cursor : cursor + c] = g
+            own = row * width + cursor + np.arange(c)
+            columns[j] = np.concatenate([start + np.arange(p), own])
+            cursor += c
             tok, trained = seqs[j]
             at, tgt, tr = columns[j][:-1], tok[1:], trained[1:]
-            # why: a target of rejected read at a prompt position (its first token) shares that
-            # position with chosen's target, which owns the grid there: it becomes an extra target.
-            shared = (np.arange(at.size) < p) if j >= n_pairs else np.zeros(at.size, bool)
+            # why: another member's target read at a prompt position (its first token) shares
+            # that position with the first member's target, which owns the grid there: it
+            # becomes an extra target.
+            shared = (np.arange(at.size) < p) if m > 0 else np.zeros(at.size, bool)
             grid = ~shared
             flat_targets[at[grid]] = tgt[grid]
             flat_mask[at[grid]] = tr[grid]
@@ -467,7 +511,43 @@ def _fill_prefix_shared(
         loss_mask=torch.from_numpy(mask),
         layout=SequenceLayout(*(torch.from_numpy(a) for a in (positions, segments, prefixes))),
         sequence_ids=torch.from_numpy(seq_ids),
-        num_sequences=2 * n_pairs,
+        num_sequences=len(seqs),
         extra_targets=ExtraTargets(**{k: cat(v).long() for k, v in extra.items()}),
     )
     return batch, columns
+
+
+def collate_prompt_groups(
+    seqs: list[Seq],
+    groups: list[list[int]],
+    prompt_lengths: list[int],
+    layout: str,
+    seq_length: int,
+    pad_to_multiple_of: int = 8,
+) -> Batch:
+    """Sequence ``j`` of ``seqs`` (``prompt + completion``, trained flags) laid out in
+    prefix-shared spans, one per group of sequences sharing a prompt (:func:`fill_prefix_groups`):
+    one span per row (``prefix_shared``) or packed (``prefix_shared_packed``). Online RL's
+    completions of one prompt share its tokens this way.
+
+    Raises:
+        ValueError: a span longer than ``seq_length``, or an unknown layout.
+    """
+    if layout not in PREFIX_LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(PREFIX_LAYOUTS)}, got {layout!r}")
+    spans = group_spans(seqs, groups, prompt_lengths)
+    too_long = [i for i, n in enumerate(spans) if n > seq_length]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(
+            f"group {i} of the micro-batch spans {spans[i]} tokens (its prompt once and its "
+            f"{len(groups[i])} completions), more than data.seq_length {seq_length}"
+        )
+    where = PREFIX_LAYOUTS[layout](spans, seq_length)
+    rows = 1 + max((r for r, _ in where), default=0)
+    width = _round_up(max((o + n for (_, o), n in zip(where, spans, strict=True)), default=1),
+                      pad_to_multiple_of, seq_length)  # fmt: skip
+    batch, _ = fill_prefix_groups(seqs, groups, prompt_lengths, where, rows, width)
+    real = sum(spans)
+    batch.stats = {"packing_efficiency": float(real / (rows * width)), "real_tokens": float(real)}
+    return batch

@@ -255,10 +255,44 @@ def check_token_ids(prefix: str | Path, meta: dict[str, Any], vocab_size: int) -
         )
 
 
+TOKENIZER_IDENTITY_ENV = "MEGATRON_TOKENIZER_IDENTITY"
+"""Environment variable through which a launcher (``deepy.py``) hands the ranks the tokenizer
+identities it has just checked: ``{directory: {"hash", "vocab_size", "stamp"}}`` as JSON."""
+_IDENTITIES: dict[str, dict[str, Any]] = {}
+
+
+def _stamp(tokenizer_dir: str) -> str:
+    """The name, size and modification time of every file of the directory (a changed
+    tokenizer file changes it)."""
+    entries = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in Path(tokenizer_dir).iterdir()
+        if p.is_file()
+    )
+    return json.dumps(entries)
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenizer_identity(tokenizer_dir: str) -> tuple[str, int]:
+    """``(vocab_hash, vocab_size)`` of a tokenizer directory.
+
+    why the launcher's record: loading the tokenizer imports transformers (1-3 s of every rank's
+    start-up); the launcher hashed the same files moments before (their names, sizes and
+    modification times must still match, else the tokenizer is loaded again).
+    """
+    key = str(Path(tokenizer_dir).resolve())
+    known = json.loads(os.environ.get(TOKENIZER_IDENTITY_ENV) or "{}").get(key)
+    stamp = _stamp(tokenizer_dir)
+    if known and known.get("stamp") == stamp:
+        return str(known["hash"]), int(known["vocab_size"])
     tok = load_tokenizer(tokenizer_dir)
+    _IDENTITIES[key] = {"hash": tok.vocab_hash(), "vocab_size": tok.vocab_size, "stamp": stamp}
     return tok.vocab_hash(), tok.vocab_size
+
+
+def tokenizer_identities() -> str:
+    """The tokenizer identities this process computed, as :data:`TOKENIZER_IDENTITY_ENV`'s value."""
+    return json.dumps(_IDENTITIES)
 
 
 def check_dataset_compat(

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 
 from megatron.model.layout import GroupedAttention, SequenceLayout
 
-__all__ = ["SequenceLayout", "VarlenPlan", "flash_attention", "sdpa_attention", "select_backend"]
+__all__ = [
+    "SequenceLayout",
+    "VarlenPlan",
+    "flash_attention",
+    "sdpa",
+    "sdpa_attention",
+    "select_backend",
+]
 
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5
@@ -61,11 +68,11 @@ def sdpa_attention(
         # varlen: each group in its own row of [n, L] (see megatron.model.layout)
         n, width = plan.index.shape
         rows = lambda t: _take(t.flatten(0, 1), plan.index.view(-1)).unflatten(0, (n, width))  # noqa: E731
-        out = _sdpa(rows(q), rows(k), rows(v), plan.mask, dropout_p)  # [n, L, np, hn]
+        out = sdpa(rows(q), rows(k), rows(v), plan.mask, dropout_p)  # [n, L, np, hn]
         flat = _take(out.flatten(0, 1), plan.slots)  # [m, np, hn]: the groups' tokens
         full = q.new_zeros(b * s, *q.shape[2:]).index_copy(0, plan.tokens, flat)
         return full.view_as(q)  # padding tokens' outputs are 0 (never scored)
-    return _sdpa(q, k, v, plan, dropout_p)
+    return sdpa(q, k, v, plan, dropout_p)
 
 
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -74,10 +81,11 @@ def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, index)
 
 
-def _sdpa(
+def sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
 ) -> torch.Tensor:
-    """SDPA on ``[b, s, heads, hn]`` tensors with a boolean mask (``None`` = causal)."""
+    """SDPA on ``[b, s, heads, hn]`` tensors with a boolean mask (``None`` = causal): the
+    training layouts and the key/value-cached decoder (:mod:`megatron.model.kv_cache`) alike."""
     groups = q.shape[2] // k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, s, heads, hn] -> [b, heads, s, hn]
     extra = {}

@@ -247,6 +247,7 @@ def generate(
     pad_id: int | None = None,
     seed: int = 0,
     row_seeds: Sequence[int] | None = None,
+    repeat: int = 1,
     group: dist.ProcessGroup | None = None,
 ) -> GenerationOutput:
     """Continue every prompt of a batch with the key/value cache.
@@ -262,10 +263,13 @@ def generate(
         pad_id: fills ``tokens`` after a row's end (default ``eos_id``, else 0).
         seed: seeds this call's ``torch.Generator`` (pass ``seed + dp_rank``: equal across TP
             ranks, different across data-parallel replicas). Unused for greedy.
-        row_seeds: one seed per row instead (:func:`row_uniforms`): each row's samples then
-            depend only on its prompt and its seed, whichever rank or batch generates it (online
-            RL seeds each completion by its place in the rollout, so any data-parallel layout
-            samples the same completions). Unused for greedy.
+        row_seeds: one seed per output row instead (:func:`row_uniforms`): each row's samples
+            then depend only on its prompt and its seed, whichever rank or batch generates it
+            (online RL seeds each completion by its place in the rollout, so any data-parallel
+            layout samples the same completions). Unused for greedy.
+        repeat: completions per prompt; output row ``i * repeat + j`` is prompt ``i``'s ``j``-th.
+            Each prompt is run through the model once and its keys/values copied to its rows
+            (online RL's G completions of a prompt share its prefill).
         group: ranks whose forwards must stay in lockstep (the data-parallel group under
             ZeRO-3, or the world); ``None``: stop as soon as this rank's rows are done.
 
@@ -279,22 +283,27 @@ def generate(
     inner = getattr(model, "module", model)
     rows = _prompt_rows(prompts, attention_mask)
     _check_rows(rows, sampling.max_new_tokens, inner.cfg)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
     device = inner.embedding.weight.device
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     tokens, layout = _left_padded(rows, device)
-    b, n_max = len(rows), sampling.max_new_tokens
+    b, n_max = len(rows) * repeat, sampling.max_new_tokens
     generator, uniforms = None, None
     if not sampling.greedy and row_seeds is not None:
         if len(row_seeds) != b:
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {b} prompts")
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {b} rows")
         uniforms = row_uniforms(row_seeds, n_max).to(device)  # [b, n_max]
     elif not sampling.greedy:
         generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache.for_model(inner, b, tokens.shape[1] + n_max - 1)
-        logits = model(tokens, layout, kv_cache=cache)  # [b, v]
+        cache = KVCache.for_model(inner, len(rows), tokens.shape[1] + n_max - 1)
+        logits = model(tokens, layout, kv_cache=cache)  # [b / repeat, v]
+        if repeat > 1:
+            cache = cache.repeat_rows(repeat)
+            logits = logits.repeat_interleave(repeat, dim=0)  # [b, v]
         out = torch.full((b, n_max), pad, dtype=torch.long, device=device)
         logps = torch.zeros(b, n_max, dtype=logits.dtype, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)

@@ -87,6 +87,21 @@ class KVCache:
         """Slots per row."""
         return self.key_valid.shape[1]
 
+    def repeat_rows(self, repeat: int) -> KVCache:
+        """A cache of ``repeat`` copies of each row (row ``i`` becomes rows ``i * repeat ..
+        (i + 1) * repeat - 1``), after a prompt was run once for several completions of it."""
+        if self._positions is not None:
+            raise RuntimeError("KVCache.repeat_rows inside a step")
+        rep = lambda t: t.repeat_interleave(repeat, dim=0)  # noqa: E731  [b, ...] -> [b * r, ...]
+        return KVCache(
+            keys=[rep(k) for k in self.keys],
+            values=[rep(v) for v in self.values],
+            key_positions=rep(self.key_positions),
+            key_valid=rep(self.key_valid),
+            next_positions=rep(self.next_positions),
+            length=self.length,
+        )
+
     def begin_step(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Claim the next ``s`` slots for the tokens of this step.
 

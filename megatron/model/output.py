@@ -26,7 +26,7 @@ materialised.
 prefix-shared row ``[prompt | chosen | rejected]`` the prompt's last hidden state predicts the first
 token of both completions. Their log-probs come back as ``extra_logps [k]`` fp32, and with
 ``log_sum_sq_probs`` requested also ``extra_log_sum_sq_probs [k]`` fp32 (``log sum_v p_v^2`` at
-each extra target's hidden state, for WPO's weights).
+each extra target's hidden state, for WPO's weights), with ``entropy`` also ``extra_entropy [k]``.
 """
 
 from __future__ import annotations
@@ -131,4 +131,6 @@ def token_log_probs(
         result["extra_logps"] = out[0][n : n + k]
         if with_sq:
             result["extra_log_sum_sq_probs"] = out[2][n : n + k]
+        if with_entropy:
+            result["extra_entropy"] = out[-1][n : n + k]
     return result

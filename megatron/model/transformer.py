@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.attention import SequenceLayout, _repeat_kv, select_backend
+from megatron.model.attention import SequenceLayout, sdpa, select_backend
 from megatron.model.rotary import RotaryEmbedding
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear, normal_init
 from megatron.parallel.random import RNGStatesTracker
@@ -113,13 +113,8 @@ class SelfAttention(nn.Module):
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if kv_cache is not None:
             k, v, mask = kv_cache.update(k, v, self.window)  # [b, t, nkp, hn], [b, 1, s, t]
-            groups = self.np // self.nkp
-            ctx = F.scaled_dot_product_attention(
-                q.transpose(1, 2),  # [b, s, np, hn] -> [b, np, s, hn]
-                _repeat_kv(k.transpose(1, 2), groups),  # [b, t, nkp, hn] -> [b, np, t, hn]
-                _repeat_kv(v.transpose(1, 2), groups),
-                attn_mask=mask,
-            ).transpose(1, 2)  # [b, np, s, hn] -> [b, s, np, hn]
+            # the training path's SDPA call: on CPU the kernel broadcasts the kv heads itself
+            ctx = sdpa(q, k, v, mask, 0.0)  # [b, s, np, hn]
             return self.linear_proj(ctx.reshape(b, s, self.np * self.hn))  # [b, s, h]
         attend = select_backend(self.backend_name, q.dtype, q.device, layout)
         p = self.dropout_p if self.training else 0.0

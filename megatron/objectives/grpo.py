@@ -44,7 +44,7 @@ from megatron.objectives.online import (
     RolloutStats,
     common_metrics,
     rollout_fields,
-    token_mask,
+    token_inputs,
 )
 from megatron.objectives.pairs import raise_section_problems
 from megatron.objectives.policy_gradient import LOSS_TYPES, grpo_loss
@@ -115,12 +115,12 @@ class GRPO(OnlineObjective):
 
     def loss(self, policy: Any, reference: Any, batch: Batch) -> tuple[torch.Tensor, dict]:
         cfg, fields = self.config, rollout_fields(batch)
-        mask = token_mask(batch)
+        tokens = token_inputs(policy, batch)
         loss, metrics = grpo_loss(
-            policy["token_logps"],
+            tokens.logps,
             fields.old_logps,
             fields.advantages,
-            mask,
+            tokens.mask,
             loss_type=cfg.loss_type,
             epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high,
@@ -129,7 +129,7 @@ class GRPO(OnlineObjective):
             bias_correction_kl=cfg.use_bias_correction_kl,
             max_completion_length=fields.max_new_tokens,
             num_items=fields.num_items,
-            sequence_ids=batch.sequence_ids,
+            sequence_ids=tokens.sequence_ids,
             num_sequences=batch.num_sequences,
         )
-        return loss, {**metrics, **common_metrics(policy, batch, mask)}
+        return loss, {**metrics, **common_metrics(tokens, batch)}

@@ -133,23 +133,66 @@ def rollout_fields(batch: Batch) -> RolloutFields:
     return batch.rollout
 
 
-def token_mask(batch: Batch) -> torch.Tensor:
-    """``[b, s]`` fp32: 1 on the completions' trained target tokens."""
-    return ((batch.loss_mask > 0) & (batch.sequence_ids >= 0)).float()
+def flat_outputs(batch: Batch, grid: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """``[b * s + k]``: per-token values of the grid flattened, then of the extra targets."""
+    if batch.extra_targets is None:
+        return grid.reshape(-1)
+    if extra is None:
+        extra = grid.new_zeros(batch.extra_targets.index.numel())
+    return torch.cat([grid.reshape(-1), extra])
 
 
-def common_metrics(
-    policy: dict[str, torch.Tensor], batch: Batch, mask: torch.Tensor
-) -> dict[str, Any]:
+def scored_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask [b * s + k] fp32, sequence_ids [b * s + k] int64)`` of the batch's scored tokens,
+    in :func:`flat_outputs` order (1 / the completion on a trained target, 0 / -1 elsewhere)."""
+    ids = batch.sequence_ids.reshape(-1)
+    mask = ((batch.loss_mask.reshape(-1) > 0) & (ids >= 0)).float()
+    extra = batch.extra_targets
+    if extra is not None:
+        ids = torch.cat([ids, extra.sequence_ids])
+        mask = torch.cat([mask, (extra.sequence_ids >= 0).float()])
+    return mask, torch.where(mask > 0, ids, -1)
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """An online objective's per-token inputs over a batch's scored tokens, flat ``[n]``
+    (:func:`flat_outputs` order: the grid, then the extra targets of prefix-shared spans).
+
+    Attributes:
+        logps: the policy's log-probs (with gradient).
+        entropy: the policy's entropies (no gradient), or ``None``.
+        mask: fp32, 1 on the completions' trained tokens.
+        sequence_ids: int64 completion of each token (-1: none).
+    """
+
+    logps: torch.Tensor
+    entropy: torch.Tensor | None
+    mask: torch.Tensor
+    sequence_ids: torch.Tensor
+
+
+def token_inputs(policy: dict[str, torch.Tensor], batch: Batch) -> TokenInputs:
+    """The policy's outputs over ``batch``'s scored tokens (see :class:`TokenInputs`)."""
+    mask, ids = scored_tokens(batch)
+    logps = flat_outputs(batch, policy["token_logps"], policy.get("extra_logps"))
+    entropy = None
+    if "entropy" in policy:
+        entropy = flat_outputs(batch, policy["entropy"], policy.get("extra_entropy"))
+    return TokenInputs(logps, entropy, mask, ids)
+
+
+def common_metrics(inputs: TokenInputs, batch: Batch) -> dict[str, Any]:
     """``entropy`` and, where the batch carries the sampler's log-probs,
     ``sampling/logp_difference/{mean,max}`` (see the module docstring)."""
+    mask = inputs.mask
     count, keep = mask.sum().clamp(min=1.0), mask > 0
     metrics: dict[str, Any] = {}
-    if "entropy" in policy:
-        metrics["entropy"] = torch.where(keep, policy["entropy"].detach(), 0.0).sum() / count
+    if inputs.entropy is not None:
+        metrics["entropy"] = torch.where(keep, inputs.entropy.detach(), 0.0).sum() / count
     sampler = batch.rollout.sampler_logps if batch.rollout is not None else None
     if sampler is not None and bool(mask.any()):
-        diff = torch.where(keep, (policy["token_logps"].detach() - sampler).abs(), 0.0)
+        diff = torch.where(keep, (inputs.logps.detach() - sampler).abs(), 0.0)
         metrics["sampling/logp_difference/mean"] = diff.sum() / count
         metrics["sampling/logp_difference/max"] = Max(diff.max())
     return metrics

@@ -46,7 +46,7 @@ from megatron.objectives.online import (
     RolloutStats,
     common_metrics,
     rollout_fields,
-    token_mask,
+    token_inputs,
 )
 from megatron.objectives.pairs import raise_section_problems
 from megatron.objectives.policy_gradient import KL_IMPLS, reinforce_loss, reinforce_penalty
@@ -149,16 +149,16 @@ class Reinforce(OnlineObjective):
 
     def loss(self, policy: Any, reference: Any, batch: Batch) -> tuple[torch.Tensor, dict]:
         cfg, fields = self.config, rollout_fields(batch)
-        mask = token_mask(batch)
+        tokens = token_inputs(policy, batch)
         penalty = None
         if cfg.kl_div_beta > 0:
-            penalty = reinforce_penalty(policy["token_logps"], fields.ref_logps, cfg.kl_impl)
+            penalty = reinforce_penalty(tokens.logps, fields.ref_logps, cfg.kl_impl)
         loss, metrics = reinforce_loss(
-            policy["token_logps"],
+            tokens.logps,
             fields.advantages,
-            mask,
+            tokens.mask,
             kl_div_beta=cfg.kl_div_beta,
             penalty=penalty,
-            sequence_ids=batch.sequence_ids,
+            sequence_ids=tokens.sequence_ids,
         )
-        return loss, {**metrics, **common_metrics(policy, batch, mask)}
+        return loss, {**metrics, **common_metrics(tokens, batch)}

@@ -36,7 +36,7 @@ from megatron.objectives.online import (
     RolloutStats,
     common_metrics,
     rollout_fields,
-    token_mask,
+    token_inputs,
 )
 from megatron.objectives.pairs import raise_section_problems
 from megatron.objectives.policy_gradient import _sequences, rloo_loss
@@ -119,17 +119,17 @@ class RLOO(OnlineObjective):
 
     def loss(self, policy: Any, reference: Any, batch: Batch) -> tuple[torch.Tensor, dict]:
         fields = rollout_fields(batch)
-        mask = token_mask(batch)
-        old = torch.where(mask > 0, fields.old_logps, 0.0)
-        old_sums, _ = _sequences(old, mask, batch.sequence_ids, batch.num_sequences)
+        tokens = token_inputs(policy, batch)
+        old = torch.where(tokens.mask > 0, fields.old_logps, 0.0)
+        old_sums, _ = _sequences(old, tokens.mask, tokens.sequence_ids, batch.num_sequences)
         loss, metrics = rloo_loss(
-            policy["token_logps"],
+            tokens.logps,
             old_sums,
             fields.advantages,
-            mask,
+            tokens.mask,
             epsilon=self.config.epsilon,
             epsilon_high=self.config.epsilon_high,
-            sequence_ids=batch.sequence_ids,
+            sequence_ids=tokens.sequence_ids,
             num_sequences=batch.num_sequences,
         )
-        return loss, {**metrics, **common_metrics(policy, batch, mask)}
+        return loss, {**metrics, **common_metrics(tokens, batch)}

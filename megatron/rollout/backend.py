@@ -1,12 +1,13 @@
 """Generation backends of online RL: who turns prompts into sampled completions.
 
 A backend implements :class:`GenerationBackend`: ``generate(prompts, sampling, row_seeds,
-eos_id)`` for one rank's prompts, and ``sync_weights()`` called after each optimizer step that
+eos_id, repeat)`` for one rank's prompts (``repeat`` completions of each), and ``sync_weights()`` called after each optimizer step that
 changes the policy (a server backend pushes the new weights there; vLLM/SGLang would plug in
 here). The built-in one, :class:`BuiltinBackend`, runs the policy's own decoder
 (:func:`megatron.model.generate.generate`) on the DeepSpeed engine itself: the same layers and TP
 shards as training, no copy of the weights and nothing to synchronise, and its reported
-log-probs are the training forward's (``sampling/logp_difference`` ~1e-6 in fp32).
+log-probs are the training forward's (``sampling/logp_difference`` ~1e-6 in fp32). It runs each
+prompt through the model once for all of its completions (``generate(..., repeat=G)``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ class GenerationBackend(Protocol):
         sampling: SamplingConfig,
         row_seeds: Sequence[int] | None,
         eos_id: int | None,
+        repeat: int = 1,
     ) -> list[tuple[list[int], list[float]]]:
-        """Per prompt, the sampled token ids (an emitted EOS included) and each one's log-prob
-        under ``softmax(logits / temperature)`` (before top-k/top-p)."""
+        """Per completion (``repeat`` per prompt, prompt-major), the sampled token ids (an
+        emitted EOS included) and each one's log-prob under ``softmax(logits / temperature)``
+        (before top-k/top-p); ``row_seeds`` has one seed per completion."""
         ...
 
     def sync_weights(self) -> None:
@@ -46,7 +49,8 @@ class BuiltinBackend:
         engine: the DeepSpeed engine (or a :class:`~megatron.model.gpt.GPTModel`).
         group: ranks whose decoding steps stay in lockstep (the data-parallel group: ZeRO-3
             gathers parameters inside every forward).
-        batch_size: rows per decoder call (bounds the key/value cache); ``None``: all at once.
+        batch_size: completions per decoder call (bounds the key/value cache; whole prompts'
+            completions per call); ``None``: all at once.
     """
 
     def __init__(
@@ -60,8 +64,9 @@ class BuiltinBackend:
         sampling: SamplingConfig,
         row_seeds: Sequence[int] | None,
         eos_id: int | None,
+        repeat: int = 1,
     ) -> list[tuple[list[int], list[float]]]:
-        size = self.batch_size or max(len(prompts), 1)
+        size = max(self.batch_size // repeat, 1) if self.batch_size else max(len(prompts), 1)
         # why: every rank of the group runs the same number of calls (ZeRO-3 gathers inside them)
         calls = -(-len(prompts) // size)
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
@@ -71,12 +76,13 @@ class BuiltinBackend:
         out: list[tuple[list[int], list[float]]] = []
         for k in range(calls):
             rows = list(prompts[k * size : (k + 1) * size])
-            seeds = None if row_seeds is None else list(row_seeds[k * size : (k + 1) * size])
+            first, last = k * size * repeat, (k + 1) * size * repeat
+            seeds = None if row_seeds is None else list(row_seeds[first:last])
             if not rows:  # this rank is done; keep the others company with one dummy row
                 rows, seeds = [list(prompts[0]) if prompts else [0]], [0]
-                _ = _generate(self.engine, rows, sampling, seeds, eos_id, self.group)
+                _ = _generate(self.engine, rows, sampling, seeds, eos_id, self.group, 1)
                 continue
-            gen = _generate(self.engine, rows, sampling, seeds, eos_id, self.group)
+            gen = _generate(self.engine, rows, sampling, seeds, eos_id, self.group, repeat)
             out += _rows(gen)
         return out
 
@@ -96,8 +102,11 @@ def _generate(
     seeds: list[int] | None,
     eos_id: int | None,
     group: dist.ProcessGroup | None,
+    repeat: int,
 ) -> GenerationOutput:
-    return generate(engine, rows, sampling, eos_id=eos_id, row_seeds=seeds, group=group)
+    return generate(
+        engine, rows, sampling, eos_id=eos_id, row_seeds=seeds, repeat=repeat, group=group
+    )
 
 
 def _rows(gen: GenerationOutput) -> list[tuple[list[int], list[float]]]:

@@ -6,9 +6,13 @@ A :class:`Completion` holds what one sampled completion needs for training, inde
 batches lay it out: prompt and completion ids, the sampler's log-probs, and (once computed) the
 old-policy and reference log-probs of its *trained* tokens (all of its tokens, or none when a
 truncated completion is masked) and its advantage. :func:`micro_batches` turns a list of them into
-sequence batches (any ``data.layout``) carrying :class:`~megatron.data.batch.RolloutFields`, by
-scattering the per-token values into the batch's ``[b, s]`` grid (:func:`scatter_tokens`; the
-inverse is :func:`gather_tokens`). The buffer is plain tensors and numbers
+batches in any ``data.layout`` — ``padded`` or ``packed`` sequences, or ``prefix_shared`` /
+``prefix_shared_packed`` spans where the completions of one prompt share its tokens once
+(:func:`megatron.data.collators.collate_prompt_groups`) — carrying
+:class:`~megatron.data.batch.RolloutFields`, by scattering the per-token values to the batch's
+*scored tokens*: its ``[b * s]`` grid flattened, then its ``k`` extra targets
+(:func:`scatter_tokens`; the inverse is :func:`gather_tokens`; :func:`flat_outputs` lays the
+model's outputs out the same way). The buffer is plain tensors and numbers
 (:func:`buffer_state` / :func:`load_buffer`), so a checkpoint taken in the middle of a rollout
 holds it and a resume trains on the same completions.
 """
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 
 from megatron.data.batch import Batch, RolloutFields
+from megatron.data.collators import PREFIX_LAYOUTS, Collator, collate_prompt_groups
+from megatron.objectives.online import flat_outputs, scored_tokens  # noqa: F401 - re-exported
 
 _ARRAYS = ("prompt", "tokens", "sampler_logps", "old_logps", "ref_logps")
 
@@ -65,18 +71,24 @@ class Completion:
 
 
 def _targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(flat grid positions [k], their sequence ids [k])`` of the trained targets, grouped by
-    sequence (ascending) and in token order within each."""
-    ids = batch.sequence_ids.reshape(-1)
-    keep = (ids >= 0) & (batch.loss_mask.reshape(-1) > 0)
-    where = torch.nonzero(keep).squeeze(-1)
-    order = torch.sort(ids[where], stable=True).indices
-    return where[order], ids[where[order]]
+    """``(flat indices [m], their sequence ids [m])`` of the trained targets into
+    :func:`flat_outputs`, grouped by sequence (ascending) and in token order within each (an
+    extra target, a completion's first token, before its grid targets)."""
+    mask, ids = scored_tokens(batch)
+    n = batch.loss_mask.numel()
+    order = torch.arange(ids.numel(), device=ids.device)
+    # why: a stable sort of [extra..., grid...] keys puts each sequence's extra target first
+    rotated = torch.cat([order[n:], order[:n]])
+    keep = rotated[mask[rotated] > 0]
+    by_sequence = torch.sort(ids[keep], stable=True).indices
+    where = keep[by_sequence]
+    return where, ids[where]
 
 
 def scatter_tokens(batch: Batch, values: list[np.ndarray | None]) -> torch.Tensor:
-    """``[b, s]`` fp32 grid holding each sequence's per-trained-token ``values`` at its targets
-    (0 elsewhere); ``values[i]`` belongs to sequence ``i``.
+    """``[b * s + k]`` fp32 (:func:`flat_outputs` order) holding each sequence's
+    per-trained-token ``values`` at its targets (0 elsewhere); ``values[i]`` belongs to
+    sequence ``i``.
 
     Raises:
         ValueError: a sequence's values do not match its trained targets in number.
@@ -86,19 +98,55 @@ def scatter_tokens(batch: Batch, values: list[np.ndarray | None]) -> torch.Tenso
     sizes = [0 if v is None else int(np.asarray(v).size) for v in values]
     if sizes != counts[: len(sizes)] or len(sizes) != batch.num_sequences:
         raise ValueError(f"per-token values of sizes {sizes} for sequences of {counts} targets")
-    grid = torch.zeros(batch.loss_mask.numel(), dtype=torch.float32)
+    k = 0 if batch.extra_targets is None else batch.extra_targets.index.numel()
+    flat = torch.zeros(batch.loss_mask.numel() + k, dtype=torch.float32)
     parts = [torch.as_tensor(np.asarray(v, dtype=np.float32)) for v in values if v is not None]
     if parts:
-        grid[where.cpu()] = torch.cat(parts)
-    return grid.view_as(batch.loss_mask)
+        flat[where.cpu()] = torch.cat(parts)
+    return flat
 
 
-def gather_tokens(batch: Batch, grid: torch.Tensor) -> list[np.ndarray]:
+def gather_tokens(batch: Batch, flat: torch.Tensor) -> list[np.ndarray]:
     """The inverse of :func:`scatter_tokens`: each sequence's values at its trained targets."""
     where, ids = _targets(batch)
-    flat = grid.detach().reshape(-1)[where].float().cpu().numpy()
+    picked = flat.detach().reshape(-1)[where].float().cpu().numpy()
     counts = torch.bincount(ids.cpu(), minlength=batch.num_sequences).tolist()
-    return np.split(flat, np.cumsum(counts)[:-1])
+    return np.split(picked, np.cumsum(counts)[:-1])
+
+
+def _groups(part: list[Completion]) -> list[list[int]]:
+    """Indices of ``part`` grouped by prompt (same example and prompt), in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(part):
+        groups.setdefault((c.example, c.prompt.tobytes()), []).append(i)
+    return list(groups.values())
+
+
+class CompletionCollator:
+    """Lays completions out in one ``data.layout`` (see the module docstring).
+
+    Args:
+        layout: ``padded``, ``packed``, ``prefix_shared`` or ``prefix_shared_packed``.
+        seq_length: row capacity (``data.seq_length``).
+        pad_to_multiple_of: row-length rounding (``data.pad_to_multiple_of``).
+    """
+
+    def __init__(self, layout: str, seq_length: int, pad_to_multiple_of: int = 8) -> None:
+        self.layout, self.seq_length, self.multiple = layout, seq_length, pad_to_multiple_of
+        self.sequences = None
+        if layout not in PREFIX_LAYOUTS:
+            self.sequences = Collator("sequence", layout, seq_length, pad_to_multiple_of)
+
+    def __call__(self, part: list[Completion]) -> Batch:
+        samples = [c.sample() for c in part]
+        if self.sequences is not None:
+            return self.sequences(samples)
+        seqs = [(x["tokens"], x["loss_mask"] > 0) for x in samples]
+        groups = _groups(part)
+        prompts = [part[g[0]].prompt.size for g in groups]
+        return collate_prompt_groups(
+            seqs, groups, prompts, self.layout, self.seq_length, self.multiple
+        )
 
 
 def micro_batches(
@@ -114,7 +162,7 @@ def micro_batches(
 
     Args:
         completions: this rank's completions of one optimizer step.
-        collate: a ``sequence``-kind :class:`~megatron.data.collators.Collator`.
+        collate: a :class:`CompletionCollator`.
         micro_batch_size: completions per micro-batch.
         num_items: the step's :attr:`RolloutFields.num_items`.
         max_new_tokens: the rollout's.
@@ -123,9 +171,9 @@ def micro_batches(
     out = []
     for start in range(0, len(completions), micro_batch_size):
         part = completions[start : start + micro_batch_size]
-        batch = collate([c.sample() for c in part])
+        batch = collate(part)
 
-        def grid(name: str, part: list[Completion] = part, batch: Batch = batch):
+        def flat(name: str, part: list[Completion] = part, batch: Batch = batch):
             values = [getattr(c, name) if c.trained else None for c in part]
             if any(v is None for c, v in zip(part, values, strict=True) if c.trained):
                 return None
@@ -133,9 +181,9 @@ def micro_batches(
 
         fields = RolloutFields(
             advantages=torch.tensor([c.advantage for c in part], dtype=torch.float32),
-            old_logps=grid("old_logps"),
-            ref_logps=grid("ref_logps"),
-            sampler_logps=grid("sampler_logps") if with_sampler_logps else None,
+            old_logps=flat("old_logps"),
+            ref_logps=flat("ref_logps"),
+            sampler_logps=flat("sampler_logps") if with_sampler_logps else None,
             num_items=float(num_items),
             max_new_tokens=int(max_new_tokens),
         )

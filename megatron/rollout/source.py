@@ -38,14 +38,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.data.collators import Collator
 from megatron.data.sampler import GlobalBatchSampler
 from megatron.model.generate import SamplingConfig
 from megatron.objectives.online import OnlineObjective, RolloutStats
 from megatron.rollout.advantages import nanstd
 from megatron.rollout.buffer import (
     Completion,
+    CompletionCollator,
     buffer_state,
+    flat_outputs,
     gather_tokens,
     load_buffer,
     micro_batches,
@@ -170,8 +171,8 @@ class RolloutSource:
             len(train), r.prompts_per_step // state.dp_size, state.dp_size, state.dp_rank, 1, t.seed
         )
         self._prompts = iter(self.sampler)
-        self.collate = Collator(
-            "sequence", cfg.data.layout, cfg.data.seq_length, cfg.data.pad_to_multiple_of
+        self.collate = CompletionCollator(
+            cfg.data.layout, cfg.data.seq_length, cfg.data.pad_to_multiple_of
         )
         self.eos = tokenizer.eos_id
         self.rollouts = 0  # rollouts taken
@@ -256,7 +257,8 @@ class RolloutSource:
         seeds = [
             completion_seed(self.cfg.training.seed, rollout, first + k) for k in range(len(prompts))
         ]
-        out = self.backend.generate([p.tolist() for p in prompts], self.sampling, seeds, self.eos)
+        unique = [row["prompt"].tolist() for row in rows]  # each prefilled once for its G rows
+        out = self.backend.generate(unique, self.sampling, seeds, self.eos, self.G)
         examples = [i for i in indices for _ in range(self.G)]
         masked = self.objective.mask_truncated_completions
         completions = []
@@ -319,12 +321,14 @@ class RolloutSource:
                     batch = batch.to(self.device)
                     chunk = part[k * self.cfg.training.micro_batch_size :][: batch.num_sequences]
                     if self.need_old:
-                        grid = forward_outputs(self.engine, batch)["token_logps"]
-                        for c, v in zip(chunk, gather_tokens(batch, grid), strict=True):
+                        out = forward_outputs(self.engine, batch)
+                        flat = flat_outputs(batch, out["token_logps"], out.get("extra_logps"))
+                        for c, v in zip(chunk, gather_tokens(batch, flat), strict=True):
                             c.old_logps = v if c.trained else None
                     if self.need_ref:
-                        grid = self.reference.outputs(batch)["token_logps"]
-                        for c, v in zip(chunk, gather_tokens(batch, grid), strict=True):
+                        out = self.reference.outputs(batch)
+                        flat = flat_outputs(batch, out["token_logps"], out.get("extra_logps"))
+                        for c, v in zip(chunk, gather_tokens(batch, flat), strict=True):
                             c.ref_logps = v if c.trained else None
         finally:
             self.engine.train(was_training)

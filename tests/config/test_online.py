@@ -53,7 +53,7 @@ def test_valid_online_config_resolves_reward_paths(tmp_path, monkeypatch):
     # relative to the file that names it, whatever the working directory
     assert spec.function == f"{(tmp_path / 'rewards' / 'acc.py').resolve()}:accuracy"
     assert spec.label == "accuracy" and spec.weight == 1.0
-    assert cfg.rollout.prompts_per_step == 4 and cfg.data.layout == "padded"
+    assert cfg.rollout.prompts_per_step == 4 and cfg.data.layout == "prefix_shared_packed"
     save_config(cfg, tmp_path / "saved.yml")  # the resolved config loads back from anywhere
     monkeypatch.chdir(tmp_path / "rewards")
     again = load_config([tmp_path / "saved.yml"], resolved=True)

@@ -105,3 +105,25 @@ def test_id_range_and_find_id_outside_cross_chunks(tmp_path):
     assert ds.id_range(chunk_tokens=2) == (-1, 9)
     assert ds.find_id_outside(10, chunk_tokens=2) == (2, 1, -1)
     assert ds.find_id_outside(5, chunk_tokens=2) == (0, 1, 7)
+
+
+def test_tokenizer_identity_from_the_launcher(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """A rank takes the tokenizer identity the launcher recorded (no tokenizer load), unless a
+    file of the directory changed since: then it loads the tokenizer again."""
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    meta_mod._tokenizer_identity.cache_clear()
+    want = meta_mod._tokenizer_identity(str(tok))
+    record = meta_mod.tokenizer_identities()
+    assert json.loads(record)[str(tok.resolve())]["hash"] == want[0]
+    meta_mod._tokenizer_identity.cache_clear()
+    loads = []
+    real = meta_mod.load_tokenizer
+    monkeypatch.setattr(meta_mod, "load_tokenizer", lambda d: loads.append(d) or real(d))
+    monkeypatch.setenv(meta_mod.TOKENIZER_IDENTITY_ENV, record)
+    assert meta_mod._tokenizer_identity(str(tok)) == want and loads == []
+    meta_mod._tokenizer_identity.cache_clear()
+    config = tok / "tokenizer_config.json"
+    config.write_text(config.read_text() + " ")  # touched: the record no longer applies
+    assert meta_mod._tokenizer_identity(str(tok)) == want and loads == [str(tok)]
+    meta_mod._tokenizer_identity.cache_clear()

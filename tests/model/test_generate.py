@@ -360,8 +360,26 @@ def test_row_seeds_make_each_row_independent_of_its_batch():
     assert swapped == both[::-1]
     other = generate(model, prompts, SAMPLED, row_seeds=[1, 2, 3, 4]).to_lists()
     assert other != both
-    with pytest.raises(ValueError, match="row_seeds has 2 seeds for 4 prompts"):
+    with pytest.raises(ValueError, match="row_seeds has 2 seeds for 4 rows"):
         generate(model, prompts, SAMPLED, row_seeds=[1, 2])
+
+
+def test_repeat_shares_each_prompts_prefill():
+    """``repeat=G`` runs each prompt once and copies its keys/values to its G rows: the same
+    tokens and log-probs (fp64: the shared prefill only changes the batch size of the prompt's
+    forward, so the values agree to round-off, 1e-12) as the prompts repeated G times."""
+    model = GPTModel(_cfg("llama-gqa"), ParallelState.single(), seed=3).double().eval()
+    prompts = [[5, 9, 2], [7], [3, 3, 8, 1, 4]]
+    seeds = list(range(100, 112))
+    shared = generate(model, prompts, SAMPLED, row_seeds=seeds, repeat=4, eos_id=7)
+    plain = generate(
+        model, [p for p in prompts for _ in range(4)], SAMPLED, row_seeds=seeds, eos_id=7
+    )
+    assert shared.to_lists() == plain.to_lists()
+    torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=1e-12, rtol=0)
+    assert len({tuple(r) for r in shared.to_lists()[:4]}) > 1  # a prompt's rows differ
+    with pytest.raises(ValueError, match="repeat must be an int >= 1"):
+        generate(model, prompts, SAMPLED, repeat=0)
 
 
 def test_logprob_temperature_scores_the_tempered_distribution():

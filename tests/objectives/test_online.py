@@ -147,9 +147,10 @@ def _objective(name: str, **params):
 
 def _rollout_batch(layout="packed", sampler=False):
     logps, old, ref, batch = _grids(layout)
+    flat = lambda t: t.reshape(-1)  # noqa: E731  [b, s] -> [b * s]: no extra targets here
     fields = RolloutFields(
-        advantages=ADV, old_logps=old, ref_logps=ref, sampler_logps=old if sampler else None,
-        num_items=10.0, max_new_tokens=4,
+        advantages=ADV, old_logps=flat(old), ref_logps=flat(ref),
+        sampler_logps=flat(old) if sampler else None, num_items=10.0, max_new_tokens=4,
     )  # fmt: skip
     policy = {"token_logps": logps, "entropy": torch.full_like(logps, 2.0)}
     return policy, batch.replace(rollout=fields)
@@ -159,10 +160,11 @@ def test_objectives_read_the_rollout_fields():
     policy, batch = _rollout_batch(sampler=True)
     grpo = _objective("grpo", loss_type="dapo", beta=0.04, epsilon_high=0.28)
     loss, metrics = grpo.loss(policy, None, batch)
+    grid = lambda t: t.view_as(batch.loss_mask)  # noqa: E731
     want, _ = grpo_loss(
-        policy["token_logps"], batch.rollout.old_logps, ADV, batch.loss_mask, loss_type="dapo",
-        epsilon_high=0.28, beta=0.04, ref_logps=batch.rollout.ref_logps, num_items=10.0,
-        sequence_ids=batch.sequence_ids, num_sequences=4,
+        policy["token_logps"], grid(batch.rollout.old_logps), ADV, batch.loss_mask,
+        loss_type="dapo", epsilon_high=0.28, beta=0.04, ref_logps=grid(batch.rollout.ref_logps),
+        num_items=10.0, sequence_ids=batch.sequence_ids, num_sequences=4,
     )  # fmt: skip
     assert float(loss) == pytest.approx(float(want), abs=ATOL)
     assert float(metrics["entropy"]) == pytest.approx(2.0)
