@@ -114,12 +114,26 @@ def gather_tokens(batch: Batch, flat: torch.Tensor) -> list[np.ndarray]:
     return np.split(picked, np.cumsum(counts)[:-1])
 
 
-def _groups(part: list[Completion]) -> list[list[int]]:
-    """Indices of ``part`` grouped by prompt (same example and prompt), in first-seen order."""
-    groups: dict[tuple, list[int]] = {}
+def _groups(part: list[Completion], capacity: int) -> list[list[int]]:
+    """Indices of ``part`` grouped by prompt (same example and prompt), in first-seen order; a
+    group whose span (the prompt once, then its completions) exceeds ``capacity`` is split into
+    spans that fit, each holding the prompt (one prompt + completion always fits:
+    :func:`megatron.rollout.setup.build_rollout_source` checks it)."""
+    by_prompt: dict[tuple, list[int]] = {}
     for i, c in enumerate(part):
-        groups.setdefault((c.example, c.prompt.tobytes()), []).append(i)
-    return list(groups.values())
+        by_prompt.setdefault((c.example, c.prompt.tobytes()), []).append(i)
+    groups = []
+    for members in by_prompt.values():
+        prompt = part[members[0]].prompt.size
+        current, used = [], prompt
+        for i in members:
+            if current and used + part[i].tokens.size > capacity:
+                groups.append(current)
+                current, used = [], prompt
+            current.append(i)
+            used += part[i].tokens.size
+        groups.append(current)
+    return groups
 
 
 class CompletionCollator:
@@ -142,7 +156,7 @@ class CompletionCollator:
         if self.sequences is not None:
             return self.sequences(samples)
         seqs = [(x["tokens"], x["loss_mask"] > 0) for x in samples]
-        groups = _groups(part)
+        groups = _groups(part, self.seq_length)
         prompts = [part[g[0]].prompt.size for g in groups]
         return collate_prompt_groups(
             seqs, groups, prompts, self.layout, self.seq_length, self.multiple

@@ -156,3 +156,17 @@ def test_buffer_survives_a_weights_only_checkpoint(tmp_path):
         for name in ("prompt", "tokens", "sampler_logps", "old_logps", "ref_logps"):
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None and y is None) or np.array_equal(x, y), name
+
+
+def test_a_group_longer_than_a_row_is_split_into_spans_that_fit():
+    """Prompt 10 (3 tokens) with completions of 4 and 3 tokens: 10 tokens in one span; with
+    rows of 8 the two completions go to two spans, each with the prompt."""
+    comps = [c for c in _completions() if c.example == 10]
+    wide = CompletionCollator("prefix_shared", 10, 1)(comps)
+    narrow = CompletionCollator("prefix_shared", 8, 1)(comps)
+    assert wide.tokens.shape[0] == 1 and narrow.tokens.shape[0] == 2
+    assert narrow.extra_targets.index.numel() == 0  # each completion first in its span
+    for batch in (wide, narrow):
+        back = gather_tokens(batch, scatter_tokens(batch, [c.old_logps for c in comps]))
+        for c, v in zip(comps, back, strict=True):
+            np.testing.assert_array_equal(v, c.old_logps)

@@ -15,6 +15,9 @@ learning rate, AdamW (betas 0.9/0.999, no weight decay), gradient clipping 1.0, 
 ours with the policy's own decoder. Each side trains in its own fresh subprocess, one after the
 other (its ``ru_maxrss`` is its own peak).
 
+``--few-shot K`` puts K solved examples before every prompt (a few-shot prefix: long prompts, as
+in RL with system prompts or worked examples); the header gives the mean prompt length.
+
 The reward is the fraction of digit characters in the completion (a random model emits a few; it
 varies within a group, so both sides take real gradient steps); ``--reward exact`` uses exact
 match of the answer instead (zero for a random model: no gradient, generation still timed).
@@ -100,7 +103,9 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
     model.save_pretrained(work / "hf")
     tok.save_pretrained(work / "hf")
     convert_hf_to_native(work / "hf", work / "native", tp_size=1, divisible_by=64)
-    rows = [{"prompt": e.prompt, "answer": e.answer} for e in examples]
+    shots = [make_example(random.Random(7)) for _ in range(args.few_shot)]
+    prefix = "".join(f"{e.prompt}{e.answer}\n" for e in shots)
+    rows = [{"prompt": prefix + e.prompt, "answer": e.answer} for e in examples]
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (work / "rewards.py").write_text(REWARDS)
     options = PreprocessOptions(data_format="prompt", chat_template="none")
@@ -262,6 +267,7 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--reward", choices=["digits", "exact"], default="digits")
+    p.add_argument("--few-shot", type=int, default=0, help="solved examples before each prompt")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -284,11 +290,16 @@ def main() -> None:
             sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         results[side] = json.loads(lines[-1].removeprefix("RESULT "))
     n = args.prompts * args.generations
+    from megatron.data.indexed import IndexedDataset
+
+    prompts = IndexedDataset(f"{args.work / 'prompts'}.prompt")
+    prompt_mean = sum(len(prompts[i]) for i in range(len(prompts))) / len(prompts)
     print(
         f"tiny Llama h={args.hidden} L={args.layers} heads={args.heads}, vocab 384; GRPO "
         f"{args.steps} steps x {args.prompts} prompts x G={args.generations} = {n} completions "
-        f"of <= {args.max_new_tokens} tokens per step; reward {args.reward}; lr {args.lr}; fp32 "
-        f"CPU, {args.threads} threads per side"
+        f"of <= {args.max_new_tokens} tokens per step (prompts {prompt_mean:.0f} tokens, "
+        f"--few-shot {args.few_shot}); reward {args.reward}; lr {args.lr}; fp32 CPU, "
+        f"{args.threads} threads per side"
     )
     print(
         f"{'side':<6}{'s/step':>9}{'steady s/step':>15}{'tokens/step':>13}{'peak RSS GiB':>14}"
