@@ -163,6 +163,7 @@ class GPTModel(nn.Module):
         extra_targets: torch.Tensor | None = None,
         *,
         kv_cache: KVCache | None = None,
+        kl_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """``tokens [b, s]`` int64 -> final hidden states ``[b, s, h]``.
 
@@ -173,6 +174,11 @@ class GPTModel(nn.Module):
         scored at hidden states other than the next position's (prefix-shared rows). A
         ``model.head: value`` model returns ``{"values": [b, s] fp32}`` (the value head at
         every position; ``targets`` unused).
+
+        ``kl_reference``: ``(hidden [b, s, h], output weight [v/p, h])`` of a frozen reference
+        model over the same tokens (:meth:`ReferenceModel.kl_inputs
+        <megatron.training.reference.ReferenceModel.kl_inputs>`), for the ``kl`` output (the
+        exact per-token KL to the reference, at this model's ``logprob_temperature``).
 
         With ``kv_cache`` (:class:`~megatron.model.kv_cache.KVCache`) it is one incremental
         decoding step instead, see :meth:`_decode_step`: it returns the next-token logits
@@ -195,6 +201,8 @@ class GPTModel(nn.Module):
         if self.logprob_temperature != 1.0:
             # (h / T) W^T = (h W^T) / T: the tempered logits, still never materialised whole
             hidden = hidden / self.logprob_temperature
+            if kl_reference is not None:
+                kl_reference = (kl_reference[0] / self.logprob_temperature, kl_reference[1])
         return token_log_probs(
             hidden,
             self.output_weight(),
@@ -205,6 +213,7 @@ class GPTModel(nn.Module):
             self.logprob_chunk_size,
             extra_index,
             extra_targets,
+            kl_reference,
         )
 
     @torch.no_grad()

@@ -13,6 +13,8 @@ name                   head     meaning
 ``log_z``              lm       log-partition (log-sum-exp of the logits) ``[b, s]`` fp32
 ``log_sum_sq_probs``   lm       ``log sum_v p_v^2`` ``[b, s]`` fp32, no gradient (WPO's weights)
 ``entropy``            lm       ``-sum_v p_v log p_v`` ``[b, s]`` fp32, no gradient (online RL)
+``kl``                 lm       ``sum_v p_v (log p_v - log q_v)`` ``[b, s]`` fp32 against a reference
+                                distribution ``q`` given to the forward (``kl_reference``)
 ``values``             value    the value head at every position ``[b, s]`` fp32
 =====================  =======  ==================================================================
 
@@ -36,9 +38,12 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from megatron.parallel.cross_entropy import chunked_vocab_parallel_log_probs
+from megatron.parallel.cross_entropy import (
+    chunked_vocab_parallel_kl,
+    chunked_vocab_parallel_log_probs,
+)
 
-LM_OUTPUTS = frozenset({"token_logps", "log_z", "log_sum_sq_probs", "entropy"})
+LM_OUTPUTS = frozenset({"token_logps", "log_z", "log_sum_sq_probs", "entropy", "kl"})
 VALUE_OUTPUTS = frozenset({"values"})
 HEAD_OUTPUTS = {"lm": LM_OUTPUTS, "value": VALUE_OUTPUTS}
 """What each ``model.head`` can give."""
@@ -78,6 +83,7 @@ def token_log_probs(
     chunk_size: int | None = None,
     extra_index: torch.Tensor | None = None,
     extra_targets: torch.Tensor | None = None,
+    kl_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ``lm`` outputs of ``hidden`` for ``targets`` (and the extra targets, if any).
 
@@ -91,6 +97,9 @@ def token_log_probs(
         chunk_size: tokens per chunk (``None``: ~256 MiB of fp32 logits per chunk).
         extra_index: ``[k]`` int64 flat indices into the ``b * s`` hidden states, or ``None``.
         extra_targets: ``[k]`` int64 token ids scored at those hidden states.
+        kl_reference: ``(ref_hidden [b, s, h], ref_weight [v/p, h])``, a reference model's final
+            hidden states at the same tokens and its output rows: ``kl`` (with ``kl`` requested;
+            ``extra_kl [k]`` at the extra targets).
 
     Returns:
         The requested ``[b, s]`` fp32 tensors by name (``token_logps`` and ``log_z`` are always
@@ -127,6 +136,17 @@ def token_log_probs(
         result["log_sum_sq_probs"] = out[2][:n].view(b, s)
     if with_entropy:
         result["entropy"] = out[-1][:n].view(b, s)
+    if "kl" in outputs and kl_reference is not None:
+        ref_hidden, ref_weight = kl_reference
+        ref_flat = ref_hidden.reshape(b * s, h)  # [b, s, h] -> [b*s, h]
+        if k:
+            ref_flat = torch.cat([ref_flat, ref_flat.index_select(0, extra_index)])
+        kl = chunked_vocab_parallel_kl(
+            flat, weight, ref_flat, ref_weight, group, vocab_size, chunk_size
+        )
+        result["kl"] = kl[:n].view(b, s)
+        if extra_index is not None:
+            result["extra_kl"] = kl[n : n + k]
     if extra_index is not None:
         result["extra_logps"] = out[0][n : n + k]
         if with_sq:

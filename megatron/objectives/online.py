@@ -91,6 +91,15 @@ class OnlineObjective(Objective):
     def mask_truncated_completions(self) -> bool:
         return bool(getattr(self.config, "mask_truncated_completions", False))
 
+    @property
+    def needs_reference_logps(self) -> bool:
+        """Whether the rollout computes reference log-probs (objectives with a KL term on them)."""
+        return bool(self.needs_reference_model)
+
+    needs_reference_hidden: bool = False
+    """Whether the training step gives the policy's forward the reference's hidden states (the
+    exact KL over the vocabulary, REINFORCE's ``kl_impl: full``)."""
+
     def needs_old_logps(self, passes: int) -> bool:
         """Whether the rollout computes the sampling policy's log-probs (``passes``: optimizer
         steps taken on one rollout; after the first the policy is no longer the sampler)."""

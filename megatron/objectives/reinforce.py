@@ -15,8 +15,12 @@ token ``t`` with ``d_t = log pi(o_t) - log pi_ref(o_t)``::
     L = sum_t m_t (-A_i log pi(o_t) + kl_div_beta * k_t) / sum_t m_t
 
 ``kl_impl``: ``abs`` ``k = |d|``, ``mse`` ``k = d^2 / 2``, ``kl`` ``k = d`` (as NeoX: the raw
-difference, which only shifts the advantage by ``-beta``). The penalty is part of the loss (its
-gradient flows through the policy), not of the reward; no ratio, no clipping, one pass per rollout.
+difference, which only shifts the advantage by ``-beta``), ``full`` ``k = KL(pi(.|s_t) ||
+pi_ref(.|s_t))``, the exact KL over the vocabulary at each position (NeoX's
+``F.kl_div(ref_logp, logp, log_target=True).sum(-1)``; computed vocabulary-parallel in chunks,
+:func:`megatron.parallel.chunked_vocab_parallel_kl`, never from full logits; the reference runs
+in every training step). The penalty is part of the loss (its gradient flows through the
+policy), not of the reward; no ratio, no clipping, one pass per rollout.
 
 Departures from NeoX (tested against hand-worked values in ``tests/objectives/``):
 
@@ -26,8 +30,6 @@ Departures from NeoX (tested against hand-worked values in ``tests/objectives/``
   divided by its micro-batch size.
 * the moving average spans every rank's groups in rollout order (NeoX keeps one per rank, in its
   data server's order), so the data-parallel layout does not change the advantages.
-* ``kl_impl: full`` (the exact KL over the vocabulary at each position) is not available yet; it
-  is refused at config load.
 * the rollouts come from the policy's own weights at each rollout (NeoX's vLLM server shares the
   live weights but buffers samples across updates); the reference model is ``reference.load`` or
   the run's start, never a resumed policy.
@@ -45,6 +47,7 @@ from megatron.objectives.online import (
     OnlineObjective,
     RolloutStats,
     common_metrics,
+    flat_outputs,
     rollout_fields,
     token_inputs,
 )
@@ -65,7 +68,7 @@ class ReinforceConfig:
     baseline_window: int = 100
     """Groups the moving average spans (NeoX: 100)."""
     kl_impl: Literal["abs", "mse", "kl", "full"] = "mse"
-    """Per-token penalty against the reference: ``abs`` |d|, ``mse`` d^2/2, ``kl`` d (d = log pi - log pi_ref); ``full`` is not available yet."""
+    """Per-token penalty against the reference: ``abs`` |d|, ``mse`` d^2/2, ``kl`` d (d = log pi - log pi_ref), ``full`` the exact KL over the vocabulary at each position."""
     kl_div_beta: float = 0.1
     """Weight of the penalty (0: no reference model)."""
     mask_truncated_completions: bool = False
@@ -79,14 +82,6 @@ class ReinforceConfig:
             problems.append(("baseline_window", f"must be >= 1 (got {self.baseline_window})"))
         if self.kl_impl not in KL_IMPLS:
             problems.append(("kl_impl", f"must be one of {KL_IMPLS} (got {self.kl_impl!r})"))
-        elif self.kl_impl == "full":
-            problems.append(
-                (
-                    "kl_impl",
-                    "full (the exact KL over the vocabulary) is not available yet; use mse "
-                    "(its per-token gradient is the reverse KL's on on-policy samples), abs or kl",
-                )
-            )
         if not self.kl_div_beta >= 0:
             problems.append(("kl_div_beta", f"must be >= 0 (got {self.kl_div_beta})"))
         raise_section_problems("ReinforceConfig", problems)
@@ -106,6 +101,19 @@ class Reinforce(OnlineObjective):
     @property
     def needs_reference_model(self) -> bool:  # type: ignore[override]
         return self.config.kl_div_beta > 0
+
+    @property
+    def needs_reference_hidden(self) -> bool:  # type: ignore[override]
+        return self.needs_reference_model and self.config.kl_impl == "full"
+
+    @property
+    def needs_reference_logps(self) -> bool:  # type: ignore[override]
+        return self.needs_reference_model and self.config.kl_impl != "full"
+
+    @property
+    def model_outputs(self) -> frozenset[str]:
+        extra = {"kl"} if self.needs_reference_hidden else set()
+        return super().model_outputs | extra
 
     def needs_old_logps(self, passes: int) -> bool:
         return False  # no ratio: REINFORCE is on-policy by construction
@@ -151,7 +159,11 @@ class Reinforce(OnlineObjective):
         cfg, fields = self.config, rollout_fields(batch)
         tokens = token_inputs(policy, batch)
         penalty = None
-        if cfg.kl_div_beta > 0:
+        if self.needs_reference_hidden:
+            if "kl" not in policy:
+                raise ValueError("kl_impl full: the step gave the policy no reference (kl output)")
+            penalty = flat_outputs(batch, policy["kl"], policy.get("extra_kl"))
+        elif cfg.kl_div_beta > 0:
             penalty = reinforce_penalty(tokens.logps, fields.ref_logps, cfg.kl_impl)
         loss, metrics = reinforce_loss(
             tokens.logps,

@@ -1,6 +1,7 @@
 """Tensor parallelism written here: grid state, region mappings, sharded layers, losses, RNG."""
 
 from megatron.parallel.cross_entropy import (
+    chunked_vocab_parallel_kl,
     chunked_vocab_parallel_log_probs,
     vocab_parallel_cross_entropy,
     vocab_parallel_log_probs,
@@ -21,6 +22,7 @@ __all__ = [
     "RNGStatesTracker",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "chunked_vocab_parallel_kl",
     "chunked_vocab_parallel_log_probs",
     "copy_to_tensor_parallel_region",
     "gather_from_tensor_parallel_region",

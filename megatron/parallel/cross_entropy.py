@@ -251,3 +251,108 @@ def chunked_vocab_parallel_log_probs(
         with_entropy,
     )
     return (logp, log_z) + (log_sq,) * with_sum_sq + (entropy,) * with_entropy
+
+
+def _log_softmax_chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    vocab_start: int,
+    vocab_size: int | None,
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """fp32 ``[n, v/p]`` log-softmax of ``hidden @ weight.T`` over the whole (sharded)
+    vocabulary; ``-inf`` on the padding columns."""
+    logits = (hidden @ weight.t()).float()
+    if vocab_size is not None and vocab_start + logits.shape[-1] > vocab_size:
+        logits[:, max(vocab_size - vocab_start, 0) :] = float("-inf")
+    m = logits.max(dim=-1).values
+    all_reduce_no_grad(m, group, dist.ReduceOp.MAX)
+    sum_exp = (logits - m.unsqueeze(-1)).exp().sum(dim=-1)
+    all_reduce_no_grad(sum_exp, group)
+    return logits - (m + torch.log(sum_exp)).unsqueeze(-1)
+
+
+def _kl_chunk(
+    lp: torch.Tensor, lq: torch.Tensor, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p [n, v/p], log p - log q [n, v/p], KL [n])``; 0 where ``p`` is 0 (padding columns)."""
+    p = lp.exp()
+    diff = torch.where(p > 0, lp - lq, torch.zeros_like(lp))
+    kl = (p * diff).sum(dim=-1)
+    return p, diff, all_reduce_no_grad(kl, group)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, group, vocab_start, vocab_size, chunk):
+        kls = []
+        for s in range(0, hidden.shape[0], chunk):
+            lp = _log_softmax_chunk(hidden[s : s + chunk], weight, vocab_start, vocab_size, group)
+            lq = _log_softmax_chunk(
+                ref_hidden[s : s + chunk], ref_weight, vocab_start, vocab_size, group
+            )
+            kls.append(_kl_chunk(lp, lq, group)[2])
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight)
+        ctx.args = (group, vocab_start, vocab_size, chunk)
+        return torch.cat(kls) if kls else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g_kl):
+        hidden, weight, ref_hidden, ref_weight = ctx.saved_tensors
+        group, vocab_start, vocab_size, chunk = ctx.args
+        g_kl = g_kl.float()
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            lp = _log_softmax_chunk(h, weight, vocab_start, vocab_size, group)
+            lq = _log_softmax_chunk(
+                ref_hidden[s : s + chunk], ref_weight, vocab_start, vocab_size, group
+            )
+            p, diff, kl = _kl_chunk(lp, lq, group)
+            # d KL / d z_u = p_u (log p_u - log q_u - KL)
+            g = p * (diff - kl.unsqueeze(-1)) * g_kl[s : s + chunk].unsqueeze(-1)
+            grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_w += g.t() @ h.float()
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
+
+
+def chunked_vocab_parallel_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token exact ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` between the policy's
+    distribution ``p = softmax(hidden @ weight.T)`` and a reference's ``q = softmax(ref_hidden @
+    ref_weight.T)``, both vocabulary-parallel, ``chunk_size`` tokens at a time with recomputation
+    in backward (never ``[n, v]`` logits; as :func:`chunked_vocab_parallel_log_probs`).
+
+    Gradients flow to ``hidden`` and ``weight`` only (the reference is frozen):
+    ``d KL / d z_u = p_u (log p_u - log q_u - KL)``.
+
+    Args:
+        hidden: ``[n, h]`` the policy's final hidden states (replicated across TP ranks).
+        weight: ``[v/p, h]`` this rank's policy output rows.
+        ref_hidden: ``[n, h]`` the reference's hidden states at the same tokens.
+        ref_weight: ``[v/p, h]`` this rank's reference output rows.
+        group: TP group.
+        vocab_size: true vocabulary size (padding rows excluded).
+        chunk_size: tokens per chunk (``None``: ~256 MiB of fp32 logits per chunk, of which
+            there are two here).
+
+    Returns:
+        ``[n]`` fp32 KL per token (>= 0).
+    """
+    hidden = copy_to_tensor_parallel_region(hidden, group)
+    vocab_start = _rank(group) * weight.shape[0]
+    if chunk_size is None:
+        chunk_size = _CHUNK_BYTES // (4 * max(weight.shape[0], 1))
+    chunk = max(int(chunk_size), 1)
+    return _ChunkedKL.apply(
+        hidden, weight, ref_hidden.detach(), ref_weight.detach(), group, vocab_start, vocab_size,
+        chunk,
+    )  # fmt: skip

@@ -139,6 +139,28 @@ class ReferenceModel:
         keep = ("token_logps", "extra_logps")
         return {k: out[k] for k in keep if k in out}
 
+    @torch.no_grad()
+    def kl_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(final hidden states [b, s, h], this rank's output rows [v/p, h])`` over the batch:
+        what the policy's forward needs for the exact KL to this model (``kl_reference``)."""
+        hidden = self.model(batch.tokens, batch.layout)  # [b, s, h]
+        return hidden, self.model.output_weight()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceKL:
+    """The step's reference for objectives whose loss is the exact KL to a frozen model
+    (``needs_reference_hidden``): no log-probs (``__call__`` gives ``None``), the reference's
+    hidden states and output rows for the policy's forward instead."""
+
+    model: ReferenceModel
+
+    def __call__(self, batch: Batch, split: str) -> None:
+        return None
+
+    def kl_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.kl_inputs(batch)
+
 
 # ---- cache ------------------------------------------------------------------------------------
 def weights_fingerprint(cfg: Any, load: str | None) -> str:

@@ -15,12 +15,16 @@ from megatron.data.batch import Batch
 from megatron.objectives.registry import Max, Min, loss_with_dp_means
 
 
-def forward_outputs(model: Any, batch: Batch) -> dict[str, torch.Tensor]:
-    """The model's per-token outputs for ``batch`` (its targets and extra targets, if any)."""
+def forward_outputs(
+    model: Any, batch: Batch, kl_reference: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's per-token outputs for ``batch`` (its targets and extra targets, if any);
+    ``kl_reference``: a reference's hidden states and output rows (the ``kl`` output)."""
     extra = batch.extra_targets
+    kwargs = {} if kl_reference is None else {"kl_reference": kl_reference}
     if extra is None:
-        return model(batch.tokens, batch.layout, batch.targets)
-    return model(batch.tokens, batch.layout, batch.targets, extra.index, extra.targets)
+        return model(batch.tokens, batch.layout, batch.targets, **kwargs)
+    return model(batch.tokens, batch.layout, batch.targets, extra.index, extra.targets, **kwargs)
 
 
 def side_outputs(model: Any, objective: Any, batch: Batch) -> dict[str, Any]:
@@ -52,7 +56,10 @@ def micro_batch_loss(
     """
     ref = reference(batch, split) if reference is not None else None
     side = side_outputs(engine, objective, batch)  # e.g. KTO's KL sequences, no gradient
-    policy = {**forward_outputs(engine, batch), **side}
+    kl_reference = None
+    if getattr(objective, "needs_reference_hidden", False):  # the exact KL to the reference
+        kl_reference = reference.kl_inputs(batch)
+    policy = {**forward_outputs(engine, batch, kl_reference), **side}
     loss, metrics = loss_with_dp_means(objective, policy, ref, batch, dp_group)
     for key, value in batch.stats.items():
         metrics[key] = torch.as_tensor(value, dtype=torch.float32)

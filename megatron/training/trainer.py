@@ -40,6 +40,7 @@ from megatron.training.pipeline_step import (
 )
 from megatron.training.reference import (
     ReferenceCache,
+    ReferenceKL,
     ReferenceModel,
     ReferenceProvider,
     cache_key,
@@ -113,6 +114,8 @@ class Trainer:
             self.source.load_state_dict(client, rank_state)
         # the step's reference provider: none where the source's batches carry their values
         self.step_reference = None if self.source.provides_reference else self.reference
+        if getattr(self.objective, "needs_reference_hidden", False):  # the exact KL, per step
+            self.step_reference = ReferenceKL(self.reference.model)
         log_rank0(
             "grid tp=%d pp=%d dp=%d zero=%d | %.2fM parameters on this rank | %d train samples",
             self.state.tp_size,
@@ -222,8 +225,8 @@ class Trainer:
             return DatasetSource(self.train_data, self.collate, sampler)
         from megatron.rollout.setup import build_rollout_source
 
-        model = self.reference.model if self.reference is not None else None
-        return build_rollout_source(self, model)
+        wanted = self.reference is not None and self.objective.needs_reference_logps
+        return build_rollout_source(self, self.reference.model if wanted else None)
 
     def _train_step(self, micro: list[Batch]) -> list[dict[str, Any]]:
         if self.pipe_loss is not None:

@@ -156,12 +156,6 @@ def test_bad_rewards(tmp_path, extra, match):
             None,
             r"objective\.num_generations \(1\) must be >= 2 with objective\.baseline: loo",
         ),
-        (
-            "",
-            ["objective={name: reinforce, kl_impl: full}"],
-            None,
-            r"objective\.kl_impl: full \(the exact KL over the vocabulary\) is not available yet",
-        ),
     ],
 )
 def test_online_rules(tmp_path, extra, overrides, world, match):

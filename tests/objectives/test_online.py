@@ -214,3 +214,21 @@ def test_mu_one_ratio_is_one_and_gradient_is_plain_policy_gradient():
         want = -float(ADV[i]) / len(seq) / len(SEQS)
         torch.testing.assert_close(grad[batch.sequence_ids == i], torch.full((len(seq),), want))
     assert float(metrics["clip_ratio/region_mean"]) == 0.0
+
+
+def test_reinforce_full_kl_reads_the_kl_output():
+    """``kl_impl: full``: the penalty is the model's per-token ``kl`` output (the exact KL); the
+    objective asks the step for the reference's hidden states, not the rollout for log-probs."""
+    policy, batch = _rollout_batch()
+    full = _objective("reinforce", kl_impl="full", kl_div_beta=0.1)
+    assert full.needs_reference_hidden and not full.needs_reference_logps
+    assert "kl" in full.model_outputs
+    kl = torch.rand_like(policy["token_logps"]).requires_grad_(True)
+    loss, metrics = full.loss({**policy, "kl": kl}, None, batch)
+    want, _ = reinforce_loss(
+        policy["token_logps"], ADV, batch.loss_mask, kl_div_beta=0.1, penalty=kl,
+        sequence_ids=batch.sequence_ids,
+    )  # fmt: skip
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), abs=ATOL)
+    with pytest.raises(ValueError, match="kl_impl full: the step gave the policy no reference"):
+        full.loss(policy, None, batch)

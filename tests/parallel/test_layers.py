@@ -11,6 +11,7 @@ from megatron.parallel import (
     ParallelState,
     RowParallelLinear,
     VocabParallelEmbedding,
+    chunked_vocab_parallel_kl,
     chunked_vocab_parallel_log_probs,
     vocab_parallel_cross_entropy,
     vocab_parallel_log_probs,
@@ -216,6 +217,40 @@ def test_chunked_log_probs_equal_full_logits(pool, chunk):
         torch.testing.assert_close(lp, ref.detach(), **TOL)
         torch.testing.assert_close(gh, hidden.grad, **TOL)
         torch.testing.assert_close(gw, weight.grad.chunk(world, 0)[rank], **TOL)
+
+
+def _chunked_kl(rank, world, chunk):
+    torch.manual_seed(7)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    weight = torch.randn(64, 16) * 0.5
+    ref_hidden, ref_weight = torch.randn(11, 16), torch.randn(64, 16) * 0.5
+    state = ParallelState.build(world)
+    w = weight.chunk(world, 0)[rank].clone().requires_grad_(True)
+    kl = chunked_vocab_parallel_kl(
+        hidden, w, ref_hidden, ref_weight.chunk(world, 0)[rank], state.tp_group, 50, chunk
+    )
+    (kl * torch.arange(11.0)).sum().backward()
+    return kl.detach(), hidden.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [3, 100])
+def test_chunked_kl_equals_the_dense_kl(pool, chunk):
+    """REINFORCE's ``kl_impl: full``: sum_v p (log p - log q) over the true vocabulary (50 of 64
+    padded rows), values and gradients, against torch's kl_div on full logits."""
+    torch.manual_seed(7)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    weight = (torch.randn(64, 16) * 0.5).requires_grad_(True)
+    ref_hidden, ref_weight = torch.randn(11, 16), torch.randn(64, 16) * 0.5
+    lp = F.log_softmax((hidden @ weight.t())[:, :50], -1)
+    lq = F.log_softmax((ref_hidden @ ref_weight.t())[:, :50], -1)
+    ref = F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)  # NeoX's expression
+    (ref * torch.arange(11.0)).sum().backward()
+    world = pool.world_size
+    for rank, (kl, gh, gw) in enumerate(pool.run(_chunked_kl, chunk)):
+        torch.testing.assert_close(kl, ref.detach(), **TOL)
+        torch.testing.assert_close(gh, hidden.grad, **TOL)
+        torch.testing.assert_close(gw, weight.grad.chunk(world, 0)[rank], **TOL)
+    assert float(ref.detach().min()) > 0
 
 
 def test_chunked_log_probs_serial_bf16_accumulates_in_fp32():

@@ -272,8 +272,11 @@ def test_objective_and_reward_variants_train(grids, task, name):
         "reward-model": {"rewards/rm/mean", "rewards/rm/std", "rewards/digits/mean"},
         "rloo": {"kl", "clip_ratio/low_min", "frac_reward_zero_std"},
         "reinforce": {"kl", "baseline", "entropy"},
+        "reinforce-full-kl": {"kl", "baseline", "entropy"},
         "grpo-mu2": {"sampling/logp_difference/max", "clip_ratio/region_mean"},
     }[name]
     assert keys <= set(first), sorted(first)
     if name == "grpo-mu2":  # old log-probs computed at the rollout: the sampler's, to round-off
         assert first["sampling/logp_difference/max"] < 1e-4
+    if name == "reinforce-full-kl":  # the policy is its reference at step 1: KL 0 exactly-ish
+        assert 0 <= first["kl"] < 1e-5
