@@ -13,6 +13,7 @@ from pathlib import Path
 
 from megatron.ckpt.layout import CheckpointError, tag_for
 from megatron.config import ConfigError, load_config, split_config_args
+from megatron.rollout.rewards import RewardError
 from megatron.training import signals
 from megatron.training.distributed import LaunchEnvError, collective_failure, discover
 from megatron.training.guards import DivergenceError
@@ -88,6 +89,10 @@ def main(argv: list[str]) -> int:
     except CheckpointError as e:  # e.g. a stale reference.cache: every rank finds the same
         if launch.rank == 0:
             print(f"cannot start:\n  {e}", file=sys.stderr, flush=True)
+        return 2
+    except RewardError as e:  # online RL: every rank raises the same one (RolloutSource)
+        if launch.rank == 0:
+            print(f"reward error (the run stops):\n  {e}", file=sys.stderr, flush=True)
         return 2
     except DivergenceError as e:  # every rank raises it at the same step: no peer is left waiting
         if launch.rank == 0:

@@ -177,15 +177,22 @@ class NativeRewardModel:
             return Path(tokenizer)
         return self.root / "hf" if (self.root / "hf").is_dir() else None
 
-    @torch.no_grad()
     def score(self, rows: Sequence[Sequence[int]], pad_id: int) -> list[float]:
         """The value at each row's last token (fp32)."""
-        tokens, lengths = _pad_right(rows, pad_id)
-        tokens = tokens.to(self.device)
-        # right padding: causal attention leaves every real position exact
-        values = self.model(tokens, None, torch.zeros_like(tokens))["values"]  # [b, s]
-        last = (lengths - 1).to(self.device)
-        return values[torch.arange(len(rows), device=self.device), last].float().tolist()
+        return last_token_values(self.model, rows, pad_id, self.device)
+
+
+@torch.no_grad()
+def last_token_values(
+    model: GPTModel, rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> list[float]:
+    """A ``model.head: value`` model's value at each row's last token (fp32)."""
+    tokens, lengths = _pad_right(rows, pad_id)
+    tokens = tokens.to(device)
+    # right padding: causal attention leaves every real position exact
+    values = model(tokens, None, torch.zeros_like(tokens))["values"]  # [b, s]
+    last = (lengths - 1).to(device)
+    return values[torch.arange(len(rows), device=device), last].float().tolist()
 
 
 class HFRewardModel:

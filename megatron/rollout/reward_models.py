@@ -32,7 +32,13 @@ from megatron.model import DTYPES
 from megatron.model.gpt import build_loaded
 from megatron.parallel import ParallelState
 from megatron.rollout.rewards import RewardError, RewardFunction
-from megatron.scoring import HFRewardModel, RowEncoder, ScoreError, _pad_right
+from megatron.scoring import (
+    HFRewardModel,
+    NativeRewardModel,
+    RowEncoder,
+    ScoreError,
+    last_token_values,
+)
 from megatron.tokenizer import load_tokenizer
 
 
@@ -64,21 +70,11 @@ class ShardedRewardModel:
         self.root, self.config, self.vocab_size = root, config, args.vocab_size
         self.device = device
 
-    def default_tokenizer(self) -> Path | None:
-        """``data.tokenizer`` of the checkpoint's config, else its converted ``hf/``."""
-        tokenizer = (self.config.get("data") or {}).get("tokenizer")
-        if tokenizer and Path(tokenizer).is_dir():
-            return Path(tokenizer)
-        return self.root / "hf" if (self.root / "hf").is_dir() else None
+    default_tokenizer = NativeRewardModel.default_tokenizer
 
-    @torch.no_grad()
     def score(self, rows: list[list[int]], pad_id: int) -> list[float]:
-        """The value at each row's last token (right padding: causal attention keeps it exact)."""
-        tokens, lengths = _pad_right(rows, pad_id)
-        tokens = tokens.to(self.device)
-        values = self.model(tokens, None, torch.zeros_like(tokens))["values"]  # [b, s]
-        last = (lengths - 1).to(self.device)
-        return values[torch.arange(len(rows), device=self.device), last].float().tolist()
+        """The value at each row's last token (:func:`megatron.scoring.last_token_values`)."""
+        return last_token_values(self.model, rows, pad_id, self.device)
 
 
 class ModelReward:

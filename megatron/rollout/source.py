@@ -217,8 +217,7 @@ class RolloutSource:
         prompts, texts, columns = self._reward_inputs(rows, completions, self.G)
         ids = [c.tokens.tolist() for c in completions]
         examples = [c.example for c in completions]
-        local = self.rewards.values(prompts, texts, columns, ids, examples)
-        values = torch.cat(_gather(local, self.state.dp_group))  # [N, F], rollout order
+        values = self._gather_rewards(prompts, texts, columns, ids, examples)  # [N, F]
         scores = combine(values, self.rewards.functions)
         rewards_s = time.time() - t_rewards
         t_logps = time.time()
@@ -275,6 +274,19 @@ class RolloutSource:
                 )
             )
         return completions, time.time() - t0
+
+    def _gather_rewards(self, prompts, completions, columns, completion_ids, rows) -> torch.Tensor:
+        """``[N, F]`` every rank's reward values in rank order; a :class:`RewardError` on any
+        rank is raised on all of them (none is left waiting in a collective)."""
+        try:
+            local: Any = self.rewards.values(prompts, completions, columns, completion_ids, rows)
+        except RewardError as e:
+            local = str(e)
+        gathered = _gather(local, self.state.dp_group)
+        errors = [g for g in gathered if isinstance(g, str)]
+        if errors:
+            raise RewardError(errors[0])
+        return torch.cat(gathered)
 
     def _reward_inputs(
         self, rows: list[dict[str, Any]], completions: list[Completion], repeat: int
@@ -455,8 +467,7 @@ class RolloutSource:
         ]
         p_in, texts, columns = self._reward_inputs(rows, completions, 1)
         ids = [c.tokens.tolist() for c in completions]
-        local = self.rewards.values(p_in, texts, columns, ids, indices)
-        values = torch.cat(_gather(local, self.state.dp_group))
+        values = self._gather_rewards(p_in, texts, columns, ids, indices)
         scores = combine(values, self.rewards.functions)
         metrics = {**scores.metrics}
         tokens = self.num_tokens

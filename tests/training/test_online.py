@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -45,6 +46,11 @@ def digits(prompts, completions, **kwargs):
 
 def exact(prompts, completions, answer, **kwargs):
     return [float(c.strip() == a.strip()) for c, a in zip(completions, answer)]
+
+
+def nan_on_gold(prompts, completions, **kwargs):
+    """NaN for the prompts about gold: a broken reward function."""
+    return [float("nan") if "gold" in p else 0.5 for p in prompts]
 '''
 
 
@@ -186,6 +192,12 @@ def grids(task):
                 for name, changes in VARIANTS.items():
                     path = _variant(tmp, cfg_path, name, changes)
                     results[name] = pool.run(_train, path, ["training.train_iters=2"])
+            if world == 2:
+                bad = [f"rewards=[{{function: {tmp}/rewards.py:nan_on_gold}}]"]
+                try:
+                    pool.run(_train, cfg_path, [*bad, f"logging.dir={tmp}/logs-bad"])
+                except RuntimeError as e:
+                    results["bad-reward"] = str(e)
             if world == 1:
                 ov = [
                     "training.train_iters=40",
@@ -280,3 +292,11 @@ def test_objective_and_reward_variants_train(grids, task, name):
         assert first["sampling/logp_difference/max"] < 1e-4
     if name == "reinforce-full-kl":  # the policy is its reference at step 1: KL 0 exactly-ish
         assert 0 <= first["kl"] < 1e-5
+
+
+def test_a_bad_reward_stops_every_rank_with_one_message(grids):
+    """A reward function returning NaN on one data-parallel rank's rows: every rank stops with
+    the same error naming the function and the prompt row (none waits in a collective)."""
+    message = grids["bad-reward"]
+    assert message.count("RewardError: reward function") == 2, message[-2000:]
+    assert re.search(r"nan_on_gold' returned NaN for completion \d+ \(prompt row \d+\)", message)

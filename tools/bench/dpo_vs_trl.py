@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,22 +57,20 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
+
+from _sides import GIB, child_result, maxrss_bytes, run_sides, tiny_llama_config  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-GIB = 2**30
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def prepare(work: Path, args: argparse.Namespace) -> dict:
     """Write the HF model, its native conversion, the pairs and our preprocessed data."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from megatron.ckpt.convert import convert_hf_to_native
     from megatron.data.preprocess import PreprocessOptions, preprocess
@@ -88,19 +84,7 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     tok_dir = build_byte_level_bpe(make_english_corpus(2000, seed=7), 512, work / "tokenizer")
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.chat_template = CHATML
-    cfg = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=max(args.heads // 2, 1),
-        intermediate_size=args.hidden * 2,
-        vocab_size=len(tok),
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
+    cfg = tiny_llama_config(args, tok, max_positions=1024)
     torch.manual_seed(0)
     if args.objective == "reward":
         from transformers import LlamaForSequenceClassification
@@ -219,7 +203,7 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     hook = lambda _trainer, step: first_step.append(time.time()) if step == 1 else None  # noqa: E731
     cfg = load_config([work / "native" / "model.yml", work / "ours.yml"], [], 1)
     trainer = Trainer(cfg, hooks=[hook])
-    setup_rss = _maxrss_bytes()
+    setup_rss = maxrss_bytes()
     t0 = time.perf_counter()
     history = trainer.train()
     seconds = time.perf_counter() - t0
@@ -329,7 +313,7 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
                 losses.append(float(logs["loss"]))
 
     trainer = _trl_trainer(work, args, common, [_Losses()])
-    setup_rss = _maxrss_bytes()
+    setup_rss = maxrss_bytes()
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -361,13 +345,8 @@ def _side_result(
 
 def child(side: str, work: Path, args: argparse.Namespace) -> None:
     """One side in this (fresh) process; prints its JSON result on the last line."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    res = (run_ours if side == "ours" else run_trl)(work, args)
-    res["maxrss"] = _maxrss_bytes()
-    res["to_first_step"] = res.pop("first_step_at") - args.launched_at
-    print("RESULT " + json.dumps(res))
+    run = run_ours if side == "ours" else run_trl
+    child_result(lambda: run(work, args), args.threads, args.launched_at)
 
 
 def _accuracy(result: dict) -> str:
@@ -415,15 +394,7 @@ def main() -> None:
         child(args.side, args.work, args)
         return
     info = prepare(args.work, args)
-    results = {}
-    for side in ("ours", "trl"):
-        cmd = [sys.executable, __file__, "--side", side, "--launched-at", str(time.time())]
-        cmd += sys.argv[1:]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        results[side] = json.loads(lines[-1].removeprefix("RESULT "))
+    results = run_sides(__file__, sys.argv[1:], ROOT)
     print(
         f"tiny Llama h={args.hidden} L={args.layers} heads={args.heads}, vocab 512; "
         f"{info['pairs']} pairs, {info['tokens']:.0f} tokens in all; {args.objective}: {args.steps} steps x {args.batch} "

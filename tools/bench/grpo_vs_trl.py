@@ -37,18 +37,18 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
 sys.path.insert(0, str(ROOT / "tools"))
 
-GIB = 2**30
+from _sides import GIB, child_result, run_sides, tiny_llama_config  # noqa: E402
+
 REWARDS = '''
 def digits(prompts, completions, **kwargs):
     """Fraction of digit characters in each completion."""
@@ -60,15 +60,11 @@ def exact(prompts, completions, answer, **kwargs):
 '''
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
 def prepare(work: Path, args: argparse.Namespace) -> None:
     """The HF model and tokenizer, its native conversion, the prompts and our prompt dataset."""
     import torch
     from demo import make_example
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from megatron.ckpt.convert import convert_hf_to_native
     from megatron.data.preprocess import PreprocessOptions, preprocess
@@ -82,19 +78,7 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
     corpus = [e.prompt + e.answer for e in examples] * 4
     tok_dir = build_byte_level_bpe(corpus, 384, work / "tokenizer")
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=max(args.heads // 2, 1),
-        intermediate_size=args.hidden * 2,
-        vocab_size=len(tok),
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
+    cfg = tiny_llama_config(args, tok, max_positions=256)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).float()
     # only the tokenizer's EOS ends a completion (TRL stops at every id listed here)
@@ -246,13 +230,8 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
 
 def child(side: str, work: Path, args: argparse.Namespace) -> None:
     """One side in this (fresh) process; prints its JSON result on the last line."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    res = (run_ours if side == "ours" else run_trl)(work, args)
-    res["maxrss"] = _maxrss_bytes()
-    res["to_first_step"] = res.pop("first_step_at") - args.launched_at
-    print("RESULT " + json.dumps(res))
+    run = run_ours if side == "ours" else run_trl
+    child_result(lambda: run(work, args), args.threads, args.launched_at)
 
 
 def _mean(xs: list[float]) -> float:
@@ -280,15 +259,7 @@ def main() -> None:
         child(args.side, args.work, args)
         return
     prepare(args.work, args)
-    results = {}
-    for side in ("ours", "trl"):
-        cmd = [sys.executable, __file__, "--side", side, "--launched-at", str(time.time())]
-        cmd += sys.argv[1:]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        results[side] = json.loads(lines[-1].removeprefix("RESULT "))
+    results = run_sides(__file__, sys.argv[1:], ROOT)
     n = args.prompts * args.generations
     from megatron.data.indexed import IndexedDataset
 
