@@ -67,3 +67,29 @@ def run_sides(script: str | Path, argv: list[str], root: Path) -> dict[str, dict
             sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         results[side] = json.loads(lines[-1].removeprefix("RESULT "))
     return results
+
+
+def step_timer() -> Any:
+    """A transformers ``TrainerCallback`` recording TRL's step times (``.step_times``), when its
+    first step ended (``.first_step_at``, wall clock) and its logged losses (``.losses``)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.step_times: list[float] = []
+            self.losses: list[float] = []
+            self.first_step_at: float | None = None
+
+        def on_step_begin(self, _args, _state, _control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, _args, state, _control, **kwargs):
+            self.step_times.append(time.perf_counter() - self.t0)
+            if state.global_step == 1:
+                self.first_step_at = time.time()
+
+        def on_log(self, _args, _state, _control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return StepTimer()

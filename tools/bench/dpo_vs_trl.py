@@ -59,7 +59,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
 
-from _sides import GIB, child_result, maxrss_bytes, run_sides, tiny_llama_config  # noqa: E402
+from _sides import (  # noqa: E402
+    GIB,
+    child_result,
+    maxrss_bytes,
+    run_sides,
+    step_timer,
+    tiny_llama_config,
+)
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -275,7 +282,6 @@ def _trl_trainer(work: Path, args: argparse.Namespace, common: dict, callbacks: 
 
 def run_trl(work: Path, args: argparse.Namespace) -> dict:
     """Train with TRL's trainer for ``args.objective`` in this process."""
-    from transformers import TrainerCallback
 
     common = dict(
         output_dir=str(work / "trl_out"),
@@ -295,24 +301,8 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
         seed=1,
         dataloader_num_workers=0,
     )
-    losses: list[float] = []
-    step_times: list[float] = []
-    first_step: list[float] = []
-
-    class _Losses(TrainerCallback):
-        def on_step_begin(self, _args, _state, _control, **kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, _args, state, _control, **kwargs):
-            step_times.append(time.perf_counter() - self.t0)
-            if state.global_step == 1:
-                first_step.append(time.time())
-
-        def on_log(self, _args, _state, _control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    trainer = _trl_trainer(work, args, common, [_Losses()])
+    timer = step_timer()
+    trainer = _trl_trainer(work, args, common, [timer])
     setup_rss = maxrss_bytes()
     t0 = time.perf_counter()
     trainer.train()
@@ -321,7 +311,9 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     if args.objective != "kto":
         key = "eval_accuracy" if args.objective == "reward" else "eval_rewards/accuracies"
         accuracy = trainer.evaluate()[key]
-    return _side_result(seconds, step_times, losses, setup_rss, first_step[0], accuracy)
+    return _side_result(
+        seconds, timer.step_times, timer.losses, setup_rss, timer.first_step_at, accuracy
+    )
 
 
 def _side_result(

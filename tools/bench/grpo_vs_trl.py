@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from _sides import GIB, child_result, run_sides, tiny_llama_config  # noqa: E402
+from _sides import GIB, child_result, run_sides, step_timer, tiny_llama_config  # noqa: E402
 
 REWARDS = '''
 def digits(prompts, completions, **kwargs):
@@ -154,7 +154,7 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     """Train with TRL's ``GRPOTrainer`` in this process."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(work))
@@ -194,25 +194,14 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    step_times: list[float] = []
-    first_step: list[float] = []
-
-    class _Times(TrainerCallback):
-        def on_step_begin(self, _args, _state, _control, **kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, _args, state, _control, **kwargs):
-            step_times.append(time.perf_counter() - self.t0)
-            if state.global_step == 1:
-                first_step.append(time.time())
-
+    timer = step_timer()
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=getattr(rewards, args.reward),
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[_Times()],
+        callbacks=[timer],
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -221,10 +210,10 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     completions = args.prompts * args.generations
     return {
         "seconds": seconds,
-        "step_times": step_times,
+        "step_times": timer.step_times,
         "completion_tokens": [h["completions/mean_length"] * completions for h in history],
         "rewards": [h["reward"] for h in history],
-        "first_step_at": first_step[0],
+        "first_step_at": timer.first_step_at,
     }
 
 
