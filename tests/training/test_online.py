@@ -243,9 +243,15 @@ def test_same_samples_and_losses_on_every_grid(grids, tp, dp, zero):
     ref_samples = _global_samples(grids[(1, 1, 0)], 1)
     per_rank = grids[(tp, dp, zero)]
     assert _global_samples(per_rank, tp) == ref_samples, "different completions sampled"
+    worst = 0.0
     for values, _ in per_rank:
         for step, (got, want) in enumerate(zip(values, ref_values, strict=True)):
             assert _close(got, want), f"step {step + 1}: {got} vs {want}"
+            worst = max(
+                [worst]
+                + [abs(x - y) / max(abs(y), 1.0) for x, y in zip(got, want, strict=True) if y]
+            )
+    print(f"tp={tp} dp={dp} zero={zero}: max relative difference {worst:.1e}")  # -s
 
 
 def test_resume_in_the_middle_of_a_rollout_is_exact(grids, task):
