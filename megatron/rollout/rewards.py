@@ -179,6 +179,8 @@ def function_values(
     if completion_ids is not None:
         kwargs["completion_ids"] = completion_ids
     values = torch.full((n, len(functions)), math.nan, dtype=torch.float32)
+    if n == 0:  # a rank without held-out prompts to complete: nothing to ask the functions
+        return values
     for j, f in enumerate(functions):
         out = _call(f, prompts, completions, kwargs, rows)
         if not isinstance(out, Sequence) or isinstance(out, str) or len(out) != n:

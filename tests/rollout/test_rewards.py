@@ -103,3 +103,14 @@ def test_bad_values_name_the_function_and_the_prompt_row(module, name, message):
     fn = load_reward_function(f"my_rewards.py:{name}", base_dir=module)
     with pytest.raises(RewardError, match=message):
         score_completions([fn], ["a", "b", "c"], ["ab", "abc", "abcd"], prompt_rows=[10, 11, 11])
+
+
+def test_no_completions_calls_no_function():
+    """A rank with nothing to score (fewer held-out prompts than ranks) asks no function."""
+    from megatron.rollout.rewards import RewardFunction, function_values
+
+    def boom(prompts, completions, **kwargs):
+        raise AssertionError("called")
+
+    values = function_values([RewardFunction("boom", "x:boom", boom)], [], [], {}, [], [])
+    assert values.shape == (0, 1)
