@@ -38,7 +38,7 @@ The ``text`` format keeps :func:`collate_sequences` (full fixed windows, no segm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -382,55 +382,24 @@ class Collator:
                 ``score_token="eos"``.
         """
         n_pairs = len(prompt_lengths)
-        spans = [
-            seqs[i][0].size + seqs[n_pairs + i][0].size - p for i, p in enumerate(prompt_lengths)
-        ]
-        too_long = [i for i, n in enumerate(spans) if n > self.seq_length]
-        if too_long:
-            i = too_long[0]
-            raise ValueError(
-                f"pair {i} of the micro-batch has {spans[i]} tokens (prompt + chosen + rejected in "
-                f"one data.layout: {self.layout} span), more than data.seq_length "
-                f"{self.seq_length}"
-            )
-        where = PREFIX_LAYOUTS[self.layout](spans, self.seq_length)
-        rows = 1 + max((r for r, _ in where), default=0)
-        ends = [o + n for (_, o), n in zip(where, spans, strict=True)]
-        width = _round_up(max(ends, default=1), self.multiple, self.seq_length)
-        batch, columns = _fill_prefix_shared(seqs, prompt_lengths, where, rows, width)
-        real = sum(spans)
-        batch.stats = {
-            "packing_efficiency": float(real / (rows * width)),
-            "real_tokens": float(real),
-        }
+        batch, columns = _prefix_rows(
+            seqs,
+            [[i, n_pairs + i] for i in range(n_pairs)],  # chosen i and rejected P + i
+            prompt_lengths,
+            self.layout,
+            self.seq_length,
+            self.multiple,
+            lambda i, n: (
+                f"pair {i} of the micro-batch has {n} tokens (prompt + chosen + rejected "
+                f"in one data.layout: {self.layout} span)"
+            ),
+        )
         if self.score_token is not None:
             batch.score_index = torch.tensor(
                 [int(columns[j][k]) for j, k in enumerate(self._score_tokens(seqs))],
                 dtype=torch.int64,
             )
         return batch
-
-
-def _fill_prefix_shared(
-    seqs: list[Seq],
-    prompt_lengths: list[int],
-    where: list[tuple[int, int]],
-    rows: int,
-    width: int,
-) -> tuple[Batch, list[np.ndarray]]:
-    """The rows of :meth:`Collator._prefix_shared` (no stats, no ``score_index``): pair ``i``
-    is the group ``[i, P + i]`` of :func:`fill_prefix_groups`."""
-    n_pairs = len(prompt_lengths)
-    groups = [[i, n_pairs + i] for i in range(n_pairs)]
-    return fill_prefix_groups(seqs, groups, prompt_lengths, where, rows, width)
-
-
-def group_spans(seqs: list[Seq], groups: list[list[int]], prompt_lengths: list[int]) -> list[int]:
-    """Tokens of each group's span ``[prompt | completion_1 | ... | completion_n]``."""
-    return [
-        p + sum(seqs[j][0].size - p for j in members)
-        for members, p in zip(groups, prompt_lengths, strict=True)
-    ]
 
 
 def fill_prefix_groups(
@@ -535,19 +504,46 @@ def collate_prompt_groups(
     """
     if layout not in PREFIX_LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(PREFIX_LAYOUTS)}, got {layout!r}")
-    spans = group_spans(seqs, groups, prompt_lengths)
+    batch, _ = _prefix_rows(
+        seqs,
+        groups,
+        prompt_lengths,
+        layout,
+        seq_length,
+        pad_to_multiple_of,
+        lambda i, n: (
+            f"group {i} of the micro-batch spans {n} tokens (its prompt once and its "
+            f"{len(groups[i])} completions)"
+        ),
+    )
+    return batch
+
+
+def _prefix_rows(
+    seqs: list[Seq],
+    groups: list[list[int]],
+    prompt_lengths: list[int],
+    layout: str,
+    seq_length: int,
+    multiple: int,
+    describe: Callable[[int, int], str],
+) -> tuple[Batch, list[np.ndarray]]:
+    """Place the groups' spans (one per row, or packed: :data:`PREFIX_LAYOUTS`), fill the rows
+    (:func:`fill_prefix_groups`) and count their ``stats``; ``describe(i, tokens)`` names span
+    ``i`` when it is longer than ``seq_length``."""
+    spans = [
+        p + sum(seqs[j][0].size - p for j in members)
+        for members, p in zip(groups, prompt_lengths, strict=True)
+    ]
     too_long = [i for i, n in enumerate(spans) if n > seq_length]
     if too_long:
         i = too_long[0]
-        raise ValueError(
-            f"group {i} of the micro-batch spans {spans[i]} tokens (its prompt once and its "
-            f"{len(groups[i])} completions), more than data.seq_length {seq_length}"
-        )
+        raise ValueError(f"{describe(i, spans[i])}, more than data.seq_length {seq_length}")
     where = PREFIX_LAYOUTS[layout](spans, seq_length)
     rows = 1 + max((r for r, _ in where), default=0)
-    width = _round_up(max((o + n for (_, o), n in zip(where, spans, strict=True)), default=1),
-                      pad_to_multiple_of, seq_length)  # fmt: skip
-    batch, _ = fill_prefix_groups(seqs, groups, prompt_lengths, where, rows, width)
+    ends = [o + n for (_, o), n in zip(where, spans, strict=True)]
+    width = _round_up(max(ends, default=1), multiple, seq_length)
+    batch, columns = fill_prefix_groups(seqs, groups, prompt_lengths, where, rows, width)
     real = sum(spans)
     batch.stats = {"packing_efficiency": float(real / (rows * width)), "real_tokens": float(real)}
-    return batch
+    return batch, columns

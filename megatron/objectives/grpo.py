@@ -43,10 +43,10 @@ from megatron.objectives.online import (
     OnlineObjective,
     RolloutStats,
     common_metrics,
+    policy_checks,
     rollout_fields,
     token_inputs,
 )
-from megatron.objectives.pairs import raise_section_problems
 from megatron.objectives.policy_gradient import LOSS_TYPES, grpo_loss
 from megatron.objectives.registry import register_objective
 from megatron.rollout.advantages import SCALE_REWARDS, group_advantages
@@ -76,24 +76,14 @@ class GRPOConfig:
     """Do not train on completions that reached rollout.max_new_tokens without EOS (their rewards still count in the group statistics)."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.num_generations < 1:
-            problems.append(("num_generations", f"must be >= 1 (got {self.num_generations})"))
+        checks = policy_checks(self)
         if self.loss_type not in LOSS_TYPES:
-            problems.append(("loss_type", f"must be one of {LOSS_TYPES} (got {self.loss_type!r})"))
+            checks.fail("loss_type", f"must be one of {LOSS_TYPES} (got {self.loss_type!r})")
         if self.scale_rewards not in SCALE_REWARDS:
-            problems.append(
-                ("scale_rewards", f"must be one of {SCALE_REWARDS} (got {self.scale_rewards!r})")
+            checks.fail(
+                "scale_rewards", f"must be one of {SCALE_REWARDS} (got {self.scale_rewards!r})"
             )
-        if not 0 <= self.epsilon < 1:
-            problems.append(("epsilon", f"must be in [0, 1) (got {self.epsilon})"))
-        if self.epsilon_high is not None and not self.epsilon_high >= 0:
-            problems.append(("epsilon_high", f"must be >= 0 (got {self.epsilon_high})"))
-        if not self.beta >= 0:
-            problems.append(("beta", f"must be >= 0 (got {self.beta})"))
-        if self.num_iterations < 1:
-            problems.append(("num_iterations", f"must be >= 1 (got {self.num_iterations})"))
-        raise_section_problems("GRPOConfig", problems)
+        checks.done()
 
 
 @register_objective("grpo")

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from megatron.data.batch import Batch, RolloutFields
+from megatron.errors import FieldChecks
 from megatron.objectives.registry import Max, Objective
 
 
@@ -42,13 +43,11 @@ class RolloutStats:
     rollout order), for :meth:`OnlineObjective.advantages`.
 
     Attributes:
-        lengths: completion tokens (an emitted EOS counts).
         old_sums: the sampling policy's sequence log-probs (over the trained tokens), or ``None``.
         ref_sums: the reference model's, or ``None``.
         old_ref_tokens: tokens those two sums run over.
     """
 
-    lengths: torch.Tensor
     old_sums: torch.Tensor | None = None
     ref_sums: torch.Tensor | None = None
     old_ref_tokens: torch.Tensor | None = None
@@ -127,9 +126,20 @@ class OnlineObjective(Objective):
                 f"objective.num_generations ({g}) must be >= 2: {cls.name}'s baseline compares "
                 "the completions of one prompt"
             )
-        if g < 1:
-            out.append(f"objective.num_generations ({g}) must be >= 1")
         return out
+
+
+def policy_checks(config: Any) -> FieldChecks:
+    """The field checks GRPO's and RLOO's configs share (``num_generations``, ``epsilon``,
+    ``epsilon_high``, ``beta``, ``num_iterations``); the caller adds its own and calls
+    ``done()``."""
+    checks = FieldChecks(config)
+    checks.at_least("num_generations", 1)
+    checks.fraction("epsilon")
+    checks.at_least("epsilon_high", 0)
+    checks.at_least("beta", 0)
+    checks.at_least("num_iterations", 1)
+    return checks
 
 
 def rollout_fields(batch: Batch) -> RolloutFields:

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 
 from megatron.data.batch import Batch
+from megatron.errors import FieldChecks
 from megatron.objectives.online import (
     OnlineObjective,
     RolloutStats,
@@ -51,7 +52,6 @@ from megatron.objectives.online import (
     rollout_fields,
     token_inputs,
 )
-from megatron.objectives.pairs import raise_section_problems
 from megatron.objectives.policy_gradient import KL_IMPLS, reinforce_loss, reinforce_penalty
 from megatron.objectives.registry import register_objective
 from megatron.rollout.advantages import moving_average_advantages, nanstd, rloo_advantages
@@ -75,16 +75,13 @@ class ReinforceConfig:
     """Do not train on completions that reached rollout.max_new_tokens without EOS."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.num_generations < 1:
-            problems.append(("num_generations", f"must be >= 1 (got {self.num_generations})"))
-        if self.baseline_window < 1:
-            problems.append(("baseline_window", f"must be >= 1 (got {self.baseline_window})"))
+        checks = FieldChecks(self)
+        checks.at_least("num_generations", 1)
+        checks.at_least("baseline_window", 1)
         if self.kl_impl not in KL_IMPLS:
-            problems.append(("kl_impl", f"must be one of {KL_IMPLS} (got {self.kl_impl!r})"))
-        if not self.kl_div_beta >= 0:
-            problems.append(("kl_div_beta", f"must be >= 0 (got {self.kl_div_beta})"))
-        raise_section_problems("ReinforceConfig", problems)
+            checks.fail("kl_impl", f"must be one of {KL_IMPLS} (got {self.kl_impl!r})")
+        checks.at_least("kl_div_beta", 0)
+        checks.done()
 
 
 @register_objective("reinforce")

@@ -35,10 +35,10 @@ from megatron.objectives.online import (
     OnlineObjective,
     RolloutStats,
     common_metrics,
+    policy_checks,
     rollout_fields,
     token_inputs,
 )
-from megatron.objectives.pairs import raise_section_problems
 from megatron.objectives.policy_gradient import _sequences, rloo_loss
 from megatron.objectives.registry import register_objective
 from megatron.rollout.advantages import nanstd, rloo_advantages
@@ -66,23 +66,11 @@ class RLOOConfig:
     """Do not train on completions that reached rollout.max_new_tokens without EOS."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.num_generations < 1:
-            problems.append(("num_generations", f"must be >= 1 (got {self.num_generations})"))
-        if not self.beta >= 0:
-            problems.append(("beta", f"must be >= 0 (got {self.beta})"))
-        if not 0 <= self.epsilon < 1:
-            problems.append(("epsilon", f"must be in [0, 1) (got {self.epsilon})"))
-        if self.epsilon_high is not None and not self.epsilon_high >= 0:
-            problems.append(("epsilon_high", f"must be >= 0 (got {self.epsilon_high})"))
-        if self.num_iterations < 1:
-            problems.append(("num_iterations", f"must be >= 1 (got {self.num_iterations})"))
+        checks = policy_checks(self)
         clip = self.reward_clip_range
         if clip is not None and (len(clip) != 2 or not clip[0] <= clip[1]):
-            problems.append(
-                ("reward_clip_range", f"must be [low, high] with low <= high (got {clip})")
-            )
-        raise_section_problems("RLOOConfig", problems)
+            checks.fail("reward_clip_range", f"must be [low, high] with low <= high (got {clip})")
+        checks.done()
 
 
 @register_objective("rloo")

@@ -79,10 +79,15 @@ class BuiltinBackend:
             first, last = k * size * repeat, (k + 1) * size * repeat
             seeds = None if row_seeds is None else list(row_seeds[first:last])
             if not rows:  # this rank is done; keep the others company with one dummy row
-                rows, seeds = [list(prompts[0]) if prompts else [0]], [0]
-                _ = _generate(self.engine, rows, sampling, seeds, eos_id, self.group, 1)
+                dummy = [list(prompts[0]) if prompts else [0]]
+                generate(
+                    self.engine, dummy, sampling, eos_id=eos_id, row_seeds=[0], group=self.group
+                )
                 continue
-            gen = _generate(self.engine, rows, sampling, seeds, eos_id, self.group, repeat)
+            gen = generate(
+                self.engine, rows, sampling, eos_id=eos_id, row_seeds=seeds, repeat=repeat,
+                group=self.group,
+            )  # fmt: skip
             out += _rows(gen)
         return out
 
@@ -93,20 +98,6 @@ class BuiltinBackend:
 def _device(engine: Any) -> torch.device:
     inner = getattr(engine, "module", engine)
     return inner.embedding.weight.device
-
-
-def _generate(
-    engine: Any,
-    rows: list[list[int]],
-    sampling: SamplingConfig,
-    seeds: list[int] | None,
-    eos_id: int | None,
-    group: dist.ProcessGroup | None,
-    repeat: int,
-) -> GenerationOutput:
-    return generate(
-        engine, rows, sampling, eos_id=eos_id, row_seeds=seeds, repeat=repeat, group=group
-    )
 
 
 def _rows(gen: GenerationOutput) -> list[tuple[list[int], list[float]]]:

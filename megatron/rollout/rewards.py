@@ -80,14 +80,14 @@ def load_reward_function(
             path = Path(base_dir) / path
         if not path.is_file():
             raise RewardError(f"reward function {spec!r}: file {path} does not exist")
-        module_name = f"_megatron_reward_{abs(hash(str(path.resolve())))}"
-        loader = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(loader)
-        sys.modules[module_name] = module  # dataclasses and pickling look modules up here
-        try:
-            loader.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported whole
-            raise RewardError(f"reward function {spec!r}: importing {path} failed: {e!r}") from e
+        # why the file's size and time in the name: the config loader and the rollout set-up
+        # load the same file in one process; it runs once unless it changed in between
+        stat = path.stat()
+        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        module_name = f"_megatron_reward_{abs(hash(key))}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            module = _exec_file(spec, path, module_name)
     else:
         try:
             module = importlib.import_module(where)
@@ -103,6 +103,20 @@ def load_reward_function(
         raise RewardError(f"reward function {spec!r}: {name!r} is not callable")
     _check_signature(spec, fn)
     return RewardFunction(name=name, spec=spec, fn=fn, weight=float(weight))
+
+
+def _exec_file(spec: str, path: Path, module_name: str) -> Any:
+    """Run a reward file as module ``module_name`` (registered in ``sys.modules`` only when it
+    ran: dataclasses and pickling look modules up there)."""
+    loader = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[module_name] = module
+    try:
+        loader.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported whole
+        del sys.modules[module_name]
+        raise RewardError(f"reward function {spec!r}: importing {path} failed: {e!r}") from e
+    return module
 
 
 def _check_signature(spec: str, fn: Callable) -> None:

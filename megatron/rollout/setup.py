@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from megatron.data.indexed import DatasetError
@@ -19,7 +20,7 @@ def build_rewards(cfg: Any, state: Any, device: Any) -> RewardSet:
     for spec in cfg.rewards:
         if spec.function is not None:
             f = load_reward_function(spec.function, spec.weight)
-            loaded.append(RewardFunction(spec.label, f.spec, f.fn, f.weight))
+            loaded.append(dataclasses.replace(f, name=spec.label))
             is_model.append(False)
         else:
             from megatron.rollout.reward_models import load_model_reward

@@ -233,8 +233,9 @@ class RolloutSource:
         logps_s = time.time() - t_logps
         self.rollouts += 1
         metrics.update(scores.metrics, **adv_metrics)
-        metrics.update(self._completion_metrics(completions, values, scores.total))
-        generated = metrics.pop("_generated_tokens")
+        (generated, prompt_tokens), metrics_c = self._completion_metrics(completions, scores.total)
+        self.num_tokens += generated + prompt_tokens
+        metrics.update(metrics_c, num_tokens=float(self.num_tokens))
         metrics.update(
             {
                 "time/rollout": time.time() - start,
@@ -260,9 +261,21 @@ class RolloutSource:
         out = self.backend.generate(unique, self.sampling, seeds, self.eos, self.G)
         examples = [i for i in indices for _ in range(self.G)]
         masked = self.objective.mask_truncated_completions
+        completions = self._completions(examples, prompts, out, self.sampling, masked)
+        return completions, time.time() - t0
+
+    def _completions(
+        self,
+        examples: list[int],
+        prompts: list[Any],
+        out: list[tuple[list[int], list[float]]],
+        sampling: SamplingConfig,
+        mask_truncated: bool = False,
+    ) -> list[Completion]:
+        """The backend's output as :class:`Completion` records (one per prompt in ``prompts``)."""
         completions = []
         for example, prompt, (tokens, logps) in zip(examples, prompts, out, strict=True):
-            truncated = len(tokens) >= self.sampling.max_new_tokens and tokens[-1] != self.eos
+            truncated = len(tokens) >= sampling.max_new_tokens and tokens[-1] != self.eos
             completions.append(
                 Completion(
                     example=int(example),
@@ -270,10 +283,10 @@ class RolloutSource:
                     tokens=np.asarray(tokens, dtype=np.int64),
                     sampler_logps=np.asarray(logps, dtype=np.float32),
                     truncated=truncated,
-                    trained=not (truncated and masked),
+                    trained=not (truncated and mask_truncated),
                 )
             )
-        return completions, time.time() - t0
+        return completions
 
     def _gather_rewards(self, prompts, completions, columns, completion_ids, rows) -> torch.Tensor:
         """``[N, F]`` every rank's reward values in rank order; a :class:`RewardError` on any
@@ -371,10 +384,7 @@ class RolloutSource:
                 for c in completions
             ]
 
-        local = {
-            "lengths": [float(c.tokens.size) for c in completions],
-            "tokens": [float(c.trained_tokens) for c in completions],
-        }
+        local = {"tokens": [float(c.trained_tokens) for c in completions]}
         if self.need_old:
             local["old"] = sums("old_logps")
         if self.need_ref:
@@ -385,7 +395,6 @@ class RolloutSource:
                 merged.setdefault(k, []).extend(v)
         t = {k: torch.tensor(v, dtype=torch.float32) for k, v in merged.items()}
         return RolloutStats(
-            lengths=t["lengths"],
             old_sums=t.get("old"),
             ref_sums=t.get("ref"),
             old_ref_tokens=t["tokens"],
@@ -407,15 +416,14 @@ class RolloutSource:
         return (counts / scale).tolist()
 
     def _completion_metrics(
-        self, completions: list[Completion], values: torch.Tensor, total: torch.Tensor
-    ) -> dict[str, float]:
-        """TRL's rollout metrics over every rank's completions."""
+        self, completions: list[Completion], total: torch.Tensor
+    ) -> tuple[tuple[int, int], dict[str, float]]:
+        """``((completion tokens, prompt tokens) over every rank, TRL's rollout metrics)``."""
         local = [(int(c.tokens.size), bool(c.truncated), int(c.prompt.size)) for c in completions]
         merged = [x for part in _gather(local, self.state.dp_group) for x in part]
         lengths = np.array([x[0] for x in merged], dtype=np.float64)
-        truncated = np.array([x[1] for x in merged])
+        truncated = np.array([x[1] for x in merged], dtype=bool)
         done = lengths[~truncated]
-        self.num_tokens += int(lengths.sum() + sum(x[2] for x in merged))
         metrics = {
             "reward": float(torch.nanmean(total)),
             "reward_std": float(nanstd(total)),
@@ -426,15 +434,13 @@ class RolloutSource:
             "completions/mean_terminated_length": float(done.mean()) if done.size else 0.0,
             "completions/min_terminated_length": float(done.min()) if done.size else 0.0,
             "completions/max_terminated_length": float(done.max()) if done.size else 0.0,
-            "num_tokens": float(self.num_tokens),
-            "_generated_tokens": float(lengths.sum()),
         }
         if math.isnan(metrics["reward"]):
             log_rank0(
                 "no reward function applied to any completion of this rollout",
                 level=logging.WARNING,
             )
-        return metrics
+        return (int(lengths.sum()), sum(x[2] for x in merged)), metrics
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -455,27 +461,12 @@ class RolloutSource:
         prompts = [row["prompt"].tolist() for row in rows]
         seeds = [completion_seed(self.cfg.training.seed, 0, i, evaluation=True) for i in indices]
         out = self.backend.generate(prompts, sampling, seeds, self.eos)
-        completions = [
-            Completion(
-                example=int(i),
-                prompt=np.asarray(p, dtype=np.int64),
-                tokens=np.asarray(t, dtype=np.int64),
-                sampler_logps=np.asarray(lp, dtype=np.float32),
-                truncated=len(t) >= r.max_new_tokens and t[-1] != self.eos,
-            )
-            for i, p, (t, lp) in zip(indices, prompts, out, strict=True)
-        ]
+        completions = self._completions(indices, prompts, out, sampling)
         p_in, texts, columns = self._reward_inputs(rows, completions, 1)
         ids = [c.tokens.tolist() for c in completions]
         values = self._gather_rewards(p_in, texts, columns, ids, indices)
         scores = combine(values, self.rewards.functions)
-        metrics = {**scores.metrics}
-        tokens = self.num_tokens
-        metrics.update(self._completion_metrics(completions, values, scores.total))
-        self.num_tokens = tokens  # evaluation tokens are not training tokens
-        for key in ("num_tokens", "_generated_tokens"):
-            metrics.pop(key)
-        return metrics
+        return {**scores.metrics, **self._completion_metrics(completions, scores.total)[1]}
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

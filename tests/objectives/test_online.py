@@ -184,8 +184,8 @@ def test_objectives_read_the_rollout_fields():
 def test_advantages_of_each_objective():
     r = torch.tensor([1.0, 0.0, 0.5, 0.5])
     stats = RolloutStats(
-        lengths=torch.tensor([3.0, 1, 4, 2]), old_sums=torch.tensor([-2.0, -1, -3, -1]),
-        ref_sums=torch.tensor([-2.5, -1, -2, -1]), old_ref_tokens=torch.tensor([3.0, 1, 4, 2]),
+        old_sums=torch.tensor([-2.0, -1, -3, -1]), ref_sums=torch.tensor([-2.5, -1, -2, -1]),
+        old_ref_tokens=torch.tensor([3.0, 1, 4, 2]),
     )  # fmt: skip
     adv, m = _objective("grpo", num_generations=2).advantages(r, stats)
     torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, 0, 0]) / (math.sqrt(0.5) + 1e-4))
