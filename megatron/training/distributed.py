@@ -3,16 +3,14 @@
 Where a process's rank comes from, in order:
 
 1. ``torch.distributed`` is already initialised (tests, notebooks): its rank and size.
-2. ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``, as torchrun,
-   the DeepSpeed runner (both started by ``deepy.py``) or a job script export them.
-3. Otherwise the process runs alone (world size 1, a free loopback port for the store) — but only
-   when no launcher says it started several tasks: a bare ``srun`` (Slurm job step), ``mpirun``
-   (Open MPI) or ``mpiexec`` (MPICH / Intel MPI, PMIx) with more than one task is an error, never
-   N independent one-process runs.
+2. The launcher's variables, read by :func:`megatron.training.rank_discovery.discover` (torchrun
+   and the DeepSpeed runner, Slurm's ``srun``, Open MPI, MPICH / Intel MPI, MVAPICH, PMIx, with
+   mpi4py filling in what a launcher leaves out). Partial or contradictory variables are an
+   error, never N independent one-process runs.
+3. No launcher at all: the process runs alone (world size 1, a free loopback port for its store).
 
-:func:`discover` is the pure part (a mapping of environment variables in, a :class:`DistEnv` out);
-:func:`init_distributed` creates the process group from it with explicit arguments and leaves
-``os.environ`` as it found it.
+:func:`init_distributed` creates the process group from the :class:`DistEnv` with explicit
+arguments and leaves ``os.environ`` as it found it.
 
 On machines without CUDA, DeepSpeed runs on its CPU accelerator with gloo
 (``DS_ACCELERATOR=cpu``), and its shared-memory comm op (a 40-90 s JIT build) is switched off so
@@ -25,57 +23,31 @@ import dataclasses
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed.distributed_c10d as c10d
 
-# The torchrun / DeepSpeed-runner contract (torch.distributed's ``env://``).
-RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from megatron.training.rank_discovery import (
+    LOOPBACK,
+    RANK_VARS,
+    DistEnv,
+    LaunchEnvError,
+    discover,
+    expand_hostlist,
+)
 
-_LOOPBACK = "127.0.0.1"
-
-
-class LaunchEnvError(RuntimeError):
-    """The launcher's environment does not say which rank this process is."""
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job, and where that was read from.
-
-    Attributes:
-        rank: global rank, ``0 <= rank < world_size``.
-        world_size: number of processes in the job.
-        local_rank: rank on this node (selects the GPU).
-        master_addr: host of rank 0's store; None when the caller made the process group.
-        master_port: port of that store; None when the caller made the process group.
-        device: this rank's device: ``cuda:local_rank``, or ``cpu`` without CUDA.
-        source: what the values came from: ``"torchrun"``, ``"deepspeed"`` (its runner),
-            ``"env"`` (the variables set by a script), ``"already-initialized"`` or
-            ``"single-process"``.
-    """
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str | None
-    master_port: int | None
-    device: torch.device
-    source: str
-
-    @property
-    def backend(self) -> str:
-        """``nccl`` on CUDA devices, else ``gloo``."""
-        return "nccl" if self.device.type == "cuda" else "gloo"
-
-    @property
-    def init_method(self) -> str:
-        """``tcp://master_addr:master_port`` (an IPv6 address in brackets)."""
-        host = f"[{self.master_addr}]" if ":" in (self.master_addr or "") else self.master_addr
-        return f"tcp://{host}:{self.master_port}"
+__all__ = [
+    "RANK_VARS",
+    "DistEnv",
+    "LaunchEnvError",
+    "discover",
+    "expand_hostlist",
+    "free_port",
+    "import_deepspeed",
+    "init_distributed",
+]
 
 
 def use_cuda() -> bool:
@@ -97,163 +69,8 @@ def import_deepspeed() -> Any:
 def free_port() -> int:
     """A TCP port on the loopback interface that was free a moment ago."""
     with socket.socket() as s:
-        s.bind((_LOOPBACK, 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
-
-
-def _device(local_rank: int, cuda: bool) -> torch.device:
-    return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def _int(environ: Mapping[str, str], name: str, problems: list[str]) -> int | None:
-    value = environ.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        problems.append(f"{name}={value!r} is not an integer")
-        return None
-
-
-def _from_rank_vars(environ: Mapping[str, str], cuda: bool) -> DistEnv:
-    """The torchrun contract; a world of 1 may leave out everything but RANK and WORLD_SIZE."""
-    problems: list[str] = []
-    rank, world = _int(environ, "RANK", problems), _int(environ, "WORLD_SIZE", problems)
-    local, port = _int(environ, "LOCAL_RANK", problems), _int(environ, "MASTER_PORT", problems)
-    addr = environ.get("MASTER_ADDR") or None
-    missing = [n for n in ("RANK", "WORLD_SIZE") if n not in environ]
-    if world is not None and world > 1:
-        missing += [n for n in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if n not in environ]
-    if missing:
-        problems.append("missing " + ", ".join(missing))
-    if world is not None and world < 1:
-        problems.append(f"WORLD_SIZE ({world}) must be >= 1")
-    if rank is not None and world is not None and not 0 <= rank < world:
-        problems.append(f"RANK ({rank}) must be in [0, WORLD_SIZE={world})")
-    if local is not None and local < 0:
-        problems.append(f"LOCAL_RANK ({local}) must be >= 0")
-    if port is not None and not 0 < port < 65536:
-        problems.append(f"MASTER_PORT ({port}) must be in [1, 65535]")
-    if problems:
-        shown = " ".join(f"{n}={environ[n]}" for n in RANK_VARS if n in environ)
-        raise LaunchEnvError(
-            f"incomplete launcher environment ({shown}): " + "; ".join(problems) + ". torchrun "
-            "and `python deepy.py` set all of " + ", ".join(RANK_VARS) + "."
-        )
-    assert rank is not None and world is not None  # guaranteed by the checks above
-    if "TORCHELASTIC_RUN_ID" in environ:
-        source = "torchrun"
-    elif "CROSS_RANK" in environ:  # deepspeed.launcher.launch sets CROSS_RANK / CROSS_SIZE
-        source = "deepspeed"
-    else:
-        source = "env"
-    local = 0 if local is None else local
-    if port is None:  # a world of 1 without a store address: its own, on loopback
-        addr, port = _LOOPBACK, 0  # 0: init_distributed picks a free port
-    return DistEnv(
-        rank=rank,
-        world_size=world,
-        local_rank=local,
-        master_addr=addr or _LOOPBACK,
-        master_port=port,
-        device=_device(local, cuda),
-        source=source,
-    )
-
-
-def _first(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
-    for name in names:
-        if environ.get(name, "") != "":
-            return name, environ[name]
-    return None
-
-
-# (launcher, one of these must be set for it to count, task-count variables, rank variables)
-_LAUNCHERS = (
-    (
-        "Slurm (srun)",
-        ("SLURM_STEP_ID", "SLURM_STEPID"),
-        ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"),
-        ("SLURM_PROCID",),
-    ),
-    ("Open MPI (mpirun)", (), ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_RANK",)),
-    ("MPICH / Intel MPI (mpiexec)", (), ("PMI_SIZE",), ("PMI_RANK",)),
-    ("PMIx", (), ("PMIX_SIZE",), ("PMIX_RANK",)),
-)
-
-
-def launcher_tasks(environ: Mapping[str, str]) -> tuple[str, int, str] | None:
-    """A launcher that started several tasks without torchrun's variables, if any.
-
-    Slurm counts only inside a job step (``SLURM_STEP_ID`` is set by ``srun``, not in the batch
-    script or an ``salloc`` shell, where one process is the right reading). A PMI/PMIx rank > 0
-    says there are several tasks even when no size variable is exported.
-
-    Args:
-        environ: the environment variables to read.
-
-    Returns:
-        ``(launcher, tasks, evidence)`` (``tasks`` a lower bound when only a rank is known; the
-        evidence names the variables), or None when no launcher reports more than one task.
-    """
-    for launcher, step_vars, size_vars, rank_vars in _LAUNCHERS:
-        if step_vars and _first(environ, *step_vars) is None:
-            continue
-        size, rank = _first(environ, *size_vars), _first(environ, *rank_vars)
-        try:
-            tasks = int(size[1]) if size else 0
-            if rank:
-                tasks = max(tasks, int(rank[1]) + 1)
-        except ValueError:
-            tasks = 0  # not a count we can read: not evidence of several tasks
-        if tasks > 1:
-            evidence = " ".join(f"{p[0]}={p[1]}" for p in (size, rank) if p)
-            return launcher, tasks, evidence
-    return None
-
-
-def discover(environ: Mapping[str, str], *, cuda: bool | None = None) -> DistEnv:
-    """Read this process's place in the job from environment variables (no side effects).
-
-    Args:
-        environ: the variables to read (``os.environ`` in a real launch).
-        cuda: whether the device is a GPU; default: ``torch.cuda.is_available()``.
-
-    Returns:
-        The :class:`DistEnv`. For a single process ``master_port`` is 0:
-        :func:`init_distributed` picks a free one.
-
-    Raises:
-        LaunchEnvError: torchrun's variables are incomplete or inconsistent, or a launcher
-            started several tasks without them (its own rank discovery is not wired yet).
-    """
-    cuda = use_cuda() if cuda is None else cuda
-    if "RANK" in environ or "WORLD_SIZE" in environ:
-        return _from_rank_vars(environ, cuda)
-    several = launcher_tasks(environ)
-    if several is not None:
-        launcher, _, evidence = several
-        raise LaunchEnvError(
-            f"{launcher} started several tasks ({evidence}) but set no "
-            "RANK/WORLD_SIZE: rank discovery from this launcher's variables is not wired yet "
-            "(the cluster-launch issue adds it), and running each task as its own one-process "
-            "job would train the same model several times. Launch with `python deepy.py "
-            "CONFIG.yml ...` or `torchrun --nproc_per_node N train.py CONFIG.yml ...` (one "
-            "torchrun per node), or export " + ", ".join(RANK_VARS) + " yourself "
-            "(e.g. RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID)."
-        )
-    return DistEnv(
-        rank=0,
-        world_size=1,
-        local_rank=0,
-        # why: a one-process group meets nobody, so it binds its own loopback port; any
-        # MASTER_ADDR/MASTER_PORT in the environment are meant for other processes.
-        master_addr=_LOOPBACK,
-        master_port=0,
-        device=_device(0, cuda),
-        source="single-process",
-    )
 
 
 def init_distributed(
@@ -294,7 +111,7 @@ def init_distributed(
             local_rank=local_rank,
             master_addr=None,
             master_port=None,
-            device=_device(local_rank, cuda),
+            device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
             source="already-initialized",
         )
     else:
