@@ -1,24 +1,33 @@
 """Validate a run's config, then launch its ranks.
 
     python deepy.py train.py CONFIG.yml [MORE.yml ...] [dotted.key=value ...] [--dry-run]
+    python deepy.py --sbatch [--wait] train.py CONFIG.yml ...   # submit a Slurm batch job
 
 The config is loaded and checked *before* any process starts: an error is reported with its file
-and key and nothing is launched. Then the ``launcher`` section decides how ranks start:
+and key and nothing is launched. Then the ``launcher`` section decides how ranks start
+(``megatron/training/launchers.py``):
 
 * ``torchrun`` (default): torchrun (``tools/torchrun.py``: torch's ``torch.distributed.run``
-  without its failure traceback) with ``nproc_per_node``,
-  ``num_nodes``, ``node_rank``, ``master_addr``, ``master_port``;
-* ``deepspeed``: the DeepSpeed runner (``--num_gpus``, or ``--hostfile`` for several nodes).
+  without its failure traceback) with ``nproc_per_node``, ``num_nodes`` and a ``static``
+  rendezvous (``node_rank``, ``master_addr``, ``master_port``) or ``c10d`` (run the same command
+  on every node; they meet at ``master_addr:master_port``);
+* ``deepspeed``: the DeepSpeed runner (``--num_gpus``, or ``--hostfile`` for several nodes);
+* ``slurm``: inside an allocation, ``srun`` one task per rank; outside one, ``--sbatch`` writes
+  the batch script (``#SBATCH`` lines from the ``launcher`` section; it runs this same command
+  inside the allocation) next to the run's logs and submits it (``--wait``: until the job ends,
+  exiting with its status);
+* ``mpirun``: Open MPI's ``mpirun`` or MPICH / Intel MPI's ``mpiexec`` (``hostfile``).
 
 Without CUDA the ranks run on CPU (``DS_ACCELERATOR=cpu``, gloo). ``--dry-run`` prints the
-command instead of running it.
+command (with ``--sbatch``: the batch script) instead of running it.
 
 Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 of ``deepy.py`` is forwarded once to every rank,
 which checkpoints at the end of its step and exits (``megatron/training/signals.py``);
 ``deepy.py`` waits for the whole launched tree, and SIGKILLs what is left after
 :data:`STOP_GRACE_S` or on a second signal. The launcher runs in a session of its own (a terminal's Ctrl-C reaches only
 ``deepy.py``, which forwards it) with a parent-death signal, so a SIGKILL of ``deepy.py`` reaches
-it as SIGTERM; the ranks watch ``deepy.py`` themselves too.
+it as SIGTERM; ranks on this machine watch ``deepy.py`` themselves too. ``srun`` and ``mpirun``
+forward the stop to ranks on other nodes.
 """
 
 from __future__ import annotations
@@ -33,16 +42,17 @@ import time
 from pathlib import Path
 
 from megatron.config import ConfigError, load_config, split_config_args
+from megatron.training.launchers import LaunchError, launch_command, sbatch_script, world_size
 from megatron.training.signals import (
     EXIT_DIR_ENV,
     LAUNCHER_PID_ENV,
+    PREFLIGHT_ENV,
     REPEAT_WINDOW_S,
     recorded_exit_statuses,
     set_parent_death_signal,
 )
+from megatron.utils import atomic_write_text
 
-TORCHRUN = Path(__file__).resolve().parent / "tools" / "torchrun.py"
-"""torch.distributed.run's agent, ending with one line instead of a traceback when ranks fail."""
 STOP_GRACE_S = 120.0
 """Seconds the ranks get to checkpoint and exit after a forwarded signal before the SIGKILL."""
 
@@ -58,39 +68,10 @@ def _gpu_count() -> int:
         return 0
 
 
-def launch_command(script: str, files: list[str], overrides: list[str], cfg) -> list[str]:
-    """The command line that starts every local rank of ``script``."""
-    la = cfg.launcher
-    nproc = la.nproc_per_node or max(_gpu_count(), 1)
-    user_args = [*files, *overrides]
-    if la.type == "deepspeed":
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--master_addr",
-            la.master_addr,
-            "--master_port",
-            str(la.master_port),
-        ]
-        if la.hostfile:
-            cmd += ["--hostfile", la.hostfile, "--num_nodes", str(la.num_nodes)]
-        if _gpu_count() == 0:
-            cmd += ["--num_accelerators", str(nproc)]
-        else:
-            cmd += ["--num_gpus", str(nproc)]
-        return [*cmd, script, *user_args]
-    return [
-        sys.executable,
-        str(TORCHRUN),  # torch.distributed.run without its failure traceback
-        f"--nproc_per_node={nproc}",
-        f"--nnodes={la.num_nodes}",
-        f"--node_rank={la.node_rank}",
-        f"--master_addr={la.master_addr}",
-        f"--master_port={la.master_port}",
-        script,
-        *user_args,
-    ]
+def _mpi_version() -> str:
+    program = shutil.which("mpirun") or shutil.which("mpiexec") or "mpirun"
+    out = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
+    return out.stdout + out.stderr
 
 
 def _tree(pid: int) -> tuple[list, list]:
@@ -128,16 +109,25 @@ def _signal_all(procs: list, signum: int) -> None:
             pass
 
 
-def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
+def run_launcher(cmd: list[str], env: dict[str, str], local: bool = True) -> int:
     """Run the launcher ``cmd``, forward SIGTERM/SIGINT/SIGUSR1 to its ranks, wait for it all.
+
+    Args:
+        cmd: the launcher's command line.
+        env: its environment.
+        local: every rank runs on this machine: they watch this process's pid (on other
+            nodes that pid means nothing, and ``srun`` / ``mpirun`` end their tasks themselves).
 
     Returns:
         The ranks' exit status when the launcher failed because ranks exited non-zero (the
         highest, e.g. 3 for a diverged run), else the launcher's (128 + N for signal N).
     """
     exit_dir = tempfile.mkdtemp(prefix="megatron-exit-")
+    env = {**env, EXIT_DIR_ENV: exit_dir}
+    if local:
+        env[LAUNCHER_PID_ENV] = str(os.getpid())
     try:
-        code = _run_tree(cmd, {**env, LAUNCHER_PID_ENV: str(os.getpid()), EXIT_DIR_ENV: exit_dir})
+        code = _run_tree(cmd, env)
         ranks = recorded_exit_statuses(exit_dir)
     finally:
         shutil.rmtree(exit_dir, ignore_errors=True)
@@ -210,12 +200,42 @@ def _running(p) -> bool:
         return False
 
 
+def _submit(script: str, files: list[str], overrides: list[str], cfg, dry: bool, wait: bool) -> int:
+    """Write the batch script next to the run's logs and ``sbatch`` it (``--wait``: until it ends)."""
+    la = cfg.launcher
+    run_dir = Path(cfg.logging.dir or cfg.checkpoint.save or "runs/default").resolve()
+    text = sbatch_script(
+        str(Path(__file__).resolve()),
+        script,
+        files,
+        overrides,
+        cfg,
+        output_dir=str(run_dir),
+        workdir=os.getcwd(),
+    )
+    if dry:
+        print(text, end="", flush=True)
+        return 0
+    if shutil.which("sbatch") is None:
+        print("deepy.py --sbatch: sbatch is not on PATH (nothing submitted)", file=sys.stderr)
+        return 2
+    path = run_dir / f"{la.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    atomic_write_text(path, text)
+    cmd = ["sbatch", *(["--wait"] if wait else []), str(path)]
+    print(f"submitting {path}: " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=False).returncode
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    dry = "--dry-run" in argv
-    argv = [a for a in argv if a != "--dry-run"]
+    flags = {a for a in argv if a in ("--dry-run", "--sbatch", "--wait")}
+    argv = [a for a in argv if a not in flags]
+    dry, sbatch = "--dry-run" in flags, "--sbatch" in flags
+    if "--wait" in flags and not sbatch:
+        print("deepy.py: --wait goes with --sbatch (nothing launched)", file=sys.stderr)
+        return 2
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
@@ -227,13 +247,25 @@ def main(argv: list[str]) -> int:
         )
         return 2
     files, overrides = split_config_args(rest)
+    gpus = _gpu_count()
     try:
         probe = load_config(files, overrides)
-        la = probe.launcher
-        world = (la.nproc_per_node or max(_gpu_count(), 1)) * la.num_nodes
+        sbatch_nproc = probe.launcher.nproc_per_node or probe.launcher.gpus_per_node or 1
+        world = (
+            sbatch_nproc * probe.launcher.num_nodes
+            if sbatch
+            else world_size(probe.launcher, os.environ, gpus)
+        )
         cfg = load_config(files, overrides, world_size=world)
     except ConfigError as e:
         print(f"config error (nothing launched):\n{e}", file=sys.stderr)
+        return 2
+    if sbatch and cfg.launcher.type != "slurm":
+        print(
+            f"deepy.py --sbatch: launcher.type is {cfg.launcher.type!r}; set launcher.type: "
+            "slurm (nothing submitted)",
+            file=sys.stderr,
+        )
         return 2
     from megatron.training.preflight import preflight
 
@@ -244,18 +276,35 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    cmd = launch_command(script, files, overrides, cfg)
-    env = dict(os.environ)
+    if sbatch:
+        return _submit(script, files, overrides, cfg, dry, "--wait" in flags)
+    try:
+        launch = launch_command(
+            script,
+            files,
+            overrides,
+            cfg,
+            os.environ,
+            gpus=gpus,
+            which=shutil.which,
+            mpi_version=_mpi_version,
+        )
+    except LaunchError as e:
+        print(f"cannot launch (nothing launched):\n  {e}", file=sys.stderr)
+        return 2
+    env = {k: v for k, v in os.environ.items() if k not in launch.unset}
+    env.update(launch.env)
     from megatron.data.meta import TOKENIZER_IDENTITY_ENV, tokenizer_identities
 
     env[TOKENIZER_IDENTITY_ENV] = tokenizer_identities()  # the ranks need not load it again
-    if _gpu_count() == 0:
+    env[PREFLIGHT_ENV] = "1"  # the ranks need not hash the checkpoint again
+    if gpus == 0:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
-    print("launching: " + " ".join(cmd), flush=True)
+    print("launching: " + " ".join(launch.cmd), flush=True)
     if dry:
         return 0
-    return run_launcher(cmd, env)
+    return run_launcher(launch.cmd, env, local=launch.local)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
 
     # the trainer checks the reference cache on every rank; deepy.py (when it launched us) hashed
     # the checkpoint once already, else rank 0 does it here
-    hashed = signals.LAUNCHER_PID_ENV in os.environ
+    hashed = signals.PREFLIGHT_ENV in os.environ
     problems = preflight(cfg, fingerprints=False, checksums=launch.rank == 0 and not hashed)
     if problems:
         if launch.rank == 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -484,24 +485,55 @@ class LoggingConfig:
         checks.done()
 
 
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_SLURM_ONLY = (
+    "partition", "account", "time", "gpus_per_node", "cpus_per_task", "job_name", "sbatch_lines",
+    "setup",
+)  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class LauncherConfig:
-    """How ``deepy.py`` starts the ranks."""
+    """How ``deepy.py`` starts the ranks (and, for Slurm, the batch job that runs ``deepy.py``)."""
 
-    type: Literal["torchrun", "deepspeed"] = "torchrun"
-    """Launcher program."""
+    type: Literal["torchrun", "deepspeed", "slurm", "mpirun"] = "torchrun"
+    """``torchrun`` (one per node; several nodes: run ``deepy.py`` on each), ``deepspeed`` (its runner, ``hostfile`` for several nodes), ``slurm`` (``srun`` one task per rank inside an allocation; outside one, ``deepy.py --sbatch`` submits a batch job), ``mpirun`` (Open MPI or MPICH/Intel MPI, ``hostfile`` for several nodes)."""
     nproc_per_node: int | None = None
-    """Ranks per node; null: the number of visible GPUs, else 1 (decided by the launcher)."""
+    """Ranks per node; null: the number of visible GPUs, else 1 (inside a Slurm allocation: its tasks per node)."""
     num_nodes: int = 1
     """Number of nodes."""
     node_rank: int = 0
-    """Rank of this node (torchrun multi-node)."""
+    """Rank of this node (torchrun with ``rdzv_backend: static``)."""
+    rdzv_backend: Literal["static", "c10d"] = "static"
+    """torchrun's rendezvous: ``static`` (each node's ``node_rank`` fixed, store on ``master_addr``) or ``c10d`` (nodes join at ``master_addr:master_port`` in any order; no ``node_rank``)."""
+    rdzv_id: str = "megatron"
+    """Job id shared by every node of a ``c10d`` rendezvous."""
     hostfile: str | None = None
-    """DeepSpeed hostfile (``type: deepspeed`` only)."""
+    """Hosts and their slots, one per line: ``host slots=N`` (DeepSpeed, Open MPI) or ``host:N`` (MPICH); ``type: deepspeed`` or ``mpirun``."""
     master_addr: str = "127.0.0.1"
-    """Address of the rendezvous host."""
+    """Address of the rendezvous host (rank 0's node). With ``slurm`` it is the allocation's first node and with ``mpirun`` the hostfile's first host, unless set here."""
     master_port: int = 29500
     """Port of the rendezvous host."""
+    extra_args: list[str] = field(default_factory=list)
+    """Extra arguments for the launcher program (torchrun, the DeepSpeed runner, ``srun`` or ``mpirun``), e.g. ``[--oversubscribe]``."""
+    partition: str | None = None
+    """Slurm partition (``#SBATCH --partition``)."""
+    account: str | None = None
+    """Slurm account (``#SBATCH --account``)."""
+    time: str | None = None
+    """Slurm time limit: ``minutes``, ``HH:MM:SS`` or ``D-HH:MM:SS`` (``#SBATCH --time``)."""
+    gpus_per_node: int | None = None
+    """GPUs per node (``#SBATCH --gpus-per-node``, and ``srun --gpus-per-node``)."""
+    cpus_per_task: int | None = None
+    """CPU cores per rank (``#SBATCH --cpus-per-task``)."""
+    job_name: str = "megatron"
+    """Slurm job name; also names the batch script ``deepy.py --sbatch`` writes."""
+    sbatch_lines: list[str] = field(default_factory=list)
+    """Extra ``#SBATCH`` options, e.g. ``["--exclusive", "--mem=0"]``."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines the batch script runs before ``deepy.py`` (``module load ...``, ``source .venv/bin/activate``)."""
+    signal_before_end_s: int = 120
+    """The batch job asks Slurm for SIGUSR1 this many seconds before its time limit (``--signal=B:USR1@N``): the ranks checkpoint and stop."""
 
     def __post_init__(self) -> None:
         checks = FieldChecks(self)
@@ -510,12 +542,32 @@ class LauncherConfig:
             checks.fail(
                 "node_rank", f"must be in [0, num_nodes={self.num_nodes}) (got {self.node_rank})"
             )
-        if self.hostfile is not None and self.type != "deepspeed":
+        if self.hostfile is not None and self.type not in ("deepspeed", "mpirun"):
             checks.fail(
-                "hostfile", f"is only used by launcher.type 'deepspeed' (got {self.type!r})"
+                "hostfile",
+                f"is only used by launcher.type 'deepspeed' or 'mpirun' (got {self.type!r})",
             )
         if not 1 <= self.master_port <= 65535:
             checks.fail("master_port", f"must be in [1, 65535] (got {self.master_port})")
+        if self.rdzv_backend == "c10d" and self.type != "torchrun":
+            checks.fail("rdzv_backend", f"c10d is torchrun's (launcher.type is {self.type!r})")
+        if self.rdzv_backend == "c10d" and self.node_rank:
+            checks.fail("node_rank", "is decided by the c10d rendezvous: leave it out")
+        if self.type != "slurm":
+            for name in _SLURM_ONLY:
+                default = LauncherConfig.__dataclass_fields__[name]
+                value = getattr(self, name)
+                if value not in (None, [], default.default):
+                    checks.fail(name, f"is only used by launcher.type 'slurm' (got {self.type!r})")
+        if self.time is not None and not _SLURM_TIME.match(self.time):
+            checks.fail(
+                "time", f"{self.time!r} is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)"
+            )
+        checks.at_least("gpus_per_node", 0)
+        checks.at_least("cpus_per_task", 1)
+        checks.at_least("signal_before_end_s", 0)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.job_name):
+            checks.fail("job_name", f"{self.job_name!r}: use letters, digits, '_', '.', '-'")
         checks.done()
 
 

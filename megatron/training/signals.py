@@ -53,6 +53,9 @@ EXIT_DIR_ENV = "MEGATRON_EXIT_DIR"
 """Directory (made by ``deepy.py``) where each rank leaves a non-zero exit status, so that
 ``deepy.py`` exits with the ranks' status (e.g. 3 for divergence) rather than the launcher's
 generic 1."""
+PREFLIGHT_ENV = "MEGATRON_PREFLIGHT_DONE"
+"""Set by ``deepy.py`` for the ranks it launches: it has checked the run's files (and hashed the
+checkpoint) already."""
 
 
 def record_exit_status(code: int, environ: dict[str, str] | None = None) -> None:
@@ -61,7 +64,9 @@ def record_exit_status(code: int, environ: dict[str, str] | None = None) -> None
     folder = env.get(EXIT_DIR_ENV)
     if not code or not folder or not os.path.isdir(folder):
         return
-    with open(os.path.join(folder, f"rank{env.get('RANK', '0')}"), "w") as f:
+    names = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+    rank = next((env[n] for n in names if env.get(n)), "0")
+    with open(os.path.join(folder, f"rank{rank}"), "w") as f:
         f.write(str(int(code)))
 
 

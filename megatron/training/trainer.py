@@ -74,6 +74,7 @@ class Trainer:
         self.dist_env = init_distributed(timeout_s=cfg.training.collective_timeout_s)
         self.device = self.dist_env.device
         export_local_rank(self.dist_env)  # DeepSpeed's engine reads it from os.environ
+        log_rank0("launch: %s", self.dist_env.describe())
         self.state = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
         self.tracker = RNGStatesTracker()
         seed = cfg.training.seed

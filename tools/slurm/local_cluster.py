@@ -51,7 +51,9 @@ def _node_line(host: str) -> str:
     fields = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("NodeName="))
     mem = int(fields.pop("RealMemory", "2000"))
     fields["RealMemory"] = str(max(1000, int(mem * 0.9)))
-    return " ".join([f"NodeName={host}", "NodeAddr=127.0.0.1", *(f"{k}={v}" for k, v in fields.items())])
+    return " ".join(
+        [f"NodeName={host}", "NodeAddr=127.0.0.1", *(f"{k}={v}" for k, v in fields.items())]
+    )
 
 
 def write_conf(folder: Path) -> Path:
