@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,64 @@ def test_deepspeed_runner_trains_two_ranks(run):
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert sorted(read_losses(tmp / "ds" / "metrics.jsonl")) == [1, 2, 3]
+
+
+def _no_slurm_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+def deepy_env(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "deepy.py", *args],
+        cwd=ROOT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["launcher.type=slurm"], "not inside a Slurm allocation (no SLURM_JOB_ID): add --sbatch"),
+        (["--sbatch"], "deepy.py --sbatch: launcher.type is 'torchrun'; set launcher.type: slurm"),
+        (["--wait"], "--wait goes with --sbatch"),
+        (
+            ["launcher.type=slurm", "launcher.nproc_per_node=3", "parallel.tensor=2", "--sbatch"],
+            "world size (3)",
+        ),
+        (["launcher.type=deepspeed", "launcher.hostfile=/nonexistent/hosts"], "does not exist"),
+        (["launcher.type=mpirun", "launcher.num_nodes=2"], "needs a launcher.hostfile"),
+    ],
+)
+def test_bad_launches_are_refused_before_any_rank_starts(run, args, message):
+    _, cfg = run
+    flags = [a for a in args if a.startswith("--")]
+    keys = [a for a in args if not a.startswith("--")]
+    r = deepy_env(*flags, "train.py", str(cfg), *keys, env=_no_slurm_env())
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "launching" not in r.stdout
+
+
+def test_sbatch_dry_run_prints_the_batch_script(run):
+    tmp, cfg = run
+    r = deepy_env(
+        "--sbatch", "--dry-run", "train.py", str(cfg), "launcher.type=slurm",
+        "launcher.num_nodes=2", "launcher.nproc_per_node=2", "launcher.partition=gpu",
+        "launcher.time=02:00:00", f"logging.dir={tmp / 'sb'}", env=_no_slurm_env(),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --partition=gpu" in lines
+    assert f"#SBATCH --output={tmp / 'sb'}/slurm-%j.out" in lines
+    assert lines[-1].startswith(f"exec {sys.executable} {ROOT / 'deepy.py'} train.py {cfg}")
+    assert not (tmp / "sb").exists()  # a dry run writes nothing
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (openmpi-bin)")
+def test_mpirun_dry_run(run):
+    _, cfg = run
+    r = deepy(str(cfg), "launcher.type=mpirun", "launcher.nproc_per_node=2", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "launching: mpirun -np 2 --map-by ppr:2:node --bind-to none -x MASTER_ADDR" in r.stdout
