@@ -166,7 +166,8 @@ def test_sbatch_dry_run_prints_the_batch_script(run):
     r = deepy_env(
         "--sbatch", "--dry-run", "train.py", str(cfg), "launcher.type=slurm",
         "launcher.num_nodes=2", "launcher.nproc_per_node=2", "launcher.partition=gpu",
-        "launcher.time=02:00:00", f"logging.dir={tmp / 'sb'}", env=_no_slurm_env(),
+        "launcher.time=02:00:00", "training.global_batch_size=8", f"logging.dir={tmp / 'sb'}",
+        env=_no_slurm_env(),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
