@@ -177,3 +177,60 @@ def test_torchrun_c10d_rendezvous_of_two_nodes(job):
     assert [p.returncode for p in nodes] == [0, 0], outputs
     assert "--rdzv_backend=c10d" in outputs[0]
     assert _losses(out) == baseline
+
+
+def _template(name: str, folder: Path) -> Path:
+    """A copy of ``tools/slurm/NAME`` for this one-node CPU cluster: its GPU request dropped
+    (the local node has no GPUs); everything else as shipped."""
+    text = (ROOT / "tools" / "slurm" / name).read_text()
+    copy = folder / name
+    copy.write_text(text.replace("#SBATCH --gpus-per-node", "##SBATCH --gpus-per-node"))
+    return copy
+
+
+def _sbatch(script: Path, env: dict[str, str], *options: str) -> subprocess.CompletedProcess:
+    return _run(["sbatch", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1",
+                 f"--output={script.parent}/slurm-%j.out", *options, str(script)], env)  # fmt: skip
+
+
+def test_train_template(job, slurm):
+    tmp, path, _, baseline = job
+    out = tmp / "template-train"
+    folder = tmp / "templates"
+    folder.mkdir(exist_ok=True)
+    env = _env(SLURM_CONF=slurm, CONFIGS=str(path), REPO=str(ROOT),
+               VENV=str(Path(sys.executable).parent.parent),
+               OVERRIDES=f"logging.dir={out} launcher.master_port={free_port()}")  # fmt: skip
+    _sbatch(_template("train.sbatch", folder), env)
+    assert _losses(out) == baseline
+
+
+def test_preprocess_and_precompute_templates(job, slurm, tiny_tokenizer_dir):
+    tmp, path, _, _ = job
+    folder = tmp / "templates"
+    folder.mkdir(exist_ok=True)
+    venv = str(Path(sys.executable).parent.parent)
+    base = _env(SLURM_CONF=slurm, REPO=str(ROOT), VENV=venv)
+    env = {**base, "INPUT": str(tmp / "train.jsonl"), "OUTPUT": str(tmp / "pre" / "pairs"),
+           "TOKENIZER": str(tiny_tokenizer_dir), "FORMAT": "pairwise",
+           "ARGS": f"--chat-template {tmp / 'chatml.jinja'}"}  # fmt: skip
+    _sbatch(_template("preprocess.sbatch", folder), env, "--ntasks-per-node=1", "--cpus-per-task=2")
+    assert (tmp / "pre" / "pairs.idx").is_file() and (tmp / "pre" / "pairs.meta.json").is_file()
+    cache = tmp / "ref-cache"
+    env = {**base, "CONFIGS": str(path), "CACHE": str(cache),
+           "OVERRIDES": f"launcher.master_port={free_port()}"}  # fmt: skip
+    _sbatch(_template("precompute_reference.sbatch", folder), env)
+    assert any(cache.iterdir())
+
+
+def test_mpi4py_reads_what_mpirun_leaves_out(mpirun):
+    """Real MPI: with Open MPI's local-rank variables removed, mpi4py gives the local rank."""
+    pytest.importorskip("mpi4py", reason="needs mpi4py (pip install -e '.[mpi]')")
+    code = (
+        "import os, json; from megatron.training.rank_discovery import discover; "
+        "e = {k: v for k, v in os.environ.items() if 'LOCAL' not in k}; d = discover(e, cuda=False); "
+        "print('RESULT', json.dumps([d.source, d.rank, d.world_size, d.local_rank, d.local_world_size]))"
+    )
+    r = _run(["mpirun", "-np", "2", sys.executable, "-c", code], _env(**mpirun))
+    rows = sorted(json.loads(x[7:]) for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    assert rows == [["openmpi", 0, 2, 0, 2], ["openmpi", 1, 2, 1, 2]]

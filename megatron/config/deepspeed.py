@@ -14,7 +14,9 @@ from megatron.config.sections import RunConfig
 # DeepSpeed prints every `steps_per_print` steps; we log ourselves.
 _NEVER = 10**12
 # Bucket sizes of DeepSpeed's defaults (elements); large buckets keep communication efficient.
-_BUCKET = 500_000_000
+# Their memory (ZeRO-1/2: two reduction buffers of this many elements; ZeRO-3: one) is in the
+# planner's model (megatron/planner.py).
+BUCKET_ELEMENTS = 500_000_000
 
 
 def _zero_section(stage: int) -> dict[str, Any]:
@@ -25,10 +27,10 @@ def _zero_section(stage: int) -> dict[str, Any]:
         overlap_comm=True,
         contiguous_gradients=True,
         reduce_scatter=True,
-        reduce_bucket_size=_BUCKET,
+        reduce_bucket_size=BUCKET_ELEMENTS,
     )
     if stage in (1, 2):
-        zero.update(allgather_partitions=True, allgather_bucket_size=_BUCKET)
+        zero.update(allgather_partitions=True, allgather_bucket_size=BUCKET_ELEMENTS)
     if stage == 3:
         # Save consolidated 16-bit weights so checkpoints convert without a ZeRO-3 gather step.
         zero["stage3_gather_16bit_weights_on_model_save"] = True

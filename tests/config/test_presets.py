@@ -19,7 +19,7 @@ def test_expected_presets_exist():
     expected = {
         "tiny", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b",
         "pythia-6.9b", "pythia-12b", "llama2-7b", "llama2-13b", "llama3-8b", "llama3.1-8b",
-        "mistral-7b", "qwen2-7b",
+        "llama3-70b", "mistral-7b", "qwen2-7b",
     }  # fmt: skip
     assert expected <= names
 
