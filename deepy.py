@@ -27,7 +27,8 @@ which checkpoints at the end of its step and exits (``megatron/training/signals.
 :data:`STOP_GRACE_S` or on a second signal. The launcher runs in a session of its own (a terminal's Ctrl-C reaches only
 ``deepy.py``, which forwards it) with a parent-death signal, so a SIGKILL of ``deepy.py`` reaches
 it as SIGTERM; ranks on this machine watch ``deepy.py`` themselves too. ``srun`` and ``mpirun``
-forward the stop to ranks on other nodes.
+get the stop as SIGUSR1 and pass it to every rank on every node (SIGTERM would make them end the
+job after their own short grace).
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def _signal_all(procs: list, signum: int) -> None:
             pass
 
 
-def run_launcher(cmd: list[str], env: dict[str, str], local: bool = True) -> int:
+def run_launcher(
+    cmd: list[str], env: dict[str, str], local: bool = True, relay: int | None = None
+) -> int:
     """Run the launcher ``cmd``, forward SIGTERM/SIGINT/SIGUSR1 to its ranks, wait for it all.
 
     Args:
@@ -117,6 +120,9 @@ def run_launcher(cmd: list[str], env: dict[str, str], local: bool = True) -> int
         env: its environment.
         local: every rank runs on this machine: they watch this process's pid (on other
             nodes that pid means nothing, and ``srun`` / ``mpirun`` end their tasks themselves).
+        relay: send a stop to the launcher as this signal, for it to pass on to every rank
+            (``srun`` and ``mpirun`` relay SIGUSR1 but end the job on SIGTERM); None: signal
+            the ranks directly.
 
     Returns:
         The ranks' exit status when the launcher failed because ranks exited non-zero (the
@@ -127,7 +133,7 @@ def run_launcher(cmd: list[str], env: dict[str, str], local: bool = True) -> int
     if local:
         env[LAUNCHER_PID_ENV] = str(os.getpid())
     try:
-        code = _run_tree(cmd, env)
+        code = _run_tree(cmd, env, relay)
         ranks = recorded_exit_statuses(exit_dir)
     finally:
         shutil.rmtree(exit_dir, ignore_errors=True)
@@ -143,7 +149,7 @@ def run_launcher(cmd: list[str], env: dict[str, str], local: bool = True) -> int
     return code
 
 
-def _run_tree(cmd: list[str], env: dict[str, str]) -> int:
+def _run_tree(cmd: list[str], env: dict[str, str], relay: int | None = None) -> int:
     """Start ``cmd`` in a session of its own and wait for it and every rank it started."""
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, preexec_fn=set_parent_death_signal
@@ -162,8 +168,10 @@ def _run_tree(cmd: list[str], env: dict[str, str]) -> int:
                 flush=True,
             )
             launchers, ranks = _tree(proc.pid)
+            if relay is not None:
+                _signal_all([psutil_process(proc.pid)], relay)
             # no ranks yet (still starting): the launcher's session holds everything there is
-            if ranks:
+            elif ranks:
                 _signal_all(ranks, signal.SIGTERM)
             else:
                 _signal_all(launchers, signal.SIGTERM)
@@ -189,6 +197,16 @@ def _run_tree(cmd: list[str], env: dict[str, str]) -> int:
         time.sleep(0.2)
     code = proc.returncode
     return 128 - code if code < 0 else code
+
+
+def psutil_process(pid: int):
+    """The psutil handle of ``pid`` (None when it is gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _running(p) -> bool:
@@ -269,7 +287,8 @@ def main(argv: list[str]) -> int:
         return 2
     from megatron.training.preflight import preflight
 
-    problems = preflight(cfg)
+    # tools/precompute_reference.py writes reference.cache: nothing there to check yet
+    problems = preflight(cfg, writes_cache=Path(script).name == "precompute_reference.py")
     if problems:
         print(
             "cannot start (nothing launched):\n" + "\n".join(f"  {p}" for p in problems),
@@ -304,7 +323,7 @@ def main(argv: list[str]) -> int:
     print("launching: " + " ".join(launch.cmd), flush=True)
     if dry:
         return 0
-    return run_launcher(launch.cmd, env, local=launch.local)
+    return run_launcher(launch.cmd, env, local=launch.local, relay=launch.relay)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ split over TP, norms and row-parallel biases are replicated. With PP the largest
 
 **Model states** (bytes per parameter ``Ψ`` of the rank; ZeRO, Rajbhandari et al. 2020,
 arXiv:1910.02054, §3, with DeepSpeed 0.19's buffers): weights ``d Ψ`` (``d`` = 2 for bf16/fp16,
-4 for fp32; ZeRO-3 divides by the data-parallel size ``N_d``), gradients ``d Ψ`` (ZeRO-2/3:
-``/ N_d``), and the optimizer's partition (``/ N_d``; not partitioned only for fp32 without ZeRO,
+4 for fp32; ZeRO-3 divides by the data-parallel size ``N_d``), gradients ``d Ψ`` at ZeRO-0/1
+(at ZeRO-2/3 each reduction bucket goes straight into the fp32 gradient partition below), and
+the optimizer's partition (``/ N_d``; not partitioned only for fp32 without ZeRO,
 where torch's AdamW steps the weights themselves): Adam's two fp32 moments ``8 Ψ`` plus, whenever
 DeepSpeed keeps its own fp32 copy (any ZeRO stage, or 16-bit weights), fp32 master weights
 ``4 Ψ`` and fp32 gradients ``4 Ψ``. So fp32 ZeRO-0 is ``16 Ψ``; 16-bit ZeRO-1 at ``N_d = 1`` is
@@ -49,7 +50,9 @@ saved-tensor bytes measured on the model exactly (``tests/test_planner.py``). Wi
 activation checkpointing (``model.activation_checkpointing``) a layer keeps only its input ``d h``
 and one layer's activations exist again during its recomputation. A pipeline stage holds the
 activations of ``min(pp, micro-batches)`` micro-batches in flight (1F1B; Narayanan et al. 2021,
-arXiv:2104.04473). The chunked log-prob kernel (``megatron/parallel/cross_entropy.py``) about three fp32 ``[chunk, v/p]`` temporaries of
+arXiv:2104.04473). A reference model is a frozen copy of the rank's weights (``d Ψ``); with PP the
+reference comes from a precomputed cache (``reference.source: cache``), which holds no GPU
+memory. The chunked log-prob kernel (``megatron/parallel/cross_entropy.py``) about three fp32 ``[chunk, v/p]`` temporaries of
 256 MiB each at most.
 
 **Throughput**: model FLOPs per trained token ``6 N + 12 L n hn s`` (Chowdhery et al. 2022,
@@ -75,8 +78,9 @@ LOGPROB_CHUNK_BYTES = 256 * 2**20
 """The chunked log-prob kernel's chunk of fp32 logits (``cross_entropy._CHUNK_BYTES``)."""
 LOGPROB_TEMPORARIES = 3
 """fp32 ``[chunk, v/p]`` tensors alive at once in a chunk (logits, their exp, the gradient)."""
-PREFETCH_ELEMENTS = 50_000_000
-"""DeepSpeed's ``stage3_prefetch_bucket_size`` default (ZeRO-3 gathers ahead this much)."""
+MAX_LIVE_ELEMENTS = 1_000_000_000
+"""DeepSpeed's ``stage3_max_live_parameters`` default: ZeRO-3 keeps up to this many gathered
+weights resident before releasing them."""
 
 
 @dataclass(frozen=True)
@@ -222,11 +226,12 @@ def activation_bytes_per_token(
     return norms + linear_inputs + attn + mlp + dropout
 
 
-def outside_layers_bytes_per_token(m: Any, d: int, mask_bytes: int = 1) -> float:
+def outside_layers_bytes_per_token(m: Any, d: int, mask_bytes: int = 1, tp: int = 1) -> float:
     """Bytes kept per token outside the layers: token ids (int64), the embedding's dropout mask,
-    rotary ``cos``/``sin``, the final norm, the output layer's input and its fp32 ``log Z``."""
+    rotary ``cos``/``sin``, the final norm, the output layer's input and its fp32 ``log Z`` (with
+    TP also each target's index in this rank's vocabulary shard, int64, and whether it is there)."""
     rotary = 2 * d * _rotary_dims(m)
-    head = _norm_bytes(m, d, m.hidden_size) + d * m.hidden_size + 4
+    head = _norm_bytes(m, d, m.hidden_size) + d * m.hidden_size + 4 + (9 if tp > 1 else 0)
     dropout = mask_bytes * m.hidden_size if m.hidden_dropout > 0 else 0
     return 8 + dropout + rotary + head
 
@@ -248,7 +253,7 @@ def activations(m: Any, work: Workload, grid: Grid, accumulation: int) -> float:
         stored = layers * d * h * tokens * in_flight + per_layer
     else:
         stored = layers * per_layer * in_flight
-    return stored + outside_layers_bytes_per_token(m, d, mask) * tokens
+    return stored + outside_layers_bytes_per_token(m, d, mask, grid.tp) * tokens
 
 
 def logprob_buffers(m: Any, work: Workload, grid: Grid) -> float:
@@ -272,8 +277,8 @@ def zero_buffers(m: Any, d: int, psi: int, grid: Grid, first_touch: bool = False
     ``stage3.py``): ZeRO-1/2 with ``contiguous_gradients`` and ``overlap_comm`` (ours,
     ``megatron/config/deepspeed.py``) allocate two reduction buffers of ``reduce_bucket_size``
     elements each step — fp32 at ZeRO-1 (it stages the fp32 accumulator), the weights' dtype at
-    ZeRO-2; ZeRO-3 one such buffer plus the weights it gathers at a time (the largest tensor and
-    the prefetch bucket).
+    ZeRO-2; ZeRO-3 one such buffer plus the gathered weights it keeps resident
+    (``stage3_max_live_parameters``, 1e9 elements, or the whole rank's model if smaller).
 
     Args:
         first_touch: count only the pages written (a CPU's resident memory: ``torch.empty``
@@ -285,8 +290,8 @@ def zero_buffers(m: Any, d: int, psi: int, grid: Grid, first_touch: bool = False
         elements = min(psi, 2 * bucket) if first_touch else 2 * bucket
         return elements * nbytes
     if grid.zero == 3:
-        staging = min(psi / grid.dp, bucket) if first_touch else bucket
-        gathered = _largest_tensor(m, grid.tp) + min(PREFETCH_ELEMENTS, psi)
+        staging = min(psi, bucket) if first_touch else bucket  # unreduced: the full gradients
+        gathered = min(psi, max(MAX_LIVE_ELEMENTS, _largest_tensor(m, grid.tp)))
         return (staging + gathered) * d
     return 0.0
 
@@ -300,7 +305,9 @@ def memory(m: Any, work: Workload, grid: Grid, first_touch: bool = False) -> Mem
     part = grid.dp if (grid.zero >= 1 or sixteen) else 1
     fp32_copy = grid.zero >= 1 or sixteen
     weights = d * psi / (grid.dp if grid.zero == 3 else 1)
-    gradients = d * psi / (grid.dp if grid.zero >= 2 else 1)
+    # ZeRO-2/3 reduce each bucket into the fp32 gradient partition (counted with the optimizer):
+    # no gradient of the weights' dtype outlives its bucket
+    gradients = d * psi if grid.zero <= 1 else 0.0
     optimizer = (8 + (8 if fp32_copy else 0)) * psi / part
     per_rank_rows = max(work.global_batch // grid.dp, 1)
     accumulation = max(per_rank_rows // grid.micro_batch, 1)
@@ -316,7 +323,8 @@ def memory(m: Any, work: Workload, grid: Grid, first_touch: bool = False) -> Mem
         optimizer=optimizer,
         activations=activations(m, work, grid, accumulation),
         logprob_buffers=logprob_buffers(m, work, grid),
-        reference=d * psi if work.reference_model else 0.0,
+        # with PP the reference comes from a precomputed cache (validate refuses a model)
+        reference=d * psi if work.reference_model and grid.pp == 1 else 0.0,
         kv_cache=kv,
         optimizer_step=4 * psi / part,
         zero_buffers=zero_buffers(m, d, psi, grid, first_touch),

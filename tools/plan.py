@@ -107,13 +107,15 @@ def main(argv: list[str]) -> int:
     if not fits:
         print("  none: more GPUs, larger ones, or a shorter seq_length / smaller model")
         return 0
-    head = "  grid                                total  weights  grads  optim   activ  speed  tokens/s"
+    head = ("  grid                                 peak weights  grads  optim   ZeRO    ref  activ"
+            "  speed  tokens/s")  # fmt: skip
     print(head)
     for f in fits[: args.top]:
         g, mm = f.grid, f.memory
         print(
-            f"  {g.describe():<34}{mm.total / GiB:7.1f}{mm.weights / GiB:9.1f}"
-            f"{mm.gradients / GiB:7.1f}{mm.optimizer / GiB:7.1f}{mm.activations / GiB:8.1f}"
+            f"  {g.describe():<34}{mm.total / GiB:7.1f}{mm.weights / GiB:8.1f}"
+            f"{mm.gradients / GiB:7.1f}{mm.optimizer / GiB:7.1f}{mm.zero_buffers / GiB:7.1f}"
+            f"{mm.reference / GiB:7.1f}{(mm.activations + mm.logprob_buffers) / GiB:7.1f}"
             f"{f.speed:7.2f}{tps * f.speed:10,.0f}"
         )
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,12 +52,16 @@ class Launch:
         env: variables to set for it (on top of ``deepy.py``'s environment).
         unset: variables to remove from it.
         local: every rank runs on this machine (``deepy.py`` may watch and signal them directly).
+        relay: the signal that asks the launcher to pass a stop on to every rank (``srun`` and
+            Open MPI's ``mpirun`` relay SIGUSR1 to their tasks but end the job on SIGTERM, after
+            a grace too short for a large checkpoint); None: ``deepy.py`` signals the ranks.
     """
 
     cmd: list[str]
     env: dict[str, str] = field(default_factory=dict)
     unset: tuple[str, ...] = ()
     local: bool = True
+    relay: int | None = None
 
 
 def parse_hostfile(path: str) -> list[tuple[str, int]]:
@@ -220,6 +225,7 @@ def _srun(
         env=env,
         unset=unset,
         local=la.num_nodes == 1,
+        relay=signal.SIGUSR1,
     )
 
 
@@ -275,6 +281,7 @@ def _mpirun(la: Any, nproc: int, flavour: str, script: str, args: list[str]) -> 
         env=env,
         unset=RANK_ONLY_VARS,
         local=hosts is None or all(_is_local(h) for h, _ in hosts[: la.num_nodes]),
+        relay=signal.SIGUSR1,
     )
 
 

@@ -23,7 +23,9 @@ from megatron.training.checkpointing import LATEST, CheckpointError, resolve_che
 from megatron.training.reference import check_cache, expected_cache_key
 
 
-def preflight(cfg: Any, fingerprints: bool = True, checksums: bool = True) -> list[str]:
+def preflight(
+    cfg: Any, fingerprints: bool = True, checksums: bool = True, writes_cache: bool = False
+) -> list[str]:
     """Problems with the run's files, each ``dotted.key: message``; empty when all is well.
 
     Args:
@@ -33,6 +35,8 @@ def preflight(cfg: Any, fingerprints: bool = True, checksums: bool = True) -> li
             ``deepy.py`` does it once before launching; the ranks' trainer checks it again).
         checksums: also compare the checkpoint's files with their manifest sha256 (sizes are
             always compared): a full read of the checkpoint, so once per launch, not per rank.
+        writes_cache: ``reference.cache`` is what the launched program writes
+            (``tools/precompute_reference.py``), not a cache to check.
     """
     problems = []
     local = cfg.launcher.num_nodes == 1 and not cfg.launcher.hostfile
@@ -57,7 +61,7 @@ def preflight(cfg: Any, fingerprints: bool = True, checksums: bool = True) -> li
             )
     except DatasetError as e:
         problems.append(f"data: {e}")
-    if fingerprints and reference_source(cfg) == "cache":
+    if fingerprints and not writes_cache and reference_source(cfg) == "cache":
         try:
             check_cache(cfg.reference.cache, expected_cache_key(cfg, objective))
         except CheckpointError as e:

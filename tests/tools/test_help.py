@@ -13,7 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = sorted(
     str(p.relative_to(ROOT))
-    for pattern in ("train.py", "deepy.py", "tools/*.py", "tools/ckpts/*.py", "tools/bench/*.py")
+    for pattern in (
+        "train.py",
+        "deepy.py",
+        "tools/*.py",
+        "tools/ckpts/*.py",
+        "tools/bench/*.py",
+        "tools/slurm/*.py",
+    )
     for p in ROOT.glob(pattern)
     if not p.name.startswith("_")
 )

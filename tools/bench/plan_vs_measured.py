@@ -3,12 +3,16 @@
 
 For each case a fresh job (one process, or two under torchrun for data parallelism) trains a
 ~155 M-parameter Llama-style model (h 1024, 8 layers, 16 heads / 4 kv heads, ffn 2816, vocab
-32000, untied) for 2 steps on random tokens (``lm`` objective), with DeepSpeed on its CPU
+32000, untied) for 2 steps on random tokens (``lm`` objective; the bf16 case on rows of 128
+tokens: bf16 products are slow on CPUs without bf16 units), with DeepSpeed on its CPU
 accelerator. Each rank reads its resident memory (RSS) after imports and the config (the
 baseline), after the trainer is built, and its peak (``ru_maxrss``) after the steps; "measured"
 is the peak minus the baseline. What the planner cannot see on CPU — the CUDA context, NCCL
 buffers, allocator fragmentation — is absent here as well; what RSS sees beyond the model (data
-loader, DeepSpeed's own buffers, page-cache of the dataset) shows up as the error.
+loader, DeepSpeed's own buffers) shows up as the error. Blocks of 64 KiB and more are mapped on
+their own (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave RSS, and DeepSpeed's buffers
+count as the pages written (``planner.memory(first_touch=True)``): a CPU makes resident only the
+pages a program touches, where a GPU allocates the whole buffer.
 
     python tools/bench/plan_vs_measured.py [--cases all|NAME,...] [--steps 2]
 
@@ -37,13 +41,14 @@ MODEL = {
     "max_position_embeddings": 1024, "norm": "rmsnorm", "activation": "swiglu",
 }  # fmt: skip
 CASES = {
-    # name: (precision, zero, data-parallel ranks, micro-batch, activation checkpointing)
-    "fp32-zero0": ("fp32", 0, 1, 2, False),
-    "fp32-zero0-ckpt": ("fp32", 0, 1, 2, True),
-    "fp32-zero1": ("fp32", 1, 1, 2, False),
-    "bf16-zero1": ("bf16", 1, 1, 2, False),
-    "fp32-zero2-dp2": ("fp32", 2, 2, 2, False),
-    "fp32-zero3-dp2": ("fp32", 3, 2, 2, False),
+    # name: (precision, zero, data-parallel ranks, micro-batch, activation checkpointing, seq)
+    "fp32-zero0": ("fp32", 0, 1, 2, False, 512),
+    "fp32-zero0-ckpt": ("fp32", 0, 1, 2, True, 512),
+    "fp32-zero1": ("fp32", 1, 1, 2, False, 512),
+    "fp32-zero2-dp2": ("fp32", 2, 2, 2, False, 512),
+    "fp32-zero3-dp2": ("fp32", 3, 2, 2, False, 512),
+    # bf16 matrix products are slow on CPUs without bf16 units: short rows, the model states
+    "bf16-zero1": ("bf16", 1, 1, 1, False, 128),
 }
 SEQ = 512
 
@@ -59,11 +64,11 @@ def _maxrss() -> int:
 
 
 def _config(work: Path, case: str, steps: int) -> dict:
-    precision, zero, dp, mb, ckpt = CASES[case]
+    precision, zero, dp, mb, ckpt, seq = CASES[case]
     return {
         "model": {**MODEL, "activation_checkpointing": ckpt},
         "parallel": {"zero_stage": zero},
-        "data": {"train": [{"path": str(work / "tokens")}], "seq_length": SEQ},
+        "data": {"train": [{"path": str(work / "tokens")}], "seq_length": seq},
         "objective": {"name": "lm"},
         "optimizer": {"lr": 1e-4},
         "training": {"train_iters": steps, "micro_batch_size": mb, "global_batch_size": mb * dp,
@@ -134,7 +139,8 @@ def worker(case: str, work: Path, steps: int) -> None:
         "peak": peak - base,
         "predicted": dict(mem.rows()),
     }
-    print("RESULT " + json.dumps(out), flush=True)
+    # a file per rank: two ranks printing at once interleave their lines
+    (work / f"{case}.rank{out['rank']}.json").write_text(json.dumps(out))
     sys.stdout.flush()
     os._exit(0)  # why: see train.py (exit-time aborts of gloo/DeepSpeed)
 
@@ -154,12 +160,14 @@ def run_case(case: str, work: Path, steps: int, glibc_default: bool = False) -> 
         env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     me = [__file__, "--worker", case, "--work", str(work), "--steps", str(steps)]
     if dp > 1:
+        from megatron.training.distributed import free_port
+
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={dp}",
-               "--master_port=0", *me]  # fmt: skip
+               f"--master_port={free_port()}", *me]  # fmt: skip
     else:
         cmd = [sys.executable, *me]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    rows = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    rows = [json.loads(p.read_text()) for p in sorted(work.glob(f"{case}.rank*.json"))]
     if proc.returncode or not rows:
         raise RuntimeError(f"{case} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return rows
@@ -186,7 +194,8 @@ def main() -> None:
         work = Path(tmp)
         _write_tokens(work / "tokens")
         print(
-            f"model: {MODEL}; seq {SEQ}; CPU, DeepSpeed CPU accelerator; peak RSS - baseline per rank"
+            f"model: {MODEL}; rows of 512 tokens (bf16: 128); CPU, DeepSpeed CPU accelerator; "
+            "peak RSS - baseline per rank"
         )
         head = (f"{'case':<18}{'weights':>8}{'grads':>7}{'optim':>7}{'ZeRO':>6}{'activ':>7}{'logp':>6}"
                 f"{'pred':>7}{'measured':>9}{'error':>8}{'act model/hooks':>17}")  # fmt: skip
