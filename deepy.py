@@ -169,7 +169,7 @@ def _run_tree(cmd: list[str], env: dict[str, str], relay: int | None = None) -> 
             )
             launchers, ranks = _tree(proc.pid)
             if relay is not None:
-                _signal_all([psutil_process(proc.pid)], relay)
+                proc.send_signal(relay)
             # no ranks yet (still starting): the launcher's session holds everything there is
             elif ranks:
                 _signal_all(ranks, signal.SIGTERM)
@@ -197,16 +197,6 @@ def _run_tree(cmd: list[str], env: dict[str, str], relay: int | None = None) -> 
         time.sleep(0.2)
     code = proc.returncode
     return 128 - code if code < 0 else code
-
-
-def psutil_process(pid: int):
-    """The psutil handle of ``pid`` (None when it is gone)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None
 
 
 def _running(p) -> bool:
@@ -268,12 +258,8 @@ def main(argv: list[str]) -> int:
     gpus = _gpu_count()
     try:
         probe = load_config(files, overrides)
-        sbatch_nproc = probe.launcher.nproc_per_node or probe.launcher.gpus_per_node or 1
-        world = (
-            sbatch_nproc * probe.launcher.num_nodes
-            if sbatch
-            else world_size(probe.launcher, os.environ, gpus)
-        )
+        # --sbatch: the job's ranks, counted as outside any allocation (sbatch_script does too)
+        world = world_size(probe.launcher, {} if sbatch else os.environ, 0 if sbatch else gpus)
         cfg = load_config(files, overrides, world_size=world)
     except ConfigError as e:
         print(f"config error (nothing launched):\n{e}", file=sys.stderr)

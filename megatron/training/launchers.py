@@ -348,7 +348,7 @@ def sbatch_script(
     it and it forwards the stop to every rank (they checkpoint before the time limit).
     """
     la = cfg.launcher
-    nproc = la.nproc_per_node or la.gpus_per_node or 1
+    nproc = nproc_per_node(la, {}, gpus=0)  # outside an allocation: the config decides
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={la.job_name}",

@@ -388,10 +388,13 @@ def discover(
         and found.world is not None
         and (found.local_size < found.world)
     )
+    no_address = "MASTER_ADDR" not in environ and found.addr is None
     needs_mpi = found.source != "slurm" and (
         found.world is None
         or (found.local is None and (found.world or 2) > 1)
-        or (multi_node and "MASTER_ADDR" not in environ and found.addr is None)
+        or (multi_node and no_address)
+        # how many nodes is unknown: only MPI can say whether the loopback address will do
+        or (found.local_size is None and (found.world or 2) > 1 and no_address)
     )
     _check(found, r, final=False)
     if needs_mpi and not r.problems:
@@ -402,7 +405,7 @@ def discover(
             missing = (
                 "world size"
                 if found.world is None
-                else ("local rank" if found.local is None else "rank 0's host (several nodes)")
+                else ("local rank" if found.local is None else "rank 0's host")
             )
             raise LaunchEnvError(
                 f"{found.source} started this process ({found.evidence or 'no size'}) without "

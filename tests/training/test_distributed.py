@@ -193,6 +193,13 @@ def test_without_mpi4py_the_missing_piece_is_named():
         discover({"PMIX_RANK": "1"}, cuda=False, mpi=no_mpi)
     with pytest.raises(LaunchEnvError, match=r"mpich .*local rank.*mpi4py"):
         discover({"PMI_SIZE": "3", "PMI_RANK": "1"}, cuda=False, mpi=no_mpi)
+    # no count of the ranks per node: one node or several? only MPI can say
+    hydra = {"PMI_SIZE": "8", "PMI_RANK": "5", "MPI_LOCALRANKID": "1"}
+    with pytest.raises(LaunchEnvError, match=r"rank 0's host.*MASTER_ADDR"):
+        discover(hydra, cuda=False, mpi=no_mpi)
+    two_nodes = {"rank": 5, "world": 8, "local": 1, "local_size": 4, "addr": "10.1.0.7"}
+    env = discover(hydra, cuda=False, mpi=lambda: two_nodes)
+    assert (env.node_rank, env.local_world_size, env.master_addr) == (1, 4, "10.1.0.7")
 
 
 def test_mpi_launchers_inside_a_slurm_step():
