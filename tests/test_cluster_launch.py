@@ -249,8 +249,9 @@ def test_a_stop_reaches_the_ranks_through_srun(job, slurm):
            "launcher.type=slurm", f"launcher.master_port={free_port()}",
            "training.train_iters=100000", f"checkpoint.save={save}",
            f"logging.dir={tmp / 'stop-logs'}"]  # fmt: skip
+    # a session of its own: nothing Slurm signals reaches pytest's process group
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(SLURM_CONF=slurm), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     lines = []
     try:
         for line in proc.stdout:

@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 DAEMONS = ("slurmctld", "slurmd")
+_STARTED: dict[str, subprocess.Popen] = {}
+"""The daemons this process started, by pid file: ``stop`` waits for them (no zombie whose
+number a new process could take)."""
 REQUIRED = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "sinfo", "scontrol")
 
 
@@ -156,7 +159,9 @@ def start(folder: Path, timeout_s: float = 60.0) -> Path:
             stderr=log,
             start_new_session=True,
         )
-        (folder / f"{daemon}.started").write_text(str(proc.pid))
+        marker = folder / f"{daemon}.started"
+        marker.write_text(str(proc.pid))
+        _STARTED[str(marker)] = proc
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if _idle(env):
@@ -168,21 +173,45 @@ def start(folder: Path, timeout_s: float = 60.0) -> Path:
     )
 
 
+def _is_daemon(pid: int, daemon: str) -> bool:
+    """Whether ``pid`` still runs ``daemon`` (a pid read from a file may have been reused)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return daemon in f.read().decode(errors="replace")
+    except OSError:
+        return False
+
+
 def stop(folder: Path) -> None:
-    """End the daemons :func:`start` started in ``folder`` (munged is left running)."""
+    """End the daemons :func:`start` started in ``folder`` (munged is left running).
+
+    A daemon this process started is terminated and waited for (SIGKILL after 10 s); one started
+    by another process (``local_cluster.py stop``) is signalled only while its pid still runs it.
+    """
     for daemon in DAEMONS:
         marker = Path(folder) / f"{daemon}.started"
         if not marker.exists():
             continue
-        try:
-            pid = int(marker.read_text())
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(50):
-                os.kill(pid, 0)
+        proc = _STARTED.pop(str(marker), None)
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        else:
+            try:
+                pid = int(marker.read_text())
+            except ValueError:
+                pid = 0
+            for _ in range(100):
+                if not pid or not _is_daemon(pid, daemon):
+                    break
+                os.kill(pid, signal.SIGTERM if _ == 0 else 0)
                 time.sleep(0.1)
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
+            else:
+                os.kill(pid, signal.SIGKILL)
         marker.unlink(missing_ok=True)
 
 
