@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,8 +125,6 @@ def world_size(la: Any, environ: Mapping[str, str], gpus: int) -> int:
 
 
 def _is_local(host: str) -> bool:
-    import socket
-
     return host in LOCAL_HOSTS or host == socket.gethostname().split(".")[0]
 
 
@@ -135,10 +134,6 @@ def _needs_address(la: Any, what: str) -> None:
             f"launcher.master_addr ({la.master_addr}) must be the address of node 0 that the "
             f"other nodes can reach when launcher.num_nodes is {la.num_nodes} ({what})"
         )
-
-
-def _user_args(files: Sequence[str], overrides: Sequence[str]) -> list[str]:
-    return [*files, *overrides]
 
 
 def _torchrun(la: Any, nproc: int, script: str, args: list[str]) -> Launch:
@@ -313,7 +308,7 @@ def launch_command(
     """
     la = cfg.launcher
     nproc = nproc_per_node(la, environ, gpus)
-    args = _user_args(files, overrides)
+    args = [*files, *overrides]
     if la.type == "deepspeed":
         return _deepspeed(la, nproc, gpus, script, args)
     if la.type == "slurm":
