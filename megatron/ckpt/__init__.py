@@ -10,9 +10,12 @@
   DeepSpeed-compatibly and read back from any ZeRO stage (ZeRO-3 through DeepSpeed's
   ``zero_to_fp32``), resharded to another TP size on the fly.
 * :mod:`megatron.ckpt.convert`: the three conversions behind ``tools/ckpts/`` (see its README).
+* :mod:`megatron.ckpt.run_tokenizer`: the run's tokenizer and chat template that a native ->
+  Hugging Face export carries.
 
 This package sits below :mod:`megatron.training` (whose checkpointing reads and writes through
-it) and above :mod:`megatron.config`; submodules are imported explicitly.
+it) and above :mod:`megatron.config` (``run_tokenizer`` also reads :mod:`megatron.data`'s
+dataset metadata); submodules are imported explicitly.
 """
 
 

@@ -53,6 +53,7 @@ from megatron.ckpt.hf_io import (
     SafetensorsWriter,
     check_tokenizer_vocab,
     copy_hf_extras,
+    copy_tokenizer,
     read_hf_config,
 )
 from megatron.ckpt.hf_mapping import (
@@ -70,6 +71,11 @@ from megatron.ckpt.native import (
     read_model_shards,
     write_layer_states,
     write_model_states,
+)
+from megatron.ckpt.run_tokenizer import (
+    is_tokenizer_dir,
+    tokenizer_special_ids,
+    write_chat_template,
 )
 from megatron.config import ModelConfig
 from megatron.utils import atomic_write_json, atomic_write_text
@@ -303,6 +309,7 @@ def build_hf_config(
     arch: str,
     template: Mapping[str, Any] | None = None,
     pad_token_id: int | None = None,
+    token_ids: Mapping[str, int | None] | None = None,
 ) -> Any:
     """A transformers config for ``args`` as ``arch``, keeping a template's other fields.
 
@@ -315,6 +322,8 @@ def build_hf_config(
         template: a ``config.json`` (e.g. the source model's) whose non-architectural fields
             (token ids, ...) are kept when its ``model_type`` is ``arch``.
         pad_token_id: a reward model's ``pad_token_id`` (None: none is written).
+        token_ids: ``bos_token_id``/``eos_token_id``/``pad_token_id`` (the tokenizer's), used
+            when no template is (instead of transformers' per-architecture defaults).
 
     Raises:
         ConversionError: ``arch`` cannot express ``args``, or the built config would map back
@@ -329,6 +338,8 @@ def build_hf_config(
     base = {}
     if template and template.get("model_type") == arch:
         base = {k: v for k, v in template.items() if k not in _TEMPLATE_DROP}
+    elif token_ids:
+        kw.update(token_ids)
     if NEOX_ACTIVATIONS.get(base.get("hidden_act")) == args.activation:
         kw["hidden_act"] = base["hidden_act"]  # e.g. keep gelu_new: same function, same kernel
     if args.head == "value":
@@ -434,6 +445,8 @@ def convert_native_to_hf(
     config: Mapping[str, Any],
     arch: str | None = None,
     extras_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+    chat_template: str | None = None,
     dtype: str | None = None,
     fp32_master: bool = False,
     max_shard_bytes: int = 5 * 2**30,
@@ -454,7 +467,14 @@ def convert_native_to_hf(
         arch: target ``model_type``; default the template's, else inferred
             (:func:`~megatron.ckpt.hf_config.infer_architecture`).
         extras_dir: a Hugging Face directory (the source model, or a converted checkpoint's
-            ``hf/``) whose config fields, generation config and tokenizer are carried over.
+            ``hf/``) whose config fields and generation config are carried over.
+        tokenizer_dir: the tokenizer to carry (its files are copied and its vocabulary checked);
+            default ``extras_dir``. When no template ``config.json`` applies (none, or one of
+            another ``model_type``) its bos/eos/pad ids go into ``config.json`` and the
+            generation config (see
+            :func:`megatron.ckpt.run_tokenizer.find_run_tokenizer` for finding the run's).
+        chat_template: a Jinja chat template to write into the exported tokenizer (see
+            :func:`megatron.ckpt.run_tokenizer.training_chat_template`); None: the tokenizer's.
         dtype: ``fp32``, ``bf16`` or ``fp16``; None keeps the checkpoint's.
         fp32_master: ZeRO 1-2: export the fp32 master weights (see
             :func:`megatron.ckpt.native.read_model_shard`).
@@ -475,13 +495,17 @@ def convert_native_to_hf(
     tag_dir, args = _checkpoint(ckpt, config)
     extras = Path(extras_dir) if extras_dir else None
     template = read_hf_config(extras) if extras and (extras / "config.json").is_file() else None
+    tokenizer = Path(tokenizer_dir) if tokenizer_dir else extras
     arch = arch or (template or {}).get("model_type") or infer_architecture(args)
     pad = None
     if args.head == "value":
-        pad = reward_pad_token_id(pad_token_id, extras, template, args.vocab_size)
-    hf_config = build_hf_config(args, arch, template, pad_token_id=pad)
-    if extras:
-        check_tokenizer_vocab(extras, args.vocab_size)
+        pad = reward_pad_token_id(pad_token_id, tokenizer, template, args.vocab_size)
+    token_ids = None
+    if (template or {}).get("model_type") != arch and is_tokenizer_dir(tokenizer):
+        token_ids = tokenizer_special_ids(tokenizer)
+    hf_config = build_hf_config(args, arch, template, pad_token_id=pad, token_ids=token_ids)
+    if tokenizer:
+        check_tokenizer_vocab(tokenizer, args.vocab_size)
     shards = _read_shards(tag_dir, args, fp32_master)
     out_dtype = DTYPES[dtype] if dtype else shards[0]["embedding.weight"].dtype
     meta = [{k: torch.empty(t.shape, device="meta") for k, t in sd.items()} for sd in shards]
@@ -496,6 +520,10 @@ def convert_native_to_hf(
     hf_config.dtype = out_dtype
     hf_config.save_pretrained(out_dir)
     copied = copy_hf_extras(extras, out_dir, with_config=False) if extras else []
+    if tokenizer and tokenizer != extras:
+        copy_tokenizer(tokenizer, out_dir)  # replaces the template's tokenizer files
+    if chat_template is not None:
+        write_chat_template(out_dir, chat_template)
     if "generation_config.json" not in copied and args.head != "value":
         from transformers import GenerationConfig
 

@@ -282,3 +282,20 @@ def copy_hf_extras(src: str | Path, dst: str | Path, with_config: bool = True) -
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files of ``src`` into ``dst``, removing any other tokenizer's there.
+
+    Returns:
+        The names of the files copied.
+    """
+    src, dst = Path(src), Path(dst)
+    for name in TOKENIZER_FILES:
+        (dst / name).unlink(missing_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -10,10 +10,17 @@ Writes safetensors shards + index, config.json, generation_config.json and the t
 `AutoModelForCausalLM.from_pretrained(OUT)` loads it. A reward model (model.head: value) is
 written as <Arch>ForSequenceClassification (num_labels 1, score.weight, no lm_head; load it with
 `AutoModelForSequenceClassification`) with pad_token_id from --pad-token-id, else the
-tokenizer's pad token, else the template's (see megatron.ckpt.convert.reward_pad_token_id). The config, generation config and tokenizer
-come from --hf-template (the source model, or a converted checkpoint's hf/); default: CKPT/hf,
-else data.tokenizer of the checkpoint's config.yml when that directory holds a config.json.
-The logic lives in megatron/ckpt/convert.py; this file only parses flags and prints.
+tokenizer's pad token, else the template's (see megatron.ckpt.convert.reward_pad_token_id).
+
+The config fields and generation config come from --hf-template (the source model, or a
+converted checkpoint's hf/); default: CKPT/hf, else data.tokenizer of the checkpoint's config.yml
+when that directory holds a config.json. The tokenizer is --tokenizer, else the template's, else
+data.tokenizer, else the one the run's first training dataset was built with (PREFIX.meta.json),
+so a model trained from scratch exports with its tokenizer; without a template, config.json and
+generation_config.json take its bos/eos/pad ids. A chat template the training data was rendered
+with but the tokenizer lacks is written into the export (--chat-template FILE to choose it);
+see megatron/ckpt/run_tokenizer.py. The logic lives in megatron/ckpt/; this file only parses
+flags and prints.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ from megatron.ckpt import ConversionError  # noqa: E402
 from megatron.ckpt.convert import DTYPES, HF_DIR, convert_native_to_hf  # noqa: E402
 from megatron.ckpt.hf_config import SUPPORTED_ARCHITECTURES  # noqa: E402
 from megatron.ckpt.native import read_checkpoint_config  # noqa: E402
+from megatron.ckpt.run_tokenizer import (  # noqa: E402
+    check_recorded_vocab,
+    find_run_tokenizer,
+    training_chat_template,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="model_type; None: the template's, else inferred",
     )
     p.add_argument("--hf-template", metavar="DIR", help="HF dir for config fields and tokenizer")
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer to export; None: the template's, else data.tokenizer, else the training "
+        "data's (PREFIX.meta.json)",
+    )
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja chat template for the exported tokenizer; None: the training data's when "
+        "the tokenizer lacks it",
+    )
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), help="weights dtype; None keeps the stored one"
     )
@@ -86,14 +110,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root, config = read_checkpoint_config(args.ckpt)
         extras = template_dir(root, config, args.hf_template)
-        if extras is None:
-            print("warning: no --hf-template: writing no tokenizer files", file=sys.stderr)
+        tokenizer = find_run_tokenizer(config, extras, args.tokenizer)
+        if tokenizer is None:
+            print(
+                "warning: no tokenizer found (no --tokenizer, no template tokenizer, no "
+                "data.tokenizer directory, none in the training data's PREFIX.meta.json): "
+                "writing no tokenizer files, and config.json keeps transformers' default token "
+                "ids; pass --tokenizer DIR (the directory the data was preprocessed with)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"tokenizer: {tokenizer.path} ({tokenizer.source})")
+            check_recorded_vocab(config, tokenizer.path)
+        tokenizer_dir = tokenizer.path if tokenizer else None
+        chat_template = training_chat_template(config, tokenizer_dir, args.chat_template)
         out = convert_native_to_hf(
             args.ckpt,
             args.out,
             config=config,
             arch=args.arch,
             extras_dir=extras,
+            tokenizer_dir=tokenizer_dir,
+            chat_template=chat_template,
             dtype=args.dtype,
             fp32_master=args.fp32_master,
             max_shard_bytes=int(args.max_shard_size * 2**30),
