@@ -2,6 +2,7 @@
 
     python deepy.py train.py CONFIG.yml [MORE.yml ...] [dotted.key=value ...] [--dry-run]
     python deepy.py --sbatch [--wait] train.py CONFIG.yml ...   # submit a Slurm batch job
+    python deepy.py tools/eval.py CONFIG.yml [key=value ...] -- --tasks T1,T2 [--ckpt DIR ...]
 
 The config is loaded and checked *before* any process starts: an error is reported with its file
 and key and nothing is launched. Then the ``launcher`` section decides how ranks start
@@ -57,6 +58,8 @@ from megatron.utils import atomic_write_text
 STOP_GRACE_S = 120.0
 """Seconds the ranks get to checkpoint and exit after a forwarded signal before the SIGKILL."""
 
+READS_CHECKPOINT_ONLY = frozenset({"eval.py"})
+"""Scripts that only read a checkpoint: the training preflight (data, save dir) is skipped."""
 _LAUNCHER_MODULES = ("tools/torchrun.py", "torch.distributed.run", "deepspeed.launcher")
 
 
@@ -248,6 +251,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     script, rest = argv[0], argv[1:]
+    # a tool's own flags follow `--` (tools/eval.py): passed on to every rank untouched
+    script_args = rest[rest.index("--") :] if "--" in rest else []
+    rest = rest[: len(rest) - len(script_args)]
     if not os.path.isfile(script):
         print(
             f"deepy.py: {script}: no such script (usage: deepy.py train.py CONFIG.yml ...)",
@@ -273,8 +279,14 @@ def main(argv: list[str]) -> int:
         return 2
     from megatron.training.preflight import preflight
 
-    # tools/precompute_reference.py writes reference.cache: nothing there to check yet
-    problems = preflight(cfg, writes_cache=Path(script).name == "precompute_reference.py")
+    # tools/precompute_reference.py writes reference.cache: nothing there to check yet;
+    # tools/eval.py reads a checkpoint only (it reports its own problems on rank 0)
+    name = Path(script).name
+    problems = (
+        []
+        if name in READS_CHECKPOINT_ONLY
+        else preflight(cfg, writes_cache=name == "precompute_reference.py")
+    )
     if problems:
         print(
             "cannot start (nothing launched):\n" + "\n".join(f"  {p}" for p in problems),
@@ -282,12 +294,12 @@ def main(argv: list[str]) -> int:
         )
         return 2
     if sbatch:
-        return _submit(script, files, overrides, cfg, dry, "--wait" in flags)
+        return _submit(script, files, [*overrides, *script_args], cfg, dry, "--wait" in flags)
     try:
         launch = launch_command(
             script,
             files,
-            overrides,
+            [*overrides, *script_args],
             cfg,
             os.environ,
             gpus=gpus,

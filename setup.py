@@ -19,8 +19,10 @@ setup(
     install_requires=_requirements("requirements.txt"),
     extras_require={
         "dev": _requirements("requirements-dev.txt"),
+        "eval": ["lm-eval>=0.4.5,<0.5"],
         "flash": ["flash-attn>=2.6"],
         "mpi": ["mpi4py>=3.1"],
+        "plot": ["matplotlib>=3.8"],
         "tensorboard": ["tensorboard>=2.15"],
         "wandb": ["wandb>=0.17"],
     },

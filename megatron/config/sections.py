@@ -406,6 +406,18 @@ class TrainingConfig:
     """Evaluate every this many iterations (needs ``data.valid``); null: no periodic evaluation."""
     eval_iters: int = 10
     """Batches per evaluation."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the live sharded weights at evaluations (e.g. ``[demo_mc, demo_gen]``; lm-eval's names, the repository's ``configs/eval`` tasks, or YAMLs under ``eval_tasks_include_path``); each task's metrics are logged as ``eval/<task>/<metric>`` with the validation metrics. Needs ``eval_interval``, ``parallel.pipeline`` 1, ``parallel.zero_stage`` <= 2 and a ``model.head: lm`` model; the tokenizer is ``data.tokenizer`` (else the training data's)."""
+    eval_tasks_interval: int | None = None
+    """Run ``eval_tasks`` every this many iterations (a multiple of ``eval_interval``); null: at every evaluation."""
+    eval_tasks_include_path: list[str] = field(default_factory=list)
+    """Directories of your own lm-eval task YAMLs for ``eval_tasks``."""
+    eval_tasks_limit: int | None = None
+    """Evaluate only the first this many documents of each task; null: all."""
+    eval_tasks_num_fewshot: int | None = None
+    """Few-shot examples per prompt; null: each task's default."""
+    eval_tasks_batch_size: int = 8
+    """Rows per forward of ``eval_tasks`` on each data-parallel replica."""
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
     """A step whose loss or gradient norm is NaN/inf on any rank: ``stop`` ends the run (exit status 3) naming the step, the value and the last good checkpoint, before anything is saved for that step; ``skip_step`` drops that optimizer update (weights and optimizer state unchanged; the step still counts and its data is consumed), counts it in the ``skipped_steps`` metric and stops after ``max_consecutive_skips`` in a row. fp16 overflow steps are DeepSpeed's loss scaler's and are not counted."""
     max_consecutive_skips: int = 5
@@ -425,6 +437,10 @@ class TrainingConfig:
         checks.at_least("gradient_clipping", 0)
         checks.at_least("eval_interval", 1)
         checks.at_least("eval_iters", 1)
+        checks.at_least("eval_tasks_interval", 1)
+        checks.at_least("eval_tasks_limit", 1)
+        checks.at_least("eval_tasks_num_fewshot", 0)
+        checks.at_least("eval_tasks_batch_size", 1)
         checks.at_least("max_consecutive_skips", 1)
         checks.at_least("collapse_steps", 0)
         if self.collective_timeout_s <= 0:

@@ -131,12 +131,44 @@ def _evaluation(cfg: RunConfig) -> list[str]:
     interval = cfg.training.eval_interval
     split = cfg.data.split or []
     has_valid = cfg.data.valid is not None or (len(split) > 1 and split[1] > 0)
+    t = cfg.training
+    if t.eval_tasks:
+        return _eval_tasks(cfg)
     if interval is not None and not has_valid:
         return [
             f"training.eval_interval ({interval}) needs data.valid (a validation blend) or a "
             "valid fraction in data.split"
         ]
     return []
+
+
+def _eval_tasks(cfg: RunConfig) -> list[str]:
+    """``training.eval_tasks``: lm-eval on the live weights (megatron/evaluation/in_loop.py)."""
+    t, problems = cfg.training, []
+    tasks = f"training.eval_tasks ({', '.join(t.eval_tasks)})"
+    if t.eval_interval is None:
+        problems.append(f"{tasks} run at evaluations: set training.eval_interval")
+    elif t.eval_tasks_interval is not None and t.eval_tasks_interval % t.eval_interval:
+        problems.append(
+            f"training.eval_tasks_interval ({t.eval_tasks_interval}) must be a multiple of "
+            f"training.eval_interval ({t.eval_interval})"
+        )
+    if cfg.parallel.pipeline > 1:
+        problems.append(
+            f"{tasks} need parallel.pipeline 1 (got {cfg.parallel.pipeline}); evaluate the saved "
+            "checkpoints with tools/eval.py (any TP, no pipeline)"
+        )
+    if cfg.parallel.zero_stage > 2:
+        problems.append(
+            f"{tasks} need parallel.zero_stage <= 2 (got {cfg.parallel.zero_stage}: its "
+            "replicas hold parameter partitions); evaluate the saved checkpoints with tools/eval.py"
+        )
+    if cfg.model.head == "value":
+        problems.append(
+            f"{tasks}: a model.head: {cfg.model.head} model has no language-model head (no "
+            "log-likelihoods, no generation); drop training.eval_tasks"
+        )
+    return problems
 
 
 def _objective(cfg: RunConfig) -> list[str]:

@@ -53,7 +53,7 @@ Pass ``seed + dp_rank`` as the seed: TP ranks of one replica must draw the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +249,7 @@ def generate(
     row_seeds: Sequence[int] | None = None,
     repeat: int = 1,
     group: dist.ProcessGroup | None = None,
+    stop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> GenerationOutput:
     """Continue every prompt of a batch with the key/value cache.
 
@@ -272,6 +273,10 @@ def generate(
             (online RL's G completions of a prompt share its prefill).
         group: ranks whose forwards must stay in lockstep (the data-parallel group under
             ZeRO-3, or the world); ``None``: stop as soon as this rank's rows are done.
+        stop: ``stop(tokens [b, n] int64, lengths [b] int64) -> [b] bool``, asked after each
+            step with the tokens so far: rows it marks are finished (their tokens kept, nothing
+            more generated), e.g. when their decoded text holds a stop sequence (lm-eval's
+            ``until``). With ``eos_id`` unset, a row ends only by ``max_new_tokens`` or ``stop``.
 
     Returns:
         A :class:`GenerationOutput` (tokens, lengths, log-probs; see the module doc).
@@ -316,8 +321,11 @@ def generate(
             lengths += (~done).long()
             if eos_id is not None:
                 done = done | (token == eos_id)
-            # without eos_id every rank runs max_new_tokens steps: no need to ask the others
-            if step + 1 == n_max or (eos_id is not None and not _any_running(done, group)):
+            if stop is not None:
+                done = done | stop(out[:, : step + 1], lengths).to(done.device)
+            # without eos_id or stop every rank runs max_new_tokens steps: no need to ask
+            early = eos_id is not None or stop is not None
+            if step + 1 == n_max or (early and not _any_running(done, group)):
                 break
             # finished rows feed their (unused) draw: always a valid id, unlike pad_id
             logits = model(token.unsqueeze(1), kv_cache=cache)  # [b, 1] -> [b, v]

@@ -66,6 +66,10 @@ def preflight(
             check_cache(cfg.reference.cache, expected_cache_key(cfg, objective))
         except CheckpointError as e:
             problems.append(str(e))
+    if cfg.training.eval_tasks:
+        from megatron.evaluation.in_loop import check_eval_tasks
+
+        problems += check_eval_tasks(cfg)
     ck = cfg.checkpoint
     load_root = None
     if ck.load:

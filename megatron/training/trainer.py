@@ -115,6 +115,11 @@ class Trainer:
             self.source.load_state_dict(client, rank_state)
         # the step's reference provider: none where the source's batches carry their values
         self.step_reference = None if self.source.provides_reference else self.reference
+        self.task_evaluator = None
+        if cfg.training.eval_tasks:  # lm-eval tasks on the live weights (training.eval_tasks)
+            from megatron.evaluation.in_loop import TaskEvaluator
+
+            self.task_evaluator = TaskEvaluator(cfg, self.engine, self.state)
         if getattr(self.objective, "needs_reference_hidden", False):  # the exact KL, per step
             self.step_reference = ReferenceKL(self.reference.model)
         log_rank0(
@@ -291,7 +296,7 @@ class Trainer:
             )
             self.metrics.close()
             return history
-        if self.step == 0 and t.eval_interval and self.valid_data is not None:
+        if self.step == 0 and self._evaluating():
             self.evaluate()  # the untrained baseline
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
         while self.step < t.train_iters:
@@ -327,7 +332,7 @@ class Trainer:
             if diverged is not None:
                 self.metrics.close()
                 raise diverged  # a DivergenceError, before any evaluation or save of this step
-            if t.eval_interval and self.valid_data is not None and self.step % t.eval_interval == 0:
+            if self._evaluating() and self.step % t.eval_interval == 0:
                 self.evaluate()
             ck = cfg.checkpoint
             if ck.save and ck.save_interval and self.step % ck.save_interval == 0:
@@ -337,7 +342,7 @@ class Trainer:
             if (stop := signals.stop_agreed(self.device)) is not None:
                 self.stop_signal = stop  # saved below; train.py says where to resume
                 break
-        final_eval = t.eval_interval and self.valid_data is not None and not self.stop_signal
+        final_eval = self._evaluating() and not self.stop_signal
         if final_eval and self.step % t.eval_interval:
             self.evaluate()  # the final weights, when the last step was not an evaluation step
         if cfg.checkpoint.save and (
@@ -347,18 +352,27 @@ class Trainer:
         self.metrics.close()
         return history
 
+    def _evaluating(self) -> bool:
+        """Whether ``training.eval_interval`` has anything to evaluate."""
+        t = self.cfg.training
+        return bool(t.eval_interval) and (self.valid_data is not None or bool(t.eval_tasks))
+
     def evaluate(self) -> dict[str, float]:
         """Mean metrics over the first ``training.eval_iters`` global batches of validation data
-        (or the source's own evaluation: online RL completes held-out prompts)."""
+        (or the source's own evaluation: online RL completes held-out prompts), plus the
+        ``training.eval_tasks`` metrics when they are due."""
+        result: dict[str, float] = {}
         if hasattr(self.source, "evaluate"):
             result = self.source.evaluate()
-        else:
+        elif self.valid_data is not None:
             sampler = self._sampler(len(self.valid_data), shuffle=False)
             values = []
             for _, indices in zip(range(self.cfg.training.eval_iters), sampler, strict=False):
                 micro = micro_batches(indices, self.valid_data, self.collate)
                 values += self._eval_step(micro, "valid")
             result = average_metrics(values, self.state.dp_group)
+        if self.task_evaluator is not None and self.task_evaluator.due(self.step):
+            result.update(self.task_evaluator.run(self.step))
         self.metrics.log(self.step, result, split="valid")
         log_rank0(
             "validation at step %d | %s",
