@@ -26,8 +26,20 @@ def test_quick_demo_pipeline(tmp_path):
         "KTO  step",
         "reward model held-out accuracy",
         "GRPO held-out greedy exact match",
+        "=== lm-eval on the held-out tasks (configs/eval; native checkpoints) ===",
+        "demo_mc/acc",
+        "$ tools/rewardbench.py --model",
+        "plots: sft/metrics.png, dpo/metrics.png, kto/metrics.png, rm/metrics.png, grpo/metrics.png",
     ):
         assert line in proc.stdout
+    logs = proc.stdout + proc.stderr
+    assert "eval tasks at step 0:" in logs  # training.eval_tasks of the SFT run
+    assert (
+        "  generation: 'sort" in logs
+        or "  generation: 'reverse" in logs
+        or "  generation: 'inc" in logs
+    )
+    assert "  held-out " in logs  # GRPO's evaluation logs a sample of its completions
     res = json.loads((out / "results.json").read_text())
     # step 0: the policy is its own reference, so every reward is 0 (ties count as wrong)
     assert res["reward_accuracy_before"] == 0.0 and res["reward_margin_before"] == 0.0
@@ -51,3 +63,15 @@ def test_quick_demo_pipeline(tmp_path):
     assert res["grpo_start"] == 30 and [r["step"] for r in res["grpo_valid"]] == [0, 3, 6]
     assert 0.0 <= res["grpo_exact_match_after"] <= 1.0 and 0.0 <= res["exact_match_grpo"] <= 1.0
     assert (out / "grpo" / "latest").is_file()
+    # lm-eval on every generating stage, in-loop task metrics of the SFT run, plots, RewardBench
+    for stage in ("sft", "dpo", "kto", "grpo"):
+        assert 0.0 <= res["lm_eval"][stage]["demo_mc/acc"] <= 1.0
+        assert res["lm_eval"][stage]["demo_text/bits_per_byte"] > 0
+    sft_valid = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    sft_valid = [r for r in sft_valid if r["split"] == "valid"]
+    assert all("eval/demo_mc/acc" in r and "eval/demo_gen/exact_match" in r for r in sft_valid)
+    for stage in ("sft", "dpo", "kto", "rm", "grpo"):
+        assert (out / stage / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    subsets = res["rewardbench"]["subsets"]
+    assert set(subsets) == {"sort", "reverse", "inc"}
+    assert sum(v["n"] for v in subsets.values()) == 64

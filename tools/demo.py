@@ -20,7 +20,13 @@ Everything it needs ships in the repository:
    the policy samples its own completions of the task prompts (``--format prompt`` rows whose
    ``answer`` column reaches the reward function ``configs/demo/rewards.py``);
 6. greedy generation with the key/value cache (:func:`megatron.model.generate.greedy_generate`) on
-   held-out prompts, from the SFT, DPO, KTO and GRPO weights, scored by exact match.
+   held-out prompts, from the SFT, DPO, KTO and GRPO weights, scored by exact match;
+7. evaluation: lm-evaluation-harness's ``configs/eval`` tasks (the first 64 held-out examples as
+   multiple choice, generation and rolling log-likelihood) on each generating checkpoint, as
+   ``tools/eval.py`` runs them (the SFT run also evaluates them on its live weights:
+   ``training.eval_tasks`` in ``configs/demo/sft.yml``); the reward model on the held-out pairs in
+   RewardBench's format (``tools/rewardbench.py``); ``STAGE/metrics.png`` of every stage
+   (``tools/plot_metrics.py``).
 
 It prints, before and after each stage, the held-out metrics the trainer logs: DPO's implicit
 reward accuracy and margin (``rewards/accuracies``, ``rewards/margins``), KTO's implicit rewards of
@@ -74,6 +80,7 @@ class Sizes:
     grpo_start: int
     grpo_iters: int
     generations: int
+    eval_limit: int | None
 
 
 FULL = Sizes(
@@ -88,6 +95,7 @@ FULL = Sizes(
     grpo_start=300,
     grpo_iters=150,
     generations=256,
+    eval_limit=None,
 )
 QUICK = Sizes(
     sft_rows=2_000,
@@ -101,6 +109,7 @@ QUICK = Sizes(
     grpo_start=30,
     grpo_iters=6,
     generations=12,
+    eval_limit=12,
 )
 
 
@@ -432,6 +441,9 @@ def run_demo(out: Path, sizes: Sizes, nproc: int = 2) -> dict[str, Any]:
     launcher = [f"launcher.nproc_per_node={nproc}"]
     # the SFT run also keeps the early checkpoint GRPO starts from
     keep_early = [f"checkpoint.save_interval={sizes.grpo_start}", *launcher]
+    # the SFT run evaluates the configs/eval tasks on its live weights (training.eval_tasks)
+    if sizes.eval_limit:
+        keep_early.append(f"training.eval_tasks_limit={sizes.eval_limit}")
     train_stage(out, "sft", sizes.sft_iters, sizes.sft_iters // 2, keep_early)
     from_sft = [f"checkpoint.load={out / 'sft'}", "checkpoint.finetune=true", *launcher]
     train_stage(out, "dpo", sizes.dpo_iters, sizes.dpo_eval_interval, from_sft)
@@ -443,10 +455,13 @@ def run_demo(out: Path, sizes: Sizes, nproc: int = 2) -> dict[str, Any]:
     held_out = splits["valid"][: sizes.generations]
     gens = {stage: exact_match(out / stage, out / "tokenizer", held_out) for stage in GENERATORS}
     result = report(out, gens)
+    result["lm_eval"] = lm_eval_table(out, sizes.eval_limit)
+    result["rewardbench"] = rewardbench_report(out, splits["valid"])
+    result["plots"] = [str(p) for p in plot_stages(out)]
     result["wall_s"] = time.time() - start
     print(
         f"\ntotal {result['wall_s']:.0f} s; outputs in {out} (results.json, sft/, dpo/, kto/, rm/, "
-        "grpo/)"
+        "grpo/, each with metrics.png)"
     )
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -454,6 +469,91 @@ def run_demo(out: Path, sizes: Sizes, nproc: int = 2) -> dict[str, Any]:
 
 GENERATORS = ("sft", "dpo", "kto", "grpo")
 """Stages whose policies generate (the reward model has no lm head)."""
+EVAL_TASKS = ("demo_mc", "demo_gen", "demo_text")
+"""The lm-eval tasks of ``configs/eval`` (the demo's first 64 held-out examples)."""
+EVAL_METRICS = ("demo_mc/acc", "demo_gen/exact_match", "demo_text/bits_per_byte")
+"""The metrics of the printed lm-eval table (``eval/<task>/<metric>``)."""
+PLOTS = {
+    "sft": ("loss", "eval/demo_mc/acc", "eval/demo_gen/exact_match"),
+    "dpo": ("loss", "rewards/accuracies", "rewards/margins"),
+    "kto": ("loss", "kl", "rewards/chosen", "rewards/rejected"),
+    "rm": ("loss", "accuracy", "margin"),
+    "grpo": ("reward", "rewards/exact_match/mean", "completions/mean_length"),
+}
+"""The curves drawn for each stage (those the run logged)."""
+
+
+def lm_eval_table(out: Path, limit: int | None) -> dict[str, dict[str, float]]:
+    """lm-eval's ``configs/eval`` tasks on each generating stage's native checkpoint (what
+    ``tools/eval.py --ckpt OUT/STAGE --tasks demo_mc,demo_gen,demo_text`` prints), in-process."""
+    import torch
+
+    from megatron.evaluation.harness import ShardedLM
+    from megatron.evaluation.runner import (
+        flat_metrics,
+        load_eval_model,
+        load_hf_tokenizer,
+        run_tasks,
+    )
+    from megatron.parallel import ParallelState
+
+    state, table = ParallelState.single(), {}
+    tokenizer = load_hf_tokenizer(out / "tokenizer")
+    for stage in GENERATORS:
+        limit_flag = f" --limit {limit}" if limit else ""
+        print(f"$ tools/eval.py --ckpt {out / stage} --tasks {','.join(EVAL_TASKS)}{limit_flag}")
+        model, _, _ = load_eval_model(out / stage, state, torch.device("cpu"))
+        lm = ShardedLM(model, tokenizer, state, batch_size=16, progress=False)
+        results = run_tasks(lm, list(EVAL_TASKS), limit=limit, bootstrap_iters=0)
+        table[stage] = {k.removeprefix("eval/"): v for k, v in flat_metrics(results).items()}
+    print("\n=== lm-eval on the held-out tasks (configs/eval; native checkpoints) ===")
+    print(f"{'task/metric':<26}" + "".join(f"{s.upper():>9}" for s in GENERATORS))
+    for metric in EVAL_METRICS:
+        print(f"{metric:<26}" + "".join(f"{table[s][metric]:>9.3f}" for s in GENERATORS))
+    return table
+
+
+def rewardbench_report(out: Path, examples: list[Example]) -> dict[str, Any]:
+    """The reward model on the held-out pairs as a RewardBench-format file (subset = task), as
+    ``tools/rewardbench.py --model OUT/rm --input OUT/raw/rewardbench.jsonl`` reports it."""
+    from megatron.rewardbench import format_table, read_pairs, score_pairs, summarize, tally
+    from megatron.scoring import RowEncoder, open_reward_model
+    from megatron.tokenizer import load_tokenizer
+
+    rows = [
+        {"prompt": e.prompt, "chosen": e.answer, "rejected": e.corrupted,
+         "subset": e.prompt.split()[0]}
+        for e in examples
+    ]  # fmt: skip
+    path = write_jsonl(out / "raw" / "rewardbench.jsonl", rows)
+    cmd = f"$ tools/rewardbench.py --model {out / 'rm'} --input {path} --chat-template none"
+    print(cmd)
+    pairs = read_pairs(path)
+    encoder = RowEncoder(load_tokenizer(out / "tokenizer"), "none")
+    chosen, rejected = score_pairs(open_reward_model(out / "rm"), encoder, pairs, 32)
+    report = summarize(tally(pairs, chosen, rejected))
+    print(format_table(report))
+    return report
+
+
+def plot_stages(out: Path) -> list[Path]:
+    """``OUT/STAGE/metrics.png`` of every stage (``tools/plot_metrics.py``); none without
+    matplotlib (the ``plot`` extra)."""
+    from megatron.plotting import PlotError, available_metrics, plot_runs, read_metrics
+
+    written = []
+    for stage, wanted in PLOTS.items():
+        known = set(available_metrics([read_metrics(out / stage)]))
+        try:
+            path = plot_runs(
+                [out / stage], [m for m in wanted if m in known], out / stage / "metrics.png"
+            )
+        except PlotError as e:
+            print(f"no plots: {e}")
+            return written
+        written.append(path)
+    print("plots: " + ", ".join(str(p.relative_to(out)) for p in written))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

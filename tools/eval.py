@@ -78,10 +78,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def list_tasks(include_paths: list[str] | None) -> int:
-    from megatron.evaluation.tasks import LOCAL_TASKS, _manager, check_include_path
+    from megatron.evaluation.tasks import LOCAL_TASKS, check_include_path, task_manager
 
     paths = [check_include_path(p) for p in include_paths or []] + [LOCAL_TASKS]
-    for name in sorted(_manager(paths, defaults=False).all_tasks):
+    for name in sorted(task_manager(paths, defaults=False).all_tasks):
         print(name)
     print("(plus lm-eval's own tasks: `lm-eval ls tasks`)", file=sys.stderr)
     return 0

@@ -105,6 +105,7 @@ class ShardedLM(TemplateLM):
         seed: sampling seed of ``do_sample`` tasks (offset by the data-parallel rank).
         on_generations: called with ``(contexts, generations)`` of each ``generate_until``
             call (all requests, every rank): the trainer logs a sample of them.
+        progress: progress bars (rank 0) for the requests of each call.
 
     Raises:
         EvalError: a ``model.head: value`` model (it has no log-probabilities to give).
@@ -121,6 +122,7 @@ class ShardedLM(TemplateLM):
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         seed: int = 1234,
         on_generations: Callable[[list[str], list[str]], None] | None = None,
+        progress: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -140,6 +142,7 @@ class ShardedLM(TemplateLM):
         self._max_gen_toks = max_gen_toks
         self.seed = seed
         self.on_generations = on_generations
+        self.progress = progress
         self._device = self.inner.embedding.weight.device
 
     # ------------------------------------------------------------------ lm-eval's properties
@@ -188,6 +191,10 @@ class ShardedLM(TemplateLM):
         return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ log-likelihoods
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        """``TemplateLM``'s tokenization (its bar off), then :meth:`_loglikelihood_tokens`."""
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     @torch.no_grad()
     def _score_batch(
         self, rows: list[tuple[list[int], list[int]]]
@@ -245,7 +252,7 @@ class ShardedLM(TemplateLM):
         was_training = self.model.training
         self.model.eval()
         try:
-            progress = _progress(len(mine), "log-likelihoods", disable_tqdm)
+            progress = _progress(len(mine), "log-likelihoods", not self.progress)
             for start in range(0, len(mine), self.batch_size_per_rank):
                 batch = mine[start : start + self.batch_size_per_rank]
                 scored = self._score_batch([rows[i] for i in batch])
@@ -352,7 +359,7 @@ class ShardedLM(TemplateLM):
             len(prompts), [len(p) for p in prompts], self.state.dp_rank, self.state.dp_size
         )
         local: dict[int, str] = {}
-        progress = _progress(len(mine), "generations", disable_tqdm)
+        progress = _progress(len(mine), "generations", not self.progress)
         for start in range(0, len(mine), self.batch_size_per_rank):
             batch = mine[start : start + self.batch_size_per_rank]
             out = generate(

@@ -86,6 +86,7 @@ class TaskEvaluator:
             batch_size=t.eval_tasks_batch_size,
             seed=t.seed,
             on_generations=self._log_generations,
+            progress=False,
         )
 
     def due(self, step: int) -> bool:

@@ -8,10 +8,13 @@ evaluation (``training.eval_tasks``, the live sharded weights). Results are lm-e
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,7 @@ from megatron.ckpt import ConversionError
 from megatron.ckpt.hf_config import model_config_from_section
 from megatron.ckpt.layout import resolve_checkpoint
 from megatron.ckpt.native import load_tp_shard, read_checkpoint_config
+from megatron.ckpt.run_tokenizer import find_run_tokenizer
 from megatron.evaluation.errors import EvalError
 from megatron.evaluation.tasks import resolve_tasks
 from megatron.model.gpt import build_loaded
@@ -50,40 +54,21 @@ def load_eval_model(
     return model.eval().requires_grad_(False), config, root
 
 
-def _dataset_tokenizer(config: dict[str, Any]) -> str | None:
-    """The tokenizer recorded in the metadata of the run's first training dataset."""
-    import json
-
-    train = (config.get("data") or {}).get("train") or []
-    if not train or not isinstance(train[0], dict) or not train[0].get("path"):
-        return None
-    meta = Path(f"{train[0]['path']}.meta.json")
-    try:
-        name = json.loads(meta.read_text())["tokenizer"]["name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return name if isinstance(name, str) else None
-
-
 def default_tokenizer(config: dict[str, Any], root: Path) -> str:
-    """The run's tokenizer: ``data.tokenizer``, else the checkpoint's ``hf/``, else the one
-    recorded in its training data's metadata.
+    """The run's tokenizer: the checkpoint's ``hf/`` (a converted model's), else
+    ``data.tokenizer``, else the one recorded in its training data's metadata (the order of
+    :func:`megatron.ckpt.run_tokenizer.find_run_tokenizer`, which the HF export uses too).
 
     Raises:
-        EvalError: none of them exists (pass ``--tokenizer``).
+        EvalError: none of them is a tokenizer directory (pass ``--tokenizer``).
     """
-    candidates = [
-        (config.get("data") or {}).get("tokenizer"),
-        str(root / "hf") if (root / "hf").is_dir() else None,
-        _dataset_tokenizer(config),
-    ]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return c
-    raise EvalError(
-        f"{root}: no tokenizer found (data.tokenizer of its config.yml, {root / 'hf'}, the "
-        "training data's metadata); pass --tokenizer DIR"
-    )
+    found = find_run_tokenizer(config, root / "hf", None)
+    if found is None:
+        raise EvalError(
+            f"{root}: no tokenizer found ({root / 'hf'}, data.tokenizer of its config.yml, the "
+            "training data's metadata); pass --tokenizer DIR"
+        )
+    return str(found.path)
 
 
 def load_hf_tokenizer(path: str | Path) -> Any:
@@ -121,23 +106,32 @@ def run_tasks(
         EvalError: see :func:`~megatron.evaluation.tasks.resolve_tasks`.
     """
     manager, specs = resolve_tasks(names, include_paths)
+    import lm_eval.api.task
     from lm_eval import simple_evaluate
 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    results = simple_evaluate(
-        model=lm,
-        tasks=specs,
-        task_manager=manager,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=log_samples,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    bars = contextlib.nullcontext()
+    if not getattr(lm, "progress", True):
+        # why: lm-eval 0.4.13 draws a bar per task while building requests (api/task.py) with
+        # no switch; quiet callers (the trainer, the demo) get none
+        from tqdm import tqdm
+
+        bars = mock.patch.object(lm_eval.api.task, "tqdm", functools.partial(tqdm, disable=True))
+    with bars:
+        results = simple_evaluate(
+            model=lm,
+            tasks=specs,
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     # why: lm-eval 0.4.13 builds its report only where LOCAL_RANK is 0 (evaluator.py); every
     # rank computed the same metrics, so world rank 0's report is everyone's
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -68,11 +68,16 @@ def _local_spec(entry: Any) -> dict[str, Any] | None:
     return spec
 
 
-def _manager(paths: list[Path], defaults: bool) -> Any:
-    lm_eval = require_lm_eval()
+def task_manager(paths: list[Path], defaults: bool) -> Any:
+    """lm-eval's ``TaskManager`` over ``paths`` (and its ~15,000 built-in tasks with
+    ``defaults``).
+
+    Raises:
+        EvalError: lm-eval is not installed.
+    """
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    del lm_eval
     return TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=defaults)
 
 
@@ -95,10 +100,10 @@ def resolve_tasks(
     paths = [check_include_path(p) for p in include_paths or []]
     if LOCAL_TASKS.is_dir():
         paths.append(LOCAL_TASKS)
-    manager = _manager(paths, defaults=False)
+    manager = task_manager(paths, defaults=False)
     if not all(n in manager.all_tasks for n in names):
         logger.info("indexing lm-eval's built-in tasks (%s not local)", names)
-        manager = _manager(paths, defaults=True)
+        manager = task_manager(paths, defaults=True)
     known = set(manager.all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:

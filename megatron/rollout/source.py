@@ -58,6 +58,10 @@ from megatron.utils import log_rank0
 logger = logging.getLogger(__name__)
 
 
+EVAL_SAMPLES = 3
+"""Held-out completions rank 0 logs at each evaluation (prompt, completion, total reward)."""
+
+
 def completion_seed(seed: int, rollout: int, index: int, evaluation: bool = False) -> int:
     """The sampling seed of completion ``index`` (global, prompt-major) of rollout ``rollout``
     (or of held-out prompt ``index`` at evaluation ``rollout``)."""
@@ -466,6 +470,12 @@ class RolloutSource:
         ids = [c.tokens.tolist() for c in completions]
         values = self._gather_rewards(p_in, texts, columns, ids, indices)
         scores = combine(values, self.rewards.functions)
+        # a sample of what the policy generates now, next to the numbers (rank 0's first rows,
+        # which lead the gathered rewards)
+        for prompt, text, total in list(zip(p_in, texts, scores.total.tolist(), strict=False))[
+            :EVAL_SAMPLES
+        ]:
+            log_rank0("  held-out %r -> %r (reward %.3f)", str(prompt)[-80:], text[:120], total)
         return {**scores.metrics, **self._completion_metrics(completions, scores.total)[1]}
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("in_loop")
     sizes = demo.Sizes(
         sft_rows=200, dpo_pairs=40, valid_rows=16, sft_iters=2, dpo_iters=1,
-        dpo_eval_interval=1, kto_iters=1, rm_iters=1, grpo_start=1, grpo_iters=1, generations=1,
+        dpo_eval_interval=1, kto_iters=1, rm_iters=1, grpo_start=1, grpo_iters=1, generations=1, eval_limit=8,
     )  # fmt: skip
     demo.prepare_data(out, sizes)
     files = [str(ROOT / "configs/demo/model.yml"), str(ROOT / "configs/demo/sft.yml")]
