@@ -31,6 +31,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/score.py's shared flags
+
+from score import add_model_flags, check_model_flags  # noqa: E402
 
 from megatron.data.indexed import DatasetError  # noqa: E402
 from megatron.rewardbench import (  # noqa: E402
@@ -41,7 +44,7 @@ from megatron.rewardbench import (  # noqa: E402
     summarize,
     tally,
 )
-from megatron.scoring import DTYPES, RowEncoder, ScoreError, open_reward_model  # noqa: E402
+from megatron.scoring import RowEncoder, ScoreError, open_reward_model  # noqa: E402
 from megatron.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 from megatron.utils import atomic_write_text  # noqa: E402
 
@@ -56,35 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--input", required=True, metavar="FILE", help="RewardBench rows: .jsonl, .json, .parquet"
     )
     p.add_argument("--output", metavar="FILE", help="JSON report (written atomically)")
-    p.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        help="None: the checkpoint's data.tokenizer, else its hf/ (native), or the HF dir",
-    )
-    p.add_argument(
-        "--chat-template",
-        metavar="FILE",
-        help="Jinja template ('none': plain prompt + answer text); None: the tokenizer's",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument(
-        "--max-length", type=int, help="longest sequence in tokens; a longer one is an error"
-    )
-    p.add_argument(
-        "--truncate",
-        action="store_true",
-        help="cut over-long prompts from the left (as --length-policy truncate_prompt)",
-    )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype")
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_length is not None and args.max_length < 2:
-        p.error(f"--max-length must be >= 2, got {args.max_length}")
-    if args.truncate and args.max_length is None:
-        p.error("--truncate needs --max-length")
-    return args
+    add_model_flags(p, chat_help="the user/assistant turns ('none': plain prompt + answer text)")
+    return check_model_flags(p, p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

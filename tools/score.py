@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, metavar="DIR", help="native checkpoint or HF dir")
     p.add_argument("--input", required=True, metavar="FILE", help="JSONL rows to score")
     p.add_argument("--output", metavar="FILE", help="scored JSONL (written atomically); stdout")
+    add_model_flags(p, chat_help="message rows ('none': strings only)")
+    return check_model_flags(p, p.parse_args(argv))
+
+
+def add_model_flags(p: argparse.ArgumentParser, chat_help: str) -> None:
+    """The flags shared with tools/rewardbench.py: tokenizer, template, batching, device."""
     p.add_argument(
         "--tokenizer",
         metavar="DIR",
@@ -55,11 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--chat-template",
         metavar="FILE",
-        help="Jinja template for message rows ('none': strings only); None: the tokenizer's",
+        help=f"Jinja template for {chat_help}; None: the tokenizer's",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument(
-        "--max-length", type=int, help="longest sequence in tokens; a longer row is an error"
+        "--max-length", type=int, help="longest sequence in tokens; a longer one is an error"
     )
     p.add_argument(
         "--truncate",
@@ -68,13 +74,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype")
-    args = p.parse_args(argv)
+
+
+def check_model_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` after the range checks of :func:`add_model_flags`' flags (``p.error`` else)."""
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 2:
         p.error(f"--max-length must be >= 2, got {args.max_length}")
     if args.truncate and args.max_length is None:
         p.error("--truncate needs --max-length")
+    return args
     return args
 
 

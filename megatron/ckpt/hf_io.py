@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +276,11 @@ def copy_hf_extras(src: str | Path, dst: str | Path, with_config: bool = True) -
     names = [*TOKENIZER_FILES, "generation_config.json"]
     if with_config:
         names.append("config.json")
+    return _copy_existing(src, dst, names)
+
+
+def _copy_existing(src: Path, dst: Path, names: Sequence[str]) -> list[str]:
+    """Copy each of ``names`` that exists in ``src`` to ``dst``; the names copied."""
     copied = []
     for name in names:
         if (src / name).is_file():
@@ -293,9 +298,4 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
     src, dst = Path(src), Path(dst)
     for name in TOKENIZER_FILES:
         (dst / name).unlink(missing_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
+    return _copy_existing(src, dst, TOKENIZER_FILES)
