@@ -312,12 +312,14 @@ class ShardedLM(TemplateLM):
             max_gen = int(kwargs.pop("max_gen_toks"))
             if max_gen >= self.max_length:
                 raise EvalError(
-                    f"task asks max_gen_toks {max_gen}: the model's max_position_embeddings is "
-                    f"{self.max_length}"
+                    f"a generation task asks max_gen_toks {max_gen} (lm-eval's default: 256) but "
+                    f"the model's max_position_embeddings is {self.max_length}: set the task's "
+                    "generation_kwargs.max_gen_toks lower"
                 )
             sampling = SamplingConfig(
                 max_new_tokens=max_gen,
-                temperature=float(kwargs.get("temperature", 0.0))
+                # do_sample without a temperature: transformers' generation default, 1.0
+                temperature=float(kwargs.get("temperature", 1.0))
                 if kwargs.get("do_sample")
                 else 0.0,
                 top_k=int(kwargs.get("top_k") or 0),

@@ -222,3 +222,21 @@ def test_generation_stops_where_the_stop_callback_says():
     out = generate(model, prompts, sampling, stop=stop).to_lists()
     assert out == [full[0][:3], full[1][:5]]
     assert seen == [1, 2, 3, 4, 5]  # asked every step until every row was done
+
+
+def test_generation_budget_over_the_model_length(checkpoints, tmp_path, capsys):
+    lm, _ = checkpoints
+    (tmp_path / "gen.yaml").write_text(
+        MC_TASK.replace("my_mc", "my_gen")
+        .replace("output_type: multiple_choice", "output_type: generate_until")
+        .replace('doc_to_choice: "{{[a, b]}}"\ndoc_to_target: 0', 'doc_to_target: "{{a}}"')
+        .replace("metric: acc", "metric: exact_match")
+    )
+    (tmp_path / "rows.jsonl").write_text('{"q": "1+1=", "a": " 2", "b": " 3"}\n')
+    argv = ["--ckpt", str(lm), "--tasks", "my_gen", "--include-path", str(tmp_path)]
+    code, _, err = _tool(argv, capsys)
+    assert code == 1
+    assert (
+        "max_gen_toks 256 (lm-eval's default: 256)" in err
+        and "max_position_embeddings is 64" in err
+    )
