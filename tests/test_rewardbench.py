@@ -194,9 +194,7 @@ def test_native_and_export_agree(rm, tmp_path, capsys, form):
     assert native["sections"] == export["sections"] and native["score"] == export["score"]
     diff = max(abs(a[k] - b[k]) for a, b in zip(native["pairs"], export["pairs"], strict=True)
                for k in ("chosen_score", "rejected_score"))  # fmt: skip
-    with capsys.disabled():
-        print(f"rewardbench ({form}) native vs HF export: max|score diff| = {diff:.2e}")
-    assert diff <= TOL
+    assert diff <= TOL, f"native vs HF export ({form}): max |score difference| {diff:.2e}"
     assert [p["id"] for p in native["pairs"]] == [r["id"] for r in rm["rows"]]
     assert {s: r["n"] for s, r in native["subsets"].items()} == SAMPLE_SUBSETS
     assert native["partial"] and native["sections"]["Chat Hard"]["score"] is None
