@@ -225,16 +225,18 @@ def test_preprocess_and_precompute_templates(job, slurm, tiny_tokenizer_dir):
     assert (cache / "meta.json").is_file()
 
 
-def test_mpi4py_reads_what_mpirun_leaves_out(mpirun):
+def test_mpi4py_reads_what_mpirun_leaves_out(mpirun, tmp_path):
     """Real MPI: with Open MPI's local-rank variables removed, mpi4py gives the local rank."""
     pytest.importorskip("mpi4py", reason="needs mpi4py (pip install -e '.[mpi]')")
+    # why: a file per rank; the ranks' stdout lines reach mpirun's output interleaved (seen once)
     code = (
-        "import os, json; from megatron.training.rank_discovery import discover; "
+        "import os, sys, json; from megatron.training.rank_discovery import discover; "
         "e = {k: v for k, v in os.environ.items() if 'LOCAL' not in k}; d = discover(e, cuda=False); "
-        "print('RESULT', json.dumps([d.source, d.rank, d.world_size, d.local_rank, d.local_world_size]))"
+        "open(os.path.join(sys.argv[1], f'{os.getpid()}.json'), 'w').write("
+        "json.dumps([d.source, d.rank, d.world_size, d.local_rank, d.local_world_size]))"
     )
-    r = _run(["mpirun", "-np", "2", sys.executable, "-c", code], _env(**mpirun))
-    rows = sorted(json.loads(x[7:]) for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    r = _run(["mpirun", "-np", "2", sys.executable, "-c", code, str(tmp_path)], _env(**mpirun))
+    rows = sorted(json.loads(p.read_text()) for p in tmp_path.glob("*.json"))
     assert rows == [["openmpi", 0, 2, 0, 2], ["openmpi", 1, 2, 1, 2]]
 
 
