@@ -235,7 +235,7 @@ def test_mpi4py_reads_what_mpirun_leaves_out(mpirun, tmp_path):
         "open(os.path.join(sys.argv[1], f'{os.getpid()}.json'), 'w').write("
         "json.dumps([d.source, d.rank, d.world_size, d.local_rank, d.local_world_size]))"
     )
-    r = _run(["mpirun", "-np", "2", sys.executable, "-c", code, str(tmp_path)], _env(**mpirun))
+    _run(["mpirun", "-np", "2", sys.executable, "-c", code, str(tmp_path)], _env(**mpirun))
     rows = sorted(json.loads(p.read_text()) for p in tmp_path.glob("*.json"))
     assert rows == [["openmpi", 0, 2, 0, 2], ["openmpi", 1, 2, 1, 2]]
 
