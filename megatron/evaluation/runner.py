@@ -28,10 +28,9 @@ from megatron.evaluation.errors import EvalError
 from megatron.evaluation.tasks import resolve_tasks
 from megatron.model.gpt import build_loaded
 from megatron.parallel import ParallelState
+from megatron.scoring import DTYPES  # the compute dtypes of --dtype, shared with scoring
 
 logger = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""Compute dtypes of ``tools/eval.py --dtype``."""
 
 
 def load_eval_model(
